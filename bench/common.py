@@ -1,0 +1,254 @@
+"""The one benchmark runner every bench file uses.
+
+A bench file builds a `Case` (inputs, an fp32/fp64 reference, FLOP and byte
+counts) and a list of `Provider`s (fusedrl and its peers), then calls
+`run_case`. Each provider is checked against the reference before it is timed;
+a wrong one is reported as wrong, not timed. Rows go to a printed table and to
+JSON under bench/results/ with the GPU name, versions and date.
+
+Timing: `triton.testing.do_bench` on CUDA (median with p20/p80, warm-up and
+repeats in milliseconds); on CPU a perf_counter loop, used only to smoke-test
+the bench code (CPU timings say nothing about kernel speed).
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+MODES = ("forward", "backward", "full")
+
+
+@dataclass
+class Provider:
+    """One implementation under test. `fn(inputs) -> tensor or tuple of tensors`."""
+
+    name: str
+    fn: Optional[Callable[[Dict[str, Any]], Any]]
+    reason: str = ""  # why it is unavailable (fn is None)
+    tol: Optional[float] = None  # relative-error tolerance override for the check
+
+
+@dataclass
+class Case:
+    """One canonical shape. `make_inputs()` returns leaf tensors (grad where differentiable)."""
+
+    id: str
+    make_inputs: Callable[[], Dict[str, Any]]
+    reference: Callable[[Dict[str, Any]], Any]
+    flops: Dict[str, float] = field(default_factory=dict)  # per mode
+    bytes: Dict[str, float] = field(default_factory=dict)  # per mode
+    tol: float = 2e-2  # max relative error (norm-wise) of each output vs the reference
+    check_grads: bool = True
+
+
+def device_info() -> Dict[str, str]:
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+    }
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except Exception:
+        info["triton"] = "absent"
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except Exception:
+        info["transformers"] = "absent"
+    return info
+
+
+def _as_tuple(out) -> tuple:
+    return out if isinstance(out, (tuple, list)) else (out,)
+
+
+def _float_outputs(out) -> List[torch.Tensor]:
+    return [t for t in _as_tuple(out) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def _grad_leaves(inputs: Dict[str, Any]) -> List[torch.Tensor]:
+    return [t for t in inputs.values() if isinstance(t, torch.Tensor) and t.requires_grad]
+
+
+def _rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    a, e = actual.detach().double(), expected.detach().double()
+    denom = e.norm().item()
+    err = (a - e).norm().item()
+    return err / denom if denom > 0 else err
+
+
+def _upstream(outputs: Sequence[torch.Tensor], seed: int = 0) -> List[torch.Tensor]:
+    gen = torch.Generator(device=outputs[0].device).manual_seed(seed)
+    return [torch.randn(o.shape, generator=gen, device=o.device, dtype=torch.float32).to(o.dtype) for o in outputs]
+
+
+def _forward_backward(fn, inputs, grads=None):
+    outs = [o for o in _float_outputs(fn(inputs)) if o.requires_grad]
+    if not outs:
+        return None
+    grads = grads or _upstream(outs)
+    leaves = _grad_leaves(inputs)
+    return torch.autograd.grad(outs, leaves, grads, allow_unused=True)
+
+
+def check(case: Case, provider: Provider, inputs, ref_out, ref_grads) -> float:
+    """Max relative error of the provider's outputs (and gradients) vs the reference."""
+    out = provider.fn(inputs)
+    errs = [_rel_err(a, e) for a, e in zip(_float_outputs(out), _float_outputs(ref_out))]
+    if case.check_grads and ref_grads is not None:
+        grads = _forward_backward(provider.fn, inputs)
+        if grads is not None:
+            errs += [_rel_err(g, r) for g, r in zip(grads, ref_grads) if g is not None and r is not None]
+    return max(errs) if errs else 0.0
+
+
+def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -> tuple:
+    """(p50, p20, p80) in milliseconds."""
+    if torch.cuda.is_available():
+        import triton.testing
+
+        q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
+        return tuple(float(x) for x in q)
+    fn()
+    samples = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - start) * 1e3)
+    samples.sort()
+    return statistics.median(samples), samples[0], samples[-1]
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Peak allocated memory above what was allocated before the call (CUDA only)."""
+    if not torch.cuda.is_available():
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def _mode_fn(provider: Provider, inputs, mode: str) -> Callable[[], Any]:
+    leaves = _grad_leaves(inputs)
+    if mode == "forward":
+        def run():
+            with torch.no_grad() if not leaves else _null():
+                return provider.fn(inputs)
+        return run
+    if mode == "full":
+        grads_holder: List[Optional[List[torch.Tensor]]] = [None]
+
+        def run_full():
+            outs = [o for o in _float_outputs(provider.fn(inputs)) if o.requires_grad]
+            if grads_holder[0] is None:
+                grads_holder[0] = _upstream(outs)
+            torch.autograd.backward(outs, grads_holder[0])
+            for t in leaves:
+                t.grad = None
+        return run_full
+    # backward alone: keep one graph and replay its backward
+    outs = [o for o in _float_outputs(provider.fn(inputs)) if o.requires_grad]
+    grads = _upstream(outs)
+
+    def run_bwd():
+        torch.autograd.backward(outs, grads, retain_graph=True)
+        for t in leaves:
+            t.grad = None
+    return run_bwd
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str] = ("forward", "full")) -> List[dict]:
+    """Check then time every provider on one case; returns one row per (provider, mode)."""
+    for m in modes:
+        if m not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {m!r}")
+    inputs = case.make_inputs()
+    ref_out = case.reference(inputs)
+    ref_grads = None
+    if case.check_grads and _grad_leaves(inputs):
+        ref_grads = _forward_backward(case.reference, inputs)
+    ref_out = [t.detach() for t in _float_outputs(ref_out)]
+    rows = []
+    for p in providers:
+        base = {"case": case.id, "provider": p.name}
+        if p.fn is None:
+            rows.append({**base, "mode": "-", "status": f"skipped: {p.reason}"})
+            continue
+        try:
+            err = check(case, p, inputs, ref_out, ref_grads)
+        except Exception as exc:  # a peer that crashes is reported, not fatal
+            rows.append({**base, "mode": "-", "status": f"error: {type(exc).__name__}: {exc}"[:200]})
+            continue
+        tol = p.tol if p.tol is not None else case.tol
+        if not math.isfinite(err) or err > tol:
+            rows.append({**base, "mode": "-", "status": f"wrong (rel err {err:.2e} > {tol:.0e})", "max_rel_err": err})
+            continue
+        for mode in modes:
+            try:
+                fn = _mode_fn(p, inputs, mode)
+                p50, p20, p80 = time_ms(fn)
+                mem = peak_extra_bytes(fn)
+            except Exception as exc:
+                rows.append({**base, "mode": mode, "status": f"error: {type(exc).__name__}: {exc}"[:200]})
+                continue
+            row = {**base, "mode": mode, "status": "ok", "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
+                   "peak_extra_bytes": mem, "max_rel_err": err}
+            if mode in case.flops:
+                row["tflops"] = case.flops[mode] / (p50 * 1e-3) / 1e12
+            if mode in case.bytes:
+                row["gbps"] = case.bytes[mode] / (p50 * 1e-3) / 1e9
+            rows.append(row)
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def format_table(rows: Sequence[dict]) -> str:
+    header = f"{'case':<12} {'provider':<28} {'mode':<8} {'ms p50 [p20-p80]':<24} {'TFLOP/s':>8} {'GB/s':>8} {'peak MiB':>9} {'rel err':>8}  status"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        if r.get("status") == "ok":
+            t = f"{r['ms_p50']:.3f} [{r['ms_p20']:.3f}-{r['ms_p80']:.3f}]"
+            tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
+            gb = f"{r['gbps']:.0f}" if "gbps" in r else "-"
+            mem = f"{r['peak_extra_bytes'] / 2**20:.0f}" if r.get("peak_extra_bytes") is not None else "-"
+            lines.append(f"{r['case']:<12} {r['provider']:<28} {r['mode']:<8} {t:<24} {tf:>8} {gb:>8} {mem:>9} {r['max_rel_err']:>8.1e}  ok")
+        else:
+            lines.append(f"{r['case']:<12} {r['provider']:<28} {r.get('mode', '-'):<8} {'':<24} {'':>8} {'':>8} {'':>9} {'':>8}  {r['status']}")
+    return "\n".join(lines)
+
+
+def write_results(name: str, rows: Sequence[dict], extra: Optional[dict] = None, directory: str = RESULTS_DIR) -> str:
+    """Write rows (with device info) to bench/results/<name>-<device>-<date>.json; returns the path."""
+    info = device_info()
+    os.makedirs(directory, exist_ok=True)
+    dev = "".join(c if c.isalnum() else "_" for c in info["device"]).strip("_")[:40]
+    path = os.path.join(directory, f"{name}-{dev}-{info['date']}.json")
+    with open(path, "w") as f:
+        json.dump({"bench": name, **info, **(extra or {}), "rows": list(rows)}, f, indent=1)
+    return path
