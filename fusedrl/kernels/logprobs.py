@@ -1,7 +1,12 @@
-"""Per-token log-probs (and entropy) from hidden states or logits.
+"""Per-token log-probs (and entropy) from hidden states or logits, without the (N, V) logits.
 
-Public ops: `linear_logprobs`, `logprobs_from_logits`. The Triton kernels are
-being built (issue 3); until then both ops run the exact reference.
+    z = (hidden @ weight^T + bias) / temperature
+    logp[n] = z[n, label[n]] - logsumexp(z[n]),  entropy[n] = logsumexp(z[n]) - sum_v p[n, v] z[n, v]
+
+Public ops: `linear_logprobs`, `logprobs_from_logits`. On CUDA tensors with Triton
+importable (or under `force_backend("triton")` with TRITON_INTERPRET=1) they run the
+fused Triton kernels of `_logprobs_triton`; otherwise the exact, token-chunked PyTorch
+reference of `_logprobs_ref`. float64 inputs always take the reference.
 """
 from __future__ import annotations
 
@@ -9,7 +14,21 @@ from typing import Optional
 
 import torch
 
-from .reference import linear_logprobs_reference, logprobs_from_logits_reference
+from . import _dispatch
+from ._logprobs_ref import (
+    LinearLogprobsRef,
+    LogitsLogprobsRef,
+    unflatten_outputs,
+    validate_linear,
+    validate_logits,
+)
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_ok(*tensors: Optional[torch.Tensor]) -> bool:
+    floats = [t for t in tensors if t is not None and t.is_floating_point()]
+    return _dispatch.use_triton(*tensors) and all(t.dtype in _TRITON_DTYPES for t in floats)
 
 
 def linear_logprobs(
@@ -22,11 +41,38 @@ def linear_logprobs(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """log p(label) of softmax((hidden @ weight.T + bias) / temperature) per token."""
-    return linear_logprobs_reference(
-        hidden, weight, labels, bias=bias, temperature=temperature,
-        ignore_index=ignore_index, return_entropy=return_entropy,
-    )
+    """Per-token log p(label) (and entropy) of softmax((hidden @ weight.T + bias) / temperature).
+
+    The LM head, log-softmax and label gather fused: the (N, V) logits are never
+    materialised, forward or backward, and gradients are exact (no filtering).
+
+    Args:
+        hidden: (..., H) float16/bfloat16/float32/float64 final hidden states; any strides.
+        weight: (V, H) LM-head (or tied embedding) weight, any float dtype.
+        labels: (...) int32/int64 token ids in [0, V), or `ignore_index`. Out-of-range
+            labels raise ValueError on CPU; on GPU they are not checked (a check would need
+            a host sync) and give meaningless values, never a memory fault.
+        bias: optional (V,) LM-head bias.
+        temperature: > 0; the softmax is taken over logits / temperature.
+        ignore_index: label value whose positions give 0 and receive 0 gradient.
+        return_entropy: also return the entropy of the distribution per token.
+
+    Returns:
+        logp (...) float32 (float64 for float64 inputs), and entropy (...) of the same dtype
+        when `return_entropy`. Differentiable w.r.t. hidden, weight and bias.
+    """
+    validate_linear(hidden, weight, labels, bias, temperature, ignore_index)
+    lead = tuple(hidden.shape[:-1])
+    hidden2d = hidden.reshape(-1, hidden.shape[-1])
+    labels1d = labels.reshape(-1)
+    args = (hidden2d, weight, bias, labels1d, float(temperature), ignore_index, bool(return_entropy))
+    if _triton_ok(hidden, weight, bias, labels):
+        from ._logprobs_triton import LinearLogprobsTriton
+
+        out = LinearLogprobsTriton.apply(*args)
+    else:
+        out = LinearLogprobsRef.apply(*args)
+    return unflatten_outputs(out, lead, return_entropy)
 
 
 def logprobs_from_logits(
@@ -37,7 +83,29 @@ def logprobs_from_logits(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """log p(label) of softmax(logits / temperature) per token."""
-    return logprobs_from_logits_reference(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-    )
+    """Per-token log p(label) (and entropy) of softmax(logits / temperature).
+
+    One pass over the logits forward, one backward (writing d(logits) in the logits'
+    dtype); no float32 copy of the logits is made.
+
+    Args:
+        logits: (..., V) float16/bfloat16/float32/float64.
+        labels: (...) int32/int64 in [0, V) or `ignore_index` (range checked on CPU only).
+        temperature: > 0.
+        ignore_index: label value whose positions give 0 and receive 0 gradient.
+        return_entropy: also return the per-token entropy.
+
+    Returns:
+        logp (...) float32 (float64 for float64 logits) [, entropy (...) same dtype].
+    """
+    validate_logits(logits, labels, temperature, ignore_index)
+    lead = tuple(logits.shape[:-1])
+    args = (logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), float(temperature), ignore_index,
+            bool(return_entropy))
+    if _triton_ok(logits, labels):
+        from ._logprobs_triton import LogitsLogprobsTriton
+
+        out = LogitsLogprobsTriton.apply(*args)
+    else:
+        out = LogitsLogprobsRef.apply(*args)
+    return unflatten_outputs(out, lead, return_entropy)

@@ -23,25 +23,16 @@ def logprobs_from_logits_reference(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """Per-token log p(label) (and entropy) of softmax(logits / temperature).
+    """Per-token log p(label) (and entropy) of softmax(logits / temperature), exact and chunked.
 
-    logits (..., V), labels (...) int -> logp (...) float32 [, entropy (...) float32].
-    Positions with label == ignore_index give 0.
+    logits (..., V) float, labels (...) int32/int64 -> logp (...) [, entropy (...)], float32
+    (float64 for float64 logits). Positions with label == ignore_index give 0 and get 0 gradient.
+    Tokens are processed in chunks (forward and a recomputing backward), so no float32 copy of
+    the whole logits is made; d(logits) comes back in the logits' dtype.
     """
-    dtype = _compute_dtype(logits)
-    z = logits.to(dtype) / temperature
-    valid = labels != ignore_index
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logz = torch.logsumexp(z, dim=-1)
-    logp = z.gather(-1, safe.unsqueeze(-1)).squeeze(-1) - logz
-    logp = torch.where(valid, logp, torch.zeros_like(logp))
-    out_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    if not return_entropy:
-        return logp.to(out_dtype)
-    p = torch.softmax(z, dim=-1)
-    entropy = logz - (p * z).sum(-1)
-    entropy = torch.where(valid, entropy, torch.zeros_like(entropy))
-    return logp.to(out_dtype), entropy.to(out_dtype)
+    from ._logprobs_ref import logprobs_from_logits_chunked
+
+    return logprobs_from_logits_chunked(logits, labels, temperature, ignore_index, return_entropy)
 
 
 def linear_logprobs_reference(
@@ -54,17 +45,15 @@ def linear_logprobs_reference(
     ignore_index: int = -100,
     return_entropy: bool = False,
 ):
-    """log p(label) of softmax((hidden @ weight.T + bias) / temperature), via full logits.
+    """log p(label) (and entropy) of softmax((hidden @ weight.T + bias) / temperature), exact and chunked.
 
-    hidden (..., H), weight (V, H), bias (V,) or None, labels (...) int.
+    hidden (..., H), weight (V, H), bias (V,) or None, labels (...) int32/int64 -> logp (...)
+    [, entropy (...)], float32 (float64 for float64 inputs). Tokens are processed in chunks of
+    about 4M logits and recomputed in backward, so the (N, V) logits never exist at once.
     """
-    dtype = _compute_dtype(hidden, weight, bias)
-    logits = hidden.to(dtype) @ weight.to(dtype).T
-    if bias is not None:
-        logits = logits + bias.to(dtype)
-    return logprobs_from_logits_reference(
-        logits, labels, temperature=temperature, ignore_index=ignore_index, return_entropy=return_entropy
-    )
+    from ._logprobs_ref import linear_logprobs_chunked
+
+    return linear_logprobs_chunked(hidden, weight, labels, bias, temperature, ignore_index, return_entropy)
 
 
 def varlen_attention_reference(

@@ -1,0 +1,234 @@
+"""linear_logprobs / logprobs_from_logits vs a float64 autograd oracle, on both backends.
+
+The Triton path runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py sets it),
+so shapes are small and odd: V not a multiple of any block, H not either.
+"""
+import pytest
+import torch
+
+from fusedrl.kernels import _dispatch, _logprobs_ref, force_backend, linear_logprobs, logprobs_from_logits
+from fusedrl.kernels.reference import linear_logprobs_reference, logprobs_from_logits_reference
+from tests.conftest import assert_close
+
+BACKENDS = ["reference"]  # triton backend added with the kernels
+IGNORE = -100
+# Relative tolerance of values/gradients vs the float64 oracle, per input dtype. bf16 gradients
+# are returned in bf16 (and the Triton backward multiplies d(logits) in bf16), hence 2e-2.
+REL_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def oracle(h, w, y, b=None, tau=1.0, ignore=IGNORE, logits=None):
+    """Plain float64 log_softmax + gather: (logp, entropy), 0 at ignored positions."""
+    z = logits.double() if logits is not None else h.double() @ w.double().T
+    if b is not None:
+        z = z + b.double()
+    logq = torch.log_softmax(z / tau, dim=-1)
+    valid = y != ignore
+    safe = torch.where(valid, y, torch.zeros_like(y)).long()
+    logp = logq.gather(-1, safe[..., None])[..., 0] * valid
+    ent = -(logq.exp() * logq).sum(-1) * valid
+    return logp, ent
+
+
+def make(lead, hdim, vocab, dtype, bias, gen, ignore_frac=0.2):
+    h = (torch.randn(*lead, hdim, generator=gen) * 1.5).to(dtype)
+    w = (torch.randn(vocab, hdim, generator=gen) / hdim ** 0.25).to(dtype)
+    b = torch.randn(vocab, generator=gen).to(dtype) if bias else None
+    y = torch.randint(0, vocab, lead, generator=gen)
+    y[torch.rand(lead, generator=gen) < ignore_frac] = IGNORE
+    return h, w, b, y
+
+
+def close(actual, expected, dtype, name):
+    tol = REL_TOL[dtype]
+    scale = float(expected.detach().abs().max()) if expected.numel() else 1.0
+    assert_close(actual, expected, atol=tol * max(scale, 1e-6), rtol=tol, name=name)
+
+
+def run_and_grad(fn, leaves, outs_n, gen):
+    """Call fn, backprop random fp32 upstream grads for every output, return (outs, grads)."""
+    outs = fn()
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    ups = [torch.randn(o.shape, generator=gen) for o in outs]
+    loss = sum((o.double() * u.double()).sum() for o, u in zip(outs, ups))
+    grads = torch.autograd.grad(loss, [t for t in leaves if t is not None])
+    assert len(outs) == outs_n
+    return outs, grads, ups
+
+
+def check_linear(backend, lead, hdim, vocab, dtype, bias, entropy, tau, seed=0, hidden_view=None):
+    gen = torch.Generator().manual_seed(seed)
+    h, w, b, y = make(lead, hdim, vocab, dtype, bias, gen)
+    if hidden_view is not None:
+        h = hidden_view(h)
+    leaves = [t.requires_grad_() for t in (h, w, b) if t is not None] + ([None] if b is None else [])
+    with force_backend(backend):
+        outs, grads, ups = run_and_grad(
+            lambda: linear_logprobs(h, w, y, bias=b, temperature=tau, return_entropy=entropy),
+            leaves, 1 + entropy, gen)
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = oracle(h64, w64, y, b64, tau)[: 1 + entropy]
+    loss = sum((o * u.double()).sum() for o, u in zip(ref, ups))
+    ref_grads = torch.autograd.grad(loss, [t for t in (h64, w64, b64) if t is not None])
+    for name, o, r in zip(("logp", "entropy"), outs, ref):
+        assert o.dtype == torch.float32 and o.shape == tuple(lead)
+        close(o, r, torch.float32 if dtype == torch.float32 else torch.float16, name)
+    for name, g, r, t in zip(("d_hidden", "d_weight", "d_bias"), grads, ref_grads, (h, w, b)):
+        assert g.dtype == t.dtype and g.shape == t.shape
+        close(g, r, dtype, name)
+
+
+CASES = {  # lead, H, V, bias, entropy, temperature
+    "odd-bias-entropy-tau": ((37,), 24, 131, True, True, 0.7),
+    "batch-dims-entropy": ((3, 7), 24, 1000, False, True, 1.0),
+    "v1000-bias-logp-only": ((37,), 40, 1000, True, False, 1.3),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_linear_logprobs_matches_float64_oracle(backend, dtype, case):
+    lead, hdim, vocab, bias, entropy, tau = CASES[case]
+    check_linear(backend, lead, hdim, vocab, dtype, bias, entropy, tau)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_noncontiguous_hidden(backend):
+    # hidden as a strided view (every other column of a wider tensor), and as a transposed view
+    check_linear(backend, (29,), 24, 131, torch.float32, True, True, 0.9,
+                 hidden_view=lambda h: torch.cat([h, h], dim=1)[:, ::2])
+    check_linear(backend, (29,), 24, 131, torch.float32, False, False, 1.0,
+                 hidden_view=lambda h: h.T.contiguous().T)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_fp16_int32_labels(backend):
+    gen = torch.Generator().manual_seed(3)
+    h, w, b, y = make((19,), 24, 131, torch.float16, True, gen)
+    with force_backend(backend):
+        logp = linear_logprobs(h, w, y.int(), bias=b)
+    close(logp, oracle(h, w, y, b)[0], torch.float16, "logp")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_tied_weight_gradients_accumulate(backend):
+    """The LM head tied to the input embedding: weight.grad gets both contributions."""
+    gen = torch.Generator().manual_seed(1)
+    vocab, hdim, n = 131, 24, 23
+    w = torch.randn(vocab, hdim, generator=gen, requires_grad=True)
+    ids = torch.randint(0, vocab, (n,), generator=gen)
+    y = torch.randint(0, vocab, (n,), generator=gen)
+    g = torch.randn(n, generator=gen)
+    with force_backend(backend):
+        hidden = torch.tanh(torch.nn.functional.embedding(ids, w) * 2.0)
+        (linear_logprobs(hidden, w, y) * g).sum().backward()
+    w64 = w.detach().double().requires_grad_()
+    hidden64 = torch.tanh(torch.nn.functional.embedding(ids, w64) * 2.0)
+    (oracle(hidden64, w64, y)[0] * g.double()).sum().backward()
+    close(w.grad, w64.grad, torch.float32, "tied d_weight")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("entropy,tau", [(True, 0.7), (False, 1.0)])
+def test_logprobs_from_logits_matches_float64_oracle(backend, dtype, entropy, tau):
+    gen = torch.Generator().manual_seed(2)
+    logits = (torch.randn(3, 11, 1000, generator=gen) * 3).to(dtype).requires_grad_()
+    y = torch.randint(0, 1000, (3, 11), generator=gen)
+    y[0, :4] = IGNORE
+    with force_backend(backend):
+        outs, (grad,), ups = run_and_grad(
+            lambda: logprobs_from_logits(logits, y, temperature=tau, return_entropy=entropy),
+            [logits], 1 + entropy, gen)
+    l64 = logits.detach().double().requires_grad_()
+    ref = oracle(None, None, y, tau=tau, logits=l64)[: 1 + entropy]
+    (ref_grad,) = torch.autograd.grad(sum((o * u.double()).sum() for o, u in zip(ref, ups)), [l64])
+    for name, o, r in zip(("logp", "entropy"), outs, ref):
+        assert o.dtype == torch.float32 and o.shape == (3, 11)
+        close(o, r, torch.float32 if dtype == torch.float32 else torch.float16, name)
+    assert grad.dtype == dtype
+    close(grad, ref_grad, dtype, "d_logits")
+    assert float(grad[0, :4].abs().max()) == 0.0  # ignored rows get no gradient
+
+
+def test_reference_chunking_gives_same_result(monkeypatch):
+    """Force many token chunks in the reference: the result must not change."""
+    monkeypatch.setattr(_logprobs_ref, "CHUNK_ELEMS", 131 * 5)
+    check_linear("reference", (37,), 24, 131, torch.float32, True, True, 0.7, seed=4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead", [(0,), (0, 5)])
+def test_empty_batch(backend, lead):
+    w = torch.randn(131, 24, requires_grad=True)
+    h = torch.randn(*lead, 24, requires_grad=True)
+    y = torch.zeros(lead, dtype=torch.long)
+    with force_backend(backend):
+        logp, ent = linear_logprobs(h, w, y, return_entropy=True)
+        assert logp.shape == lead and ent.shape == lead
+        (logp.sum() + ent.sum()).backward()
+        out = logprobs_from_logits(torch.randn(*lead, 131), y)
+    assert out.shape == lead
+    assert w.grad is not None and float(w.grad.abs().max()) == 0.0
+    assert h.grad.shape == h.shape
+
+
+def test_public_references_are_exact():
+    gen = torch.Generator().manual_seed(5)
+    h, w, b, y = make((13,), 24, 131, torch.float64, True, gen)
+    lp, ent = linear_logprobs_reference(h, w, y, bias=b, temperature=0.5, return_entropy=True)
+    ref = oracle(h, w, y, b, 0.5)
+    assert lp.dtype == torch.float64
+    assert_close(lp, ref[0], name="logp")
+    assert_close(ent, ref[1], name="entropy")
+    logits = h @ w.T
+    lp2 = logprobs_from_logits_reference(logits, y, temperature=0.5)
+    assert_close(lp2, oracle(None, None, y, tau=0.5, logits=logits)[0], name="logp from logits")
+
+
+def _bad_cases():
+    h, w, y = torch.randn(5, 8), torch.randn(11, 8), torch.randint(0, 11, (5,))
+    return [
+        ("hidden", dict(hidden=h[:, :7]), ValueError, r"hidden's last dim must equal weight.shape\[1\] = 8"),
+        ("labels-shape", dict(labels=y[:4]), ValueError, r"labels must have shape \(5,\)"),
+        ("labels-float", dict(labels=y.float()), TypeError, r"labels must have dtype in \(int32, int64\)"),
+        ("hidden-int", dict(hidden=h.long()), TypeError, r"hidden must have dtype"),
+        ("weight-1d", dict(weight=w[0]), ValueError, r"weight must be 2-D"),
+        ("weight-empty", dict(weight=w[:0]), ValueError, r"weight must have at least one row"),
+        ("bias-shape", dict(bias=torch.randn(10)), ValueError, r"bias must have shape \(11,\)"),
+        ("temperature-0", dict(temperature=0.0), ValueError, r"temperature must be > 0, got 0.0"),
+        ("temperature-neg", dict(temperature=-1), ValueError, r"temperature must be > 0"),
+        ("temperature-str", dict(temperature="1"), TypeError, r"temperature must be a number"),
+        ("label-range", dict(labels=torch.tensor([0, 1, 11, 2, 3])), ValueError, r"labels must be in \[0, 11\).*got 11"),
+        ("label-negative", dict(labels=torch.tensor([0, -1, 1, 2, 3])), ValueError, r"got -1"),
+        ("hidden-list", dict(hidden=[[1.0] * 8] * 5), TypeError, r"hidden must be a torch.Tensor, got list"),
+        ("device", dict(weight=w.to("meta")), ValueError, r"all tensors must be on one device.*weight on meta"),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,override,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
+def test_linear_logprobs_bad_input(backend, name, override, exc, match):
+    args = dict(hidden=torch.randn(5, 8), weight=torch.randn(11, 8), labels=torch.randint(0, 11, (5,)))
+    kwargs = {k: override.pop(k) for k in ("bias", "temperature") if k in override}
+    args.update(override)
+    with force_backend(backend), pytest.raises(exc, match=match):
+        linear_logprobs(args["hidden"], args["weight"], args["labels"], **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprobs_from_logits_bad_input(backend):
+    logits, y = torch.randn(5, 11), torch.randint(0, 11, (5,))
+    with force_backend(backend):
+        with pytest.raises(ValueError, match=r"labels must have shape \(5,\), got \(4,\)"):
+            logprobs_from_logits(logits, y[:4])
+        with pytest.raises(TypeError, match=r"logits must have dtype"):
+            logprobs_from_logits(logits.long(), y)
+        with pytest.raises(ValueError, match=r"temperature must be > 0"):
+            logprobs_from_logits(logits, y, temperature=-0.5)
+        with pytest.raises(TypeError, match=r"ignore_index must be an int"):
+            logprobs_from_logits(logits, y, ignore_index=0.5)
+        with pytest.raises(ValueError, match=r"labels must be in \[0, 11\)"):
+            logprobs_from_logits(logits, y + 11)
