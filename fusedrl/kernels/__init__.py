@@ -6,6 +6,11 @@ HAS_CSRC, force_backend).
 from ._dispatch import HAS_CSRC, HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
 from .attention import varlen_attention
 from .logprobs import linear_logprobs, logprobs_from_logits
+from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
+from .advantages import (RunningMeanBaseline, dr_grpo_advantages, fold_kl_into_rewards, gae, grpo_advantages,
+                         overlong_reward_shaping, reinforce_advantages, rloo_advantages, whiten)
+from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
+                     orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
 
 __all__ = [
     "HAS_CSRC",
@@ -17,4 +22,29 @@ __all__ = [
     "linear_logprobs",
     "logprobs_from_logits",
     "varlen_attention",
+    "KL_KINDS",
+    "AdaptiveKLController",
+    "kl_penalty",
+    "RunningMeanBaseline",
+    "dr_grpo_advantages",
+    "fold_kl_into_rewards",
+    "gae",
+    "grpo_advantages",
+    "overlong_reward_shaping",
+    "reinforce_advantages",
+    "rloo_advantages",
+    "whiten",
+    "apo_down_loss",
+    "apo_zero_loss",
+    "bradley_terry_loss",
+    "cdpo_loss",
+    "dpo_loss",
+    "ipo_loss",
+    "kto_loss",
+    "orpo_loss",
+    "outcome_rm_loss",
+    "plackett_luce_loss",
+    "rpo_loss",
+    "simpo_loss",
+    "value_loss",
 ]

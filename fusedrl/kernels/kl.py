@@ -1,0 +1,110 @@
+"""Per-token KL estimators (Schulman's k1 / k2 / k3) and the adaptive KL controller.
+
+With delta = logp - ref_logp (samples drawn from the policy):
+
+    k1  = delta                         unbiased, can be negative
+    k2  = delta^2 / 2                   biased, low variance
+    k3  = exp(-delta) - 1 + delta       unbiased, >= 0   (note: exp(ref - logp))
+    k3+ = value of k3, gradient of k2   (straight-through: k2 + sg(k3 - k2))
+
+Optionally delta is clamped to [-clamp, clamp] before any of the above (the
+clamp then also stops the gradient outside that range, as torch.clamp does).
+Elementwise math that XLA-style fusers handle well; the policy-loss Triton
+kernel carries its own copy of these formulas for the fused path.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from ._validate import FLOAT_DTYPES, check_tensor
+
+KL_KINDS = ("k1", "k2", "k3", "k3+")
+
+
+def check_kl_kind(kind, name: str = "kind") -> str:
+    if kind not in KL_KINDS:
+        raise ValueError(f"{name} must be one of {KL_KINDS}, got {kind!r}")
+    return kind
+
+
+def check_clamp(clamp, name: str = "clamp") -> None:
+    if clamp is None:
+        return
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+        raise TypeError(f"{name} must be None or a positive number, got {type(clamp).__name__}")
+    if not clamp > 0:
+        raise ValueError(f"{name} must be > 0, got {clamp}")
+
+
+def kl_penalty(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    kind: str = "k3",
+    *,
+    clamp: Optional[float] = None,
+) -> torch.Tensor:
+    """Per-token KL estimate between the policy and the reference.
+
+    Args:
+        logp: (...) float, log pi_theta of the sampled tokens (differentiable).
+        ref_logp: (...) float, same shape, log pi_ref of the same tokens.
+        kind: "k1", "k2", "k3" or "k3+" (see the module docstring).
+        clamp: None (default, exact) or c > 0: clamp delta = logp - ref_logp to
+            [-c, c] before the estimator (10 is the usual choice) to avoid exp overflow.
+
+    Returns:
+        (...) float32 (float64 for float64 inputs) per-token estimate; gradients
+        flow to both inputs.
+    """
+    check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
+    check_tensor("ref_logp", ref_logp, dtypes=FLOAT_DTYPES)
+    if ref_logp.shape != logp.shape:
+        raise ValueError(f"ref_logp must have logp's shape {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
+    check_kl_kind(kind)
+    check_clamp(clamp)
+    dtype = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32
+    delta = logp.to(dtype) - ref_logp.to(dtype)
+    return kl_from_delta(delta, kind, clamp)
+
+
+def kl_from_delta(delta: torch.Tensor, kind: str, clamp: Optional[float] = None) -> torch.Tensor:
+    """The estimator applied to delta = logp - ref_logp (no validation; used by the losses)."""
+    if clamp is not None:
+        delta = delta.clamp(-clamp, clamp)
+    if kind == "k1":
+        return delta
+    k2 = 0.5 * delta * delta
+    if kind == "k2":
+        return k2
+    k3 = torch.expm1(-delta) + delta
+    if kind == "k3":
+        return k3
+    return k2 + (k3 - k2).detach()  # k3+
+
+
+class AdaptiveKLController:
+    """Adaptive beta of Ziegler et al. (2019): steer the measured KL towards a target.
+
+    beta <- beta * (1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon)
+
+    Host-side: call `update` with a float KL already brought to the host for logging.
+    """
+
+    def __init__(self, init_beta: float, target: float, horizon: int):
+        for name, value in (("init_beta", init_beta), ("target", target), ("horizon", horizon)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        self.beta = float(init_beta)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        """Update beta from the KL measured over the last `n_steps` samples; returns the new beta."""
+        if not math.isfinite(current_kl):
+            raise ValueError(f"current_kl must be finite, got {current_kl}")
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.beta *= 1.0 + error * n_steps / self.horizon
+        return self.beta

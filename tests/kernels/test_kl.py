@@ -1,0 +1,97 @@
+"""KL estimators: hand values, gradients (float64 gradcheck), straight-through k3+, clamp, bad input."""
+import math
+
+import pytest
+import torch
+
+from fusedrl.kernels import AdaptiveKLController, kl_penalty
+from tests.conftest import assert_close
+
+LOGP = [0.0, -1.0, -0.5]
+REF = [0.0, -0.5, -1.0]
+# delta = logp - ref = [0, -0.5, 0.5]
+EXPECTED = {
+    "k1": [0.0, -0.5, 0.5],
+    "k2": [0.0, 0.125, 0.125],  # delta^2 / 2
+    # exp(-delta) - 1 + delta: exp(0.5) - 1.5 = 0.1487212707, exp(-0.5) - 0.5 = 0.1065306597
+    "k3": [0.0, math.exp(0.5) - 1.5, math.exp(-0.5) - 0.5],
+}
+EXPECTED["k3+"] = EXPECTED["k3"]
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3", "k3+"])
+def test_hand_values(kind):
+    out = kl_penalty(torch.tensor(LOGP), torch.tensor(REF), kind)
+    assert out.dtype == torch.float32
+    assert_close(out, torch.tensor(EXPECTED[kind]), name=kind)
+
+
+def test_k3_is_nonnegative_and_bf16_returns_float32(seed):
+    logp = torch.randn(37, 5).to(torch.bfloat16)
+    ref = torch.randn(37, 5).to(torch.bfloat16)
+    out = kl_penalty(logp, ref, "k3")
+    assert out.dtype == torch.float32 and bool((out >= 0).all())
+
+
+@pytest.mark.parametrize("kind", ["k1", "k2", "k3"])
+def test_gradcheck_float64(kind, seed):
+    logp = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: kl_penalty(a, b, kind), (logp, ref))
+
+
+def test_analytic_gradients_with_random_upstream(seed):
+    logp = torch.randn(11, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(11, dtype=torch.float64)
+    up = torch.randn(11, dtype=torch.float64)
+    delta = (logp - ref).detach()
+    expected = {"k1": torch.ones_like(delta), "k2": delta, "k3": 1 - torch.exp(-delta), "k3+": delta}
+    for kind, d in expected.items():
+        (g,) = torch.autograd.grad(kl_penalty(logp, ref, kind), logp, up)
+        assert_close(g, up * d, name=f"d{kind}/dlogp")
+
+
+def test_k3_plus_value_of_k3_gradient_of_k2(seed):
+    logp = torch.randn(13, dtype=torch.float64, requires_grad=True)
+    ref = torch.randn(13, dtype=torch.float64)
+    up = torch.randn(13, dtype=torch.float64)
+    plus = kl_penalty(logp, ref, "k3+")
+    assert_close(plus, kl_penalty(logp, ref, "k3"), name="k3+ value")
+    (g_plus,) = torch.autograd.grad(plus, logp, up)
+    (g_k2,) = torch.autograd.grad(kl_penalty(logp, ref, "k2"), logp, up)
+    assert_close(g_plus, g_k2, name="k3+ grad")
+
+
+def test_clamp_bounds_delta_and_stops_gradient():
+    logp = torch.tensor([0.0, 0.0], dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor([-20.0, 1.0], dtype=torch.float64)  # delta = [20, -1]
+    out = kl_penalty(logp, ref, "k3", clamp=10.0)
+    # delta 20 -> 10: exp(-10) - 1 + 10; delta -1 is inside: exp(1) - 2
+    assert_close(out, torch.tensor([math.exp(-10) + 9, math.e - 2], dtype=torch.float64))
+    (g,) = torch.autograd.grad(out.sum(), logp)
+    assert_close(g, torch.tensor([0.0, 1 - math.e], dtype=torch.float64))
+    assert torch.isinf(kl_penalty(torch.tensor([0.0]), torch.tensor([1000.0]), "k3")).all()
+
+
+def test_bad_input():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        kl_penalty(x, x, "k4")
+    with pytest.raises(ValueError, match="ref_logp must have logp's shape"):
+        kl_penalty(x, torch.zeros(4), "k1")
+    with pytest.raises(TypeError, match="logp must have dtype"):
+        kl_penalty(torch.zeros(3, dtype=torch.int64), x, "k1")
+    with pytest.raises(TypeError, match="ref_logp must be a torch.Tensor"):
+        kl_penalty(x, [0.0, 0.0, 0.0], "k1")
+    with pytest.raises(ValueError, match="clamp must be > 0"):
+        kl_penalty(x, x, "k3", clamp=-1.0)
+
+
+def test_adaptive_controller():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10000)
+    # kl 12 -> error clip(12/6 - 1, -0.2, 0.2) = 0.2; beta = 0.1 * (1 + 0.2 * 1000 / 10000) = 0.102
+    assert ctl.update(12.0, 1000) == pytest.approx(0.102)
+    # kl 5.4 -> error -0.1; beta = 0.102 * (1 - 0.1 * 0.1) = 0.10098
+    assert ctl.update(5.4, 1000) == pytest.approx(0.10098)
+    with pytest.raises(ValueError, match="target must be a positive number"):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
