@@ -1,0 +1,350 @@
+// fusedrl._C: sequence packing and load balancing on the host.
+//
+//   pack_by_budget(lengths, budget) -> list[list[int]]
+//       best-fit-decreasing bin packing of sequence lengths into bins of
+//       `budget` tokens.
+//   balanced_partition(lengths, k, a, b, equal_size) -> list[list[int]]
+//       k-way Karmarkar-Karp largest differencing method (LDM) under the cost
+//       cost(L) = a*L + b*L^2 per sequence; with equal_size the balanced
+//       variant (items enter k at a time) keeps group sizes within one.
+//
+// The Python module fusedrl/_packing_py.py implements the same algorithms
+// step for step (same orderings, same tie-breaks, same float operations in
+// the same order), so both return identical results; tests hold them to it.
+// Arguments are validated in fusedrl/packing.py; the checks here are a second
+// line of defence and raise ValueError (std::invalid_argument) as well.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace py = pybind11;
+
+// Both implementations must round every cost the same way: a fused
+// multiply-add would change the last bit and, through a tie, the result.
+#pragma STDC FP_CONTRACT OFF
+#if defined(__GNUC__) && !defined(__clang__)
+#define FUSEDRL_NO_FMA __attribute__((optimize("fp-contract=off")))
+#else
+#define FUSEDRL_NO_FMA
+#endif
+
+namespace {
+
+using Index = int64_t;
+using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
+
+std::vector<int64_t> to_vector(const Lengths& lengths) {
+  if (lengths.ndim() != 1) {
+    throw std::invalid_argument("lengths must be 1-D, got " + std::to_string(lengths.ndim()) + " dims");
+  }
+  const int64_t* data = lengths.data();
+  std::vector<int64_t> out(data, data + lengths.shape(0));
+  for (size_t i = 0; i < out.size(); ++i) {
+    if (out[i] < 1) {
+      throw std::invalid_argument("lengths must be >= 1, got lengths[" + std::to_string(i) +
+                                  "] = " + std::to_string(out[i]));
+    }
+  }
+  return out;
+}
+
+// Indices sorted by length, longest first; equal lengths keep index order.
+// A stable counting sort when the longest length is small next to n (the
+// common case: lengths are token counts), else a comparison sort.
+std::vector<Index> longest_first(const std::vector<int64_t>& lengths) {
+  const Index n = static_cast<Index>(lengths.size());
+  std::vector<Index> order(lengths.size());
+  if (n == 0) return order;
+  const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
+  if (longest <= 4 * n + 1024) {
+    std::vector<Index> start(static_cast<size_t>(longest) + 2, 0);  // bucket L at start[longest - L]
+    for (int64_t len : lengths) ++start[longest - len + 1];
+    for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
+    for (Index i = 0; i < n; ++i) order[start[longest - lengths[i]]++] = i;
+    return order;
+  }
+  std::iota(order.begin(), order.end(), Index{0});
+  std::stable_sort(order.begin(), order.end(),
+                   [&](Index x, Index y) { return lengths[x] > lengths[y]; });
+  return order;
+}
+
+std::vector<std::vector<Index>> pack_impl(const std::vector<int64_t>& lengths, int64_t budget) {
+  std::vector<std::vector<Index>> bins;
+  // (remaining capacity, bin id): lower_bound finds the tightest bin that
+  // still fits, the oldest such bin on ties.
+  std::set<std::pair<int64_t, Index>> open;
+  for (Index i : longest_first(lengths)) {
+    const int64_t len = lengths[i];
+    auto it = open.lower_bound({len, Index{-1}});
+    if (it == open.end()) {
+      bins.push_back({i});
+      if (budget - len > 0) open.insert({budget - len, static_cast<Index>(bins.size()) - 1});
+      continue;
+    }
+    // Re-key the node in place: no allocation per placement.
+    auto node = open.extract(it);
+    const auto [remaining, bin] = node.value();
+    bins[bin].push_back(i);
+    if (remaining - len > 0) {
+      node.value() = {remaining - len, bin};
+      open.insert(std::move(node));
+    }
+  }
+  // Members were added longest first; report them in index order.
+  for (auto& members : bins) std::sort(members.begin(), members.end());
+  return bins;
+}
+
+// One non-empty subset of a k-way partition: its cost and a linked list of
+// members (head/tail item ids; the links live in the differencer's `next_`).
+struct Subset {
+  double cost;
+  Index head;
+  Index tail;
+};
+
+// A partition stores only its non-empty subsets, largest cost first; the
+// other k - size() subsets are empty and cost 0. Every non-empty subset costs
+// > 0 (lengths >= 1, a or b > 0), so empties always sort last and the sparse
+// form orders exactly like the dense one while a merge costs O(non-empty), not O(k).
+using Partition = std::vector<Subset>;
+
+struct HeapEntry {
+  double spread;  // max - min subset cost of the partition
+  Index id;       // creation order, breaks spread ties (smaller first)
+  Index slot;     // index of the partition in the pool
+};
+
+struct LargerSpreadFirst {
+  bool operator()(const HeapEntry& x, const HeapEntry& y) const {
+    if (x.spread != y.spread) return x.spread < y.spread;
+    return x.id > y.id;
+  }
+};
+
+// Largest differencing over k-way partitions. The initial partitions are
+// added first (their subsets sorted by cost, largest first) and live in one
+// flat array; merged ones live in recycled vectors. The initial ones are
+// consumed in sorted order from a list, merged ones from a heap: the same pop
+// order as one heap over everything (keys are unique), with a far smaller heap.
+class Differencer {
+ public:
+  Differencer(Index num_items, int64_t k) : k_(k), next_(num_items, -1), offsets_{0} {}
+
+  // Add an initial partition from its non-empty subsets, largest cost first.
+  void add(const Subset* subsets, size_t count) {
+    initial_.insert(initial_.end(), subsets, subsets + count);
+    offsets_.push_back(initial_.size());
+    const Index slot = static_cast<Index>(offsets_.size()) - 2;
+    queue_.push_back(entry(view(slot), slot));
+  }
+
+  // Merge until one partition is left: the two with the largest spreads are
+  // joined largest subset with smallest subset, then re-sorted (stable).
+  std::vector<std::vector<Index>> run() {
+    const LargerSpreadFirst below;
+    if (!std::is_sorted(queue_.begin(), queue_.end(), [&](const HeapEntry& x, const HeapEntry& y) { return below(y, x); })) {
+      std::sort(queue_.begin(), queue_.end(), [&](const HeapEntry& x, const HeapEntry& y) { return below(y, x); });
+    }
+    Partition merged;
+    while ((queue_.size() - head_) + heap_.size() > 1) {
+      const HeapEntry first = pop(below);
+      const HeapEntry second = pop(below);
+      merge(view(first.slot), view(second.slot), merged);
+      sort_by_cost(merged);
+      const Index slot = store(merged, first.slot, second.slot);
+      heap_.push_back(entry(view(slot), slot));
+      std::push_heap(heap_.begin(), heap_.end(), below);
+    }
+    return groups(view(head_ < queue_.size() ? queue_[head_].slot : heap_.front().slot));
+  }
+
+ private:
+  struct View {
+    const Subset* data;
+    size_t size;
+  };
+
+  Index num_initial() const { return static_cast<Index>(offsets_.size()) - 1; }
+
+  // Slots below num_initial() are initial partitions, the rest index pool_.
+  View view(Index slot) const {
+    if (slot < num_initial()) return {initial_.data() + offsets_[slot], offsets_[slot + 1] - offsets_[slot]};
+    const Partition& p = pool_[slot - num_initial()];
+    return {p.data(), p.size()};
+  }
+
+  HeapEntry entry(View p, Index slot) {
+    const double low = static_cast<int64_t>(p.size) < k_ ? 0.0 : p.data[p.size - 1].cost;
+    return {p.data[0].cost - low, next_id_++, slot};
+  }
+
+  HeapEntry pop(const LargerSpreadFirst& below) {
+    if (head_ < queue_.size() && (heap_.empty() || below(heap_.front(), queue_[head_]))) return queue_[head_++];
+    std::pop_heap(heap_.begin(), heap_.end(), below);
+    const HeapEntry top = heap_.back();
+    heap_.pop_back();
+    return top;
+  }
+
+  // Keep `merged` in a pool vector (recycling the inputs' vectors, so buffers
+  // keep their capacity); returns its slot. `merged` gets an empty buffer back.
+  Index store(Partition& merged, Index first, Index second) {
+    for (Index old : {second, first}) {
+      if (old >= num_initial()) free_.push_back(old - num_initial());
+    }
+    size_t index;
+    if (free_.empty()) {
+      index = pool_.size();
+      pool_.emplace_back();
+    } else {
+      index = free_.back();
+      free_.pop_back();
+    }
+    pool_[index].swap(merged);
+    return num_initial() + static_cast<Index>(index);
+  }
+
+  // Dense rule: subset j of the result = x[j] joined with y[k-1-j]. Only the
+  // positions where either side is non-empty are visited, in increasing j.
+  void merge(View x, View y, Partition& out) {
+    const int64_t p = static_cast<int64_t>(x.size);
+    const int64_t q = static_cast<int64_t>(y.size);
+    out.clear();
+    for (int64_t j = 0; j < p; ++j) {
+      const int64_t other = k_ - 1 - j;
+      out.push_back(other < q ? join(x.data[j], y.data[other]) : x.data[j]);
+    }
+    for (int64_t j = std::max(p, k_ - q); j < k_; ++j) out.push_back(y.data[k_ - 1 - j]);
+  }
+
+  Subset join(const Subset& u, const Subset& v) {
+    next_[u.tail] = v.head;
+    return {u.cost + v.cost, u.head, v.tail};
+  }
+
+  // Largest cost first, stable. Partitions are mostly small: an insertion sort
+  // there avoids std::stable_sort's buffer allocation on every merge.
+  static void sort_by_cost(Partition& p) {
+    if (p.size() > 32) {
+      std::stable_sort(p.begin(), p.end(), [](const Subset& u, const Subset& v) { return u.cost > v.cost; });
+      return;
+    }
+    for (size_t i = 1; i < p.size(); ++i) {
+      const Subset moving = p[i];
+      size_t j = i;
+      for (; j > 0 && p[j - 1].cost < moving.cost; --j) p[j] = p[j - 1];
+      p[j] = moving;
+    }
+  }
+
+  // Label every item with its group, then sweep items in index order so each
+  // group comes out ascending without a sort.
+  std::vector<std::vector<Index>> groups(View p) const {
+    std::vector<int64_t> group_of(next_.size());
+    std::vector<size_t> sizes(static_cast<size_t>(k_), 0);
+    for (size_t j = 0; j < p.size; ++j) {
+      for (Index item = p.data[j].head; item != -1; item = next_[item]) {
+        group_of[item] = static_cast<int64_t>(j);
+        ++sizes[j];
+      }
+    }
+    std::vector<std::vector<Index>> out(static_cast<size_t>(k_));
+    for (int64_t j = 0; j < k_; ++j) out[j].reserve(sizes[j]);
+    for (size_t item = 0; item < group_of.size(); ++item) out[group_of[item]].push_back(static_cast<Index>(item));
+    return out;
+  }
+
+  int64_t k_;
+  std::vector<Index> next_;
+  std::vector<Subset> initial_;   // subsets of the initial partitions, back to back
+  std::vector<size_t> offsets_;   // initial partition s = initial_[offsets_[s], offsets_[s + 1])
+  std::vector<Partition> pool_;   // merged partitions
+  std::vector<size_t> free_;      // pool_ entries free for reuse
+  std::vector<HeapEntry> queue_;  // initial partitions, largest spread first
+  size_t head_ = 0;               // next unconsumed entry of queue_
+  std::vector<HeapEntry> heap_;   // merged partitions, a max-heap under LargerSpreadFirst
+  Index next_id_ = 0;
+};
+
+FUSEDRL_NO_FMA double sequence_cost(int64_t length, double a, double b) {
+  const double len = static_cast<double>(length);
+  const double linear = a * len;
+  const double quadratic = b * (len * len);
+  return linear + quadratic;
+}
+
+std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengths, int64_t k,
+                                               double a, double b, bool equal_size) {
+  const Index n = static_cast<Index>(lengths.size());
+  if (n == 0) return std::vector<std::vector<Index>>(static_cast<size_t>(k));
+  std::vector<double> cost(lengths.size());
+  for (Index i = 0; i < n; ++i) cost[i] = sequence_cost(lengths[i], a, b);
+  // Both variants add partitions longest item first, so in the common case
+  // the initial queue is already in pop order and needs no sort.
+  const std::vector<Index> order = longest_first(lengths);
+  Differencer ldm(n, k);
+  if (!equal_size) {
+    // Item i starts as the partition ({i}, {}, ..., {}).
+    for (Index i : order) {
+      const Subset single{cost[i], i, i};
+      ldm.add(&single, 1);
+    }
+    return ldm.run();
+  }
+  // Balanced LDM: items sorted longest first enter k at a time, one per
+  // subset, so every subset of every partition holds one item per chunk.
+  std::vector<Subset> chunk;
+  for (Index start = 0; start < n; start += k) {
+    chunk.clear();
+    for (Index pos = start; pos < std::min(n, start + k); ++pos) chunk.push_back({cost[order[pos]], order[pos], order[pos]});
+    ldm.add(chunk.data(), chunk.size());
+  }
+  return ldm.run();
+}
+
+std::vector<std::vector<Index>> pack_by_budget(const Lengths& lengths, int64_t budget) {
+  if (budget < 1) throw std::invalid_argument("budget must be >= 1, got " + std::to_string(budget));
+  const std::vector<int64_t> lens = to_vector(lengths);
+  for (size_t i = 0; i < lens.size(); ++i) {
+    if (lens[i] > budget) {
+      throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(lens[i]) +
+                                  " exceeds budget = " + std::to_string(budget));
+    }
+  }
+  py::gil_scoped_release release;
+  return pack_impl(lens, budget);
+}
+
+std::vector<std::vector<Index>> balanced_partition(const Lengths& lengths, int64_t k, double a,
+                                                   double b, bool equal_size) {
+  if (k < 1) throw std::invalid_argument("k must be >= 1, got " + std::to_string(k));
+  if (!(std::isfinite(a) && a >= 0)) throw std::invalid_argument("a must be finite and >= 0");
+  if (!(std::isfinite(b) && b >= 0)) throw std::invalid_argument("b must be finite and >= 0");
+  if (a == 0 && b == 0) throw std::invalid_argument("a and b must not both be 0");
+  const std::vector<int64_t> lens = to_vector(lengths);
+  py::gil_scoped_release release;
+  return partition_impl(lens, k, a, b, equal_size);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fusedrl C++ core: sequence packing (best-fit decreasing) and k-way balancing (LDM)";
+  m.def("pack_by_budget", &pack_by_budget, py::arg("lengths"), py::arg("budget"),
+        "Best-fit-decreasing bins of `budget` tokens; returns lists of indices (ascending).");
+  m.def("balanced_partition", &balanced_partition, py::arg("lengths"), py::arg("k"), py::arg("a"),
+        py::arg("b"), py::arg("equal_size"),
+        "k-way largest differencing under cost a*L + b*L^2; returns k lists of indices.");
+}
