@@ -21,10 +21,15 @@ import json
 import logging
 import os
 import re
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 from fusedrl.engine.batch import IGNORE_INDEX
-from fusedrl.engine.packed_data import Example, PackedDataset, pack_examples  # noqa: F401  (public API)
+from fusedrl.engine.packed_data import Example, PackedDataset, pack_examples
+
+__all__ = [
+    "Example", "PackedDataset", "detect_format", "load_records", "pack_examples", "tokenize_preference",
+    "tokenize_prompt", "tokenize_records", "tokenize_sft", "validate_record",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -153,8 +158,6 @@ def validate_record(record: dict) -> str:
     fmt = detect_format(record)
     if fmt == "messages":
         _check_messages(record["messages"], "messages")
-        if not any(m["role"] == "assistant" for m in record["messages"]):
-            raise ValueError("messages: no assistant turn to train on")
         return fmt
     _check_turns(record["prompt"], "prompt")
     for key in {"prompt_completion": ["completion"], "unpaired": ["completion"],
@@ -214,6 +217,8 @@ def tokenize_sft(record: dict, tokenizer, *, max_len: int, train_on: str = "all_
         messages = _as_messages(record["prompt"], "user") + _as_messages(record["completion"], "assistant")
     else:
         raise ValueError(f"record: tokenize_sft needs a messages or prompt/completion record, got format {fmt!r}")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("messages: no assistant turn to train on")
     train_from = 0
     if train_on == "last_assistant":
         train_from = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -328,8 +333,11 @@ def tokenize_records(records: List[dict], tokenizer, *, max_len: int, train_on: 
                      overlong: str = "truncate") -> Tuple[List[Example], int]:
     """``tokenize_sft`` over records; returns (examples, number dropped) and logs the drops."""
     examples, dropped = [], 0
-    for record in records:
-        example = tokenize_sft(record, tokenizer, max_len=max_len, train_on=train_on, overlong=overlong)
+    for i, record in enumerate(records):
+        try:
+            example = tokenize_sft(record, tokenizer, max_len=max_len, train_on=train_on, overlong=overlong)
+        except ValueError as err:
+            raise ValueError(f"records[{i}]: {err}") from None
         if example is None:
             dropped += 1
         else:

@@ -25,6 +25,7 @@ other prompts only through the shared random stream.
 """
 from __future__ import annotations
 
+import inspect
 import numbers
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
@@ -221,8 +222,10 @@ def _decode(model, prompts, device, max_new_tokens, temperature, top_p, top_k, g
 
     cache = DynamicCache(config=model.config)
     positions = (torch.cumsum(valid[:, :length].long(), dim=1) - 1).clamp(min=0)
+    # Only the last prompt position's logits are needed; skip the (B, L, V) rest where the model allows.
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logits = model(input_ids=input_ids, attention_mask=masks.prefill(length), position_ids=positions,
-                   past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+                   past_key_values=cache, use_cache=True, **keep).logits[:, -1]
     for step in range(max_new_tokens):
         tokens, logp = sample_next(logits.float(), temperature=temperature, top_p=top_p, top_k=top_k,
                                    greedy=greedy, generator=generator)

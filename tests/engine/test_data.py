@@ -187,6 +187,10 @@ def test_bad_options(tok):
         tokenize_sft(CHAT, tok, max_len=0)
     with pytest.raises(ValueError, match="tokenize_sft needs a messages or prompt/completion record"):
         tokenize_sft({"prompt": "a"}, tok, max_len=64)
+    only_user = {"messages": [{"role": "user", "content": "hi"}]}
+    assert tok.decode(tokenize_prompt(only_user, tok)) == "<bos><|user|>hi<eos><|assistant|>"
+    with pytest.raises(ValueError, match=r"records\[1\]: messages: no assistant turn to train on"):
+        tokenize_records([CHAT, only_user], tok, max_len=64)
 
 
 # ----------------------------------------------------------------------------- packing
