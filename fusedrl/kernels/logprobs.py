@@ -103,7 +103,7 @@ def logprobs_from_logits(
     args = (logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), float(temperature), ignore_index,
             bool(return_entropy))
     if _triton_ok(logits, labels):
-        from ._logprobs_triton import LogitsLogprobsTriton
+        from ._logits_logprobs_triton import LogitsLogprobsTriton
 
         out = LogitsLogprobsTriton.apply(*args)
     else:

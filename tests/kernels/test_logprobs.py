@@ -10,7 +10,8 @@ from fusedrl.kernels import _dispatch, _logprobs_ref, force_backend, linear_logp
 from fusedrl.kernels.reference import linear_logprobs_reference, logprobs_from_logits_reference
 from tests.conftest import assert_close
 
-BACKENDS = ["reference"]  # triton backend added with the kernels
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _dispatch.HAS_TRITON,
+                                                                          reason="triton not importable"))]
 IGNORE = -100
 # Relative tolerance of values/gradients vs the float64 oracle, per input dtype. bf16 gradients
 # are returned in bf16 (and the Triton backward multiplies d(logits) in bf16), hence 2e-2.
@@ -212,6 +213,7 @@ def _bad_cases():
 @pytest.mark.parametrize("name,override,exc,match", _bad_cases(), ids=[c[0] for c in _bad_cases()])
 def test_linear_logprobs_bad_input(backend, name, override, exc, match):
     args = dict(hidden=torch.randn(5, 8), weight=torch.randn(11, 8), labels=torch.randint(0, 11, (5,)))
+    override = dict(override)  # parametrize shares the dict between backends
     kwargs = {k: override.pop(k) for k in ("bias", "temperature") if k in override}
     args.update(override)
     with force_backend(backend), pytest.raises(exc, match=match):
@@ -232,3 +234,13 @@ def test_logprobs_from_logits_bad_input(backend):
             logprobs_from_logits(logits, y, ignore_index=0.5)
         with pytest.raises(ValueError, match=r"labels must be in \[0, 11\)"):
             logprobs_from_logits(logits, y + 11)
+
+
+@pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton not importable")
+def test_triton_token_and_vocab_chunking(monkeypatch):
+    """Tiny chunk budgets: several token chunks forward, several V chunks (last one partial) backward."""
+    from fusedrl.kernels import _logprobs_triton as lt
+
+    monkeypatch.setattr(lt, "PARTIALS_BYTES", 1)  # one 256-token floor per chunk: force N > 256
+    monkeypatch.setattr(lt, "DZ_BYTES", 300 * 4 * 70)  # (N=300) x 70 fp32 columns -> VC = 2 * 32
+    check_linear("triton", (300,), 24, 131, torch.float32, True, True, 0.7, seed=6)
