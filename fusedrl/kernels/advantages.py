@@ -10,7 +10,7 @@ detached: advantages are targets, not part of the graph.
     RLOO      A_k = R_k - mean_{j != k} R_j = K / (K - 1) (R_k - mean R)
     REINFORCE A_i = R_i - b, b a running mean of past rewards (or 0)
     whiten    (A - mean) / sqrt(var + eps) over masked tokens (population variance)
-    GAE       see gae.py's docstring (`gae` is re-exported here)
+    GAE       see _gae.py (`gae` is re-exported here)
     DAPO overlong: r -= clip((len - (L_max - L_cache)) / L_cache, 0, 1)
     KL folding: r_t = -beta * KL_t per token, + the sequence reward on the last token
 """
@@ -22,7 +22,7 @@ import torch
 
 from ._rl_layout import flat_mask, make_layout
 from ._validate import FLOAT_DTYPES, check_tensor
-from .gae import gae, gae_reference
+from ._gae import gae, gae_reference
 from .kl import check_kl_kind, kl_from_delta
 
 __all__ = [
