@@ -61,7 +61,8 @@ def _tile_ids(pid, num_pid_n, num_pid_v, GROUP_N: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H: tl.constexpr, stride_hn, stride_hh, stride_wv, stride_wh, inv_tau,
+def _logits_tile(h_ptr, w_ptr, b_ptr, rows, cols, N, V, H: tl.constexpr, stride_hn, stride_hh, stride_wv, stride_wh,
+                 inv_tau,
                  HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """(BLOCK_N, BLOCK_V) float32 scaled logits; columns >= V are -inf."""
@@ -210,7 +211,7 @@ def _matmul_accumulate_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N).to(tl.int64)
     out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K_CHUNK, BLOCK_K):  # K <= K_CHUNK; constexpr bound (see note below)
-        ks = k0 + tl.arange(0, BLOCK_K)
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)  # ks * stride_bk may pass 2**31 for a wide chunk
         a = tl.load(a_ptr + rows[:, None] * K + ks[None, :], mask=(rows[:, None] < M) & (ks[None, :] < K), other=0.0)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + cols[None, :] * stride_bn,
                     mask=(ks[:, None] < K) & (cols[None, :] < K2), other=0.0)
@@ -302,7 +303,7 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, te
     dev = hidden.device
     entropy = pz is not None
     dh = torch.zeros(n, hdim, dtype=torch.float32, device=dev) if need_h else None
-    dw = torch.empty_like(weight) if need_w else None
+    dw = torch.empty(weight.shape, dtype=weight.dtype, device=dev) if need_w else None  # contiguous rows for out=
     db = torch.empty(vocab, dtype=torch.float32, device=dev) if need_b else None
     if n == 0:
         for t in (dw, db):
