@@ -3,7 +3,8 @@
 Both backends get the same input through the public API (`fusedrl.packing`):
 n sequence lengths `random.Random(0).randint(16, 4096)` as a numpy int64 array
 (n = 16384 by default). Each case is checked first (the two outputs must be
-identical), then timed: median of `repeats` perf_counter runs per backend.
+identical), then timed: medians of perf_counter runs, the backends interleaved
+(`repeats` rounds of 1 Python run and 5 C++ runs) so machine load hits both alike.
 Reports the speed ratio and both results' quality (max group cost against the
 lower bound max(sum/k, largest item); bins used against ceil(total/budget)).
 
@@ -28,6 +29,7 @@ from bench.common import device_info, write_results
 from fusedrl import packing
 
 A, B = 1.0, 1.0 / 4096  # attention-aware cost a*L + b*L^2
+CPP_RUNS_PER_ROUND = 5
 
 # case id -> (op, keyword arguments)
 CASES: Dict[str, tuple] = {
@@ -44,13 +46,17 @@ def make_lengths(n: int) -> np.ndarray:
     return np.array([rnd.randint(16, 4096) for _ in range(n)], dtype=np.int64)
 
 
-def _median_ms(fn: Callable[[], object], repeats: int) -> float:
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
+def _interleaved_ms(fns: Dict[str, Callable[[], object]], repeats: Dict[str, int], rounds: int) -> Dict[str, float]:
+    """Median milliseconds per backend, the backends' runs interleaved round by round
+    so that load from other processes on a shared machine hits both alike."""
+    samples: Dict[str, List[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            for _ in range(repeats[name]):
+                start = time.perf_counter()
+                fn()
+                samples[name].append((time.perf_counter() - start) * 1e3)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 def _quality(op: str, lengths: np.ndarray, groups: List[List[int]], kwargs: dict) -> dict:
@@ -67,24 +73,28 @@ def _quality(op: str, lengths: np.ndarray, groups: List[List[int]], kwargs: dict
             "size_spread": max(sizes) - min(sizes)}
 
 
-def run_one(case: str, lengths: np.ndarray, repeats: int) -> dict:
+def run_one(case: str, lengths: np.ndarray, rounds: int) -> dict:
     """Check then time one case on both backends; returns one row."""
     op, kwargs = CASES[case]
     fn = getattr(packing, op)
     row = {"case": case, "op": op, "n": int(lengths.size), **kwargs}
     py_out = fn(lengths, **kwargs, backend="python")
     row.update({f"python_{k}": v for k, v in _quality(op, lengths, py_out, kwargs).items()})
-    row["python_ms"] = _median_ms(lambda: fn(lengths, **kwargs, backend="python"), repeats)
+    fns = {"python": lambda: fn(lengths, **kwargs, backend="python")}
     if packing._C is None:
         row.update(status="cpp skipped: fusedrl._C is not built", same_result=None)
-        return row
-    cpp_out = fn(lengths, **kwargs, backend="cpp")
-    row["same_result"] = cpp_out == py_out
-    row.update({f"cpp_{k}": v for k, v in _quality(op, lengths, cpp_out, kwargs).items()})
-    # C++ runs are short: more repeats for a stable median at the same wall time.
-    row["cpp_ms"] = _median_ms(lambda: fn(lengths, **kwargs, backend="cpp"), repeats * 5)
-    row["speedup"] = row["python_ms"] / row["cpp_ms"]
-    row["status"] = "ok" if row["same_result"] else "wrong: C++ and Python results differ"
+    else:
+        cpp_out = fn(lengths, **kwargs, backend="cpp")
+        row["same_result"] = cpp_out == py_out
+        row.update({f"cpp_{k}": v for k, v in _quality(op, lengths, cpp_out, kwargs).items()})
+        row["status"] = "ok" if row["same_result"] else "wrong: C++ and Python results differ"
+        fns["cpp"] = lambda: fn(lengths, **kwargs, backend="cpp")
+    # C++ runs are short: more of them per round for a stable median.
+    times = _interleaved_ms(fns, {"python": 1, "cpp": CPP_RUNS_PER_ROUND}, rounds)
+    row["python_ms"] = times["python"]
+    if "cpp" in times:
+        row["cpp_ms"] = times["cpp"]
+        row["speedup"] = row["python_ms"] / row["cpp_ms"]
     return row
 
 
@@ -103,7 +113,7 @@ def format_rows(rows: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def run(n: int = 16384, repeats: int = 5, cases: Optional[Sequence[str]] = None,
+def run(n: int = 16384, repeats: int = 9, cases: Optional[Sequence[str]] = None,
         results_dir: Optional[str] = None) -> List[dict]:
     """Run the cases, print the table, write JSON to `results_dir` when given; returns the rows."""
     lengths = make_lengths(n)
@@ -113,7 +123,7 @@ def run(n: int = 16384, repeats: int = 5, cases: Optional[Sequence[str]] = None,
           f"backend default: {packing.BACKEND}), n={n}, lengths randint(16, 4096), cost a={A} b=1/4096")
     print(format_rows(rows))
     if results_dir is not None:
-        extra = {"host_cpu": platform.processor() or platform.machine(), "timing": f"median of {repeats} (python) / {5 * repeats} (C++) perf_counter runs"}
+        extra = {"host_cpu": platform.processor() or platform.machine(), "timing": f"medians of perf_counter runs, {repeats} rounds, each 1 python run then {CPP_RUNS_PER_ROUND} C++ runs"}
         path = write_results("packing-cpu", rows, extra=extra, directory=results_dir)
         print(f"wrote {path}")
     return rows
@@ -127,7 +137,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="n=200, one repeat, no result file")
     parser.add_argument("--cases", default="", help=f"comma-separated subset of {','.join(CASES)}")
     parser.add_argument("--n", type=int, default=None, help="number of sequences (default 16384)")
-    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 9; 1 in smoke)")
     parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results; none in smoke)")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c] or list(CASES)
@@ -135,7 +145,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"--cases: unknown {unknown}, expected a subset of {list(CASES)}")
     n = args.n or (200 if args.smoke else 16384)
-    repeats = args.repeats or (1 if args.smoke else 5)
+    repeats = args.repeats or (1 if args.smoke else 9)
     results_dir = args.results_dir or (None if args.smoke else RESULTS_DIR)
     rows = run(n=n, repeats=repeats, cases=cases, results_dir=results_dir)
     return 0 if all(r["status"].startswith(("ok", "cpp skipped")) for r in rows) else 1

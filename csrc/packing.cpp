@@ -31,8 +31,10 @@ namespace py = pybind11;
 
 // Both implementations must round every cost the same way: a fused
 // multiply-add would change the last bit and, through a tie, the result.
+#if defined(__clang__)
 #pragma STDC FP_CONTRACT OFF
-#if defined(__GNUC__) && !defined(__clang__)
+#define FUSEDRL_NO_FMA
+#elif defined(__GNUC__)
 #define FUSEDRL_NO_FMA __attribute__((optimize("fp-contract=off")))
 #else
 #define FUSEDRL_NO_FMA
@@ -40,12 +42,18 @@ namespace py = pybind11;
 
 namespace {
 
-using Index = int64_t;
+// Item, bin and partition ids: 32 bits halve the memory traffic of the
+// random-access arrays (linked lists, heap), which is what the time goes to.
+using Index = int32_t;
+constexpr int64_t kMaxItems = int64_t{1} << 30;  // partition ids reach 2n
 using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
 std::vector<int64_t> to_vector(const Lengths& lengths) {
   if (lengths.ndim() != 1) {
     throw std::invalid_argument("lengths must be 1-D, got " + std::to_string(lengths.ndim()) + " dims");
+  }
+  if (lengths.shape(0) >= kMaxItems) {
+    throw std::invalid_argument("lengths may hold at most 2^30 - 1 sequences, got " + std::to_string(lengths.shape(0)));
   }
   const int64_t* data = lengths.data();
   std::vector<int64_t> out(data, data + lengths.shape(0));
@@ -79,31 +87,47 @@ std::vector<Index> longest_first(const std::vector<int64_t>& lengths) {
   return order;
 }
 
+// Bins by item: output lists grouped by `group_of`, each in ascending index
+// order (one sweep over the items, no sort).
+std::vector<std::vector<Index>> group_lists(const std::vector<Index>& group_of, size_t num_groups) {
+  std::vector<size_t> sizes(num_groups, 0);
+  for (Index g : group_of) ++sizes[g];
+  std::vector<std::vector<Index>> out(num_groups);
+  for (size_t g = 0; g < num_groups; ++g) out[g].reserve(sizes[g]);
+  for (size_t item = 0; item < group_of.size(); ++item) out[group_of[item]].push_back(static_cast<Index>(item));
+  return out;
+}
+
 std::vector<std::vector<Index>> pack_impl(const std::vector<int64_t>& lengths, int64_t budget) {
-  std::vector<std::vector<Index>> bins;
+  const std::vector<Index> order = longest_first(lengths);
+  if (order.empty()) return {};
+  // A bin with less room than the shortest sequence can take nothing more:
+  // it is closed (left out of the search structure).
+  const int64_t shortest = lengths[order.back()];
+  std::vector<Index> bin_of(lengths.size());
+  Index num_bins = 0;
   // (remaining capacity, bin id): lower_bound finds the tightest bin that
   // still fits, the oldest such bin on ties.
   std::set<std::pair<int64_t, Index>> open;
-  for (Index i : longest_first(lengths)) {
+  for (Index i : order) {
     const int64_t len = lengths[i];
     auto it = open.lower_bound({len, Index{-1}});
     if (it == open.end()) {
-      bins.push_back({i});
-      if (budget - len > 0) open.insert({budget - len, static_cast<Index>(bins.size()) - 1});
+      bin_of[i] = num_bins;
+      if (budget - len >= shortest) open.insert({budget - len, num_bins});
+      ++num_bins;
       continue;
     }
     // Re-key the node in place: no allocation per placement.
     auto node = open.extract(it);
     const auto [remaining, bin] = node.value();
-    bins[bin].push_back(i);
-    if (remaining - len > 0) {
+    bin_of[i] = bin;
+    if (remaining - len >= shortest) {
       node.value() = {remaining - len, bin};
       open.insert(std::move(node));
     }
   }
-  // Members were added longest first; report them in index order.
-  for (auto& members : bins) std::sort(members.begin(), members.end());
-  return bins;
+  return group_lists(bin_of, static_cast<size_t>(num_bins));
 }
 
 // One non-empty subset of a k-way partition: its cost and a linked list of
@@ -140,7 +164,13 @@ struct LargerSpreadFirst {
 // order as one heap over everything (keys are unique), with a far smaller heap.
 class Differencer {
  public:
-  Differencer(Index num_items, int64_t k) : k_(k), next_(num_items, -1), offsets_{0} {}
+  Differencer(Index num_items, int64_t k, Index num_partitions) : k_(k), next_(num_items, -1), offsets_{0} {
+    initial_.reserve(static_cast<size_t>(num_items));
+    offsets_.reserve(static_cast<size_t>(num_partitions) + 1);
+    queue_.reserve(static_cast<size_t>(num_partitions));
+    pool_.reserve(static_cast<size_t>(num_partitions));
+    heap_.reserve(static_cast<size_t>(num_partitions));
+  }
 
   // Add an initial partition from its non-empty subsets, largest cost first.
   void add(const Subset* subsets, size_t count) {
@@ -198,21 +228,21 @@ class Differencer {
     return top;
   }
 
-  // Keep `merged` in a pool vector (recycling the inputs' vectors, so buffers
-  // keep their capacity); returns its slot. `merged` gets an empty buffer back.
-  Index store(Partition& merged, Index first, Index second) {
+  // Copy `merged` into a pool vector, recycling the inputs' vectors (buffers
+  // keep their capacity, so steady-state merges allocate nothing); returns its slot.
+  Index store(const Partition& merged, Index first, Index second) {
     for (Index old : {second, first}) {
-      if (old >= num_initial()) free_.push_back(old - num_initial());
+      if (old >= num_initial()) free_.push_back(static_cast<size_t>(old - num_initial()));
     }
     size_t index;
     if (free_.empty()) {
       index = pool_.size();
-      pool_.emplace_back();
+      pool_.push_back(merged);
     } else {
       index = free_.back();
       free_.pop_back();
+      pool_[index].assign(merged.begin(), merged.end());
     }
-    pool_[index].swap(merged);
     return num_initial() + static_cast<Index>(index);
   }
 
@@ -249,21 +279,13 @@ class Differencer {
     }
   }
 
-  // Label every item with its group, then sweep items in index order so each
-  // group comes out ascending without a sort.
+  // Label every item with its group; group_lists sweeps them in index order.
   std::vector<std::vector<Index>> groups(View p) const {
-    std::vector<int64_t> group_of(next_.size());
-    std::vector<size_t> sizes(static_cast<size_t>(k_), 0);
+    std::vector<Index> group_of(next_.size());
     for (size_t j = 0; j < p.size; ++j) {
-      for (Index item = p.data[j].head; item != -1; item = next_[item]) {
-        group_of[item] = static_cast<int64_t>(j);
-        ++sizes[j];
-      }
+      for (Index item = p.data[j].head; item != -1; item = next_[item]) group_of[item] = static_cast<Index>(j);
     }
-    std::vector<std::vector<Index>> out(static_cast<size_t>(k_));
-    for (int64_t j = 0; j < k_; ++j) out[j].reserve(sizes[j]);
-    for (size_t item = 0; item < group_of.size(); ++item) out[group_of[item]].push_back(static_cast<Index>(item));
-    return out;
+    return group_lists(group_of, static_cast<size_t>(k_));
   }
 
   int64_t k_;
@@ -294,7 +316,7 @@ std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengt
   // Both variants add partitions longest item first, so in the common case
   // the initial queue is already in pop order and needs no sort.
   const std::vector<Index> order = longest_first(lengths);
-  Differencer ldm(n, k);
+  Differencer ldm(n, k, static_cast<Index>(equal_size ? (n + k - 1) / k : n));
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
     for (Index i : order) {
@@ -306,9 +328,9 @@ std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengt
   // Balanced LDM: items sorted longest first enter k at a time, one per
   // subset, so every subset of every partition holds one item per chunk.
   std::vector<Subset> chunk;
-  for (Index start = 0; start < n; start += k) {
+  for (int64_t start = 0; start < n; start += k) {
     chunk.clear();
-    for (Index pos = start; pos < std::min(n, start + k); ++pos) chunk.push_back({cost[order[pos]], order[pos], order[pos]});
+    for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) chunk.push_back({cost[order[pos]], order[pos], order[pos]});
     ldm.add(chunk.data(), chunk.size());
   }
   return ldm.run();

@@ -23,19 +23,24 @@ def pack_by_budget(lengths: Sequence[int], budget: int) -> List[List[int]]:
 
     Returns bins in creation order, each a list of indices in ascending order.
     """
+    order = _longest_first(lengths)
+    if not order:
+        return []
+    # A bin with less room than the shortest sequence can take nothing more: it is closed.
+    shortest = lengths[order[-1]]
     bins: List[List[int]] = []
     open_bins: List[Tuple[int, int]] = []  # sorted (remaining capacity, bin id)
-    for i in _longest_first(lengths):
+    for i in order:
         length = lengths[i]
         pos = bisect.bisect_left(open_bins, (length, -1))
         if pos == len(open_bins):
             bins.append([i])
-            if budget - length > 0:
+            if budget - length >= shortest:
                 bisect.insort(open_bins, (budget - length, len(bins) - 1))
             continue
         remaining, bin_id = open_bins.pop(pos)
         bins[bin_id].append(i)
-        if remaining - length > 0:
+        if remaining - length >= shortest:
             bisect.insort(open_bins, (remaining - length, bin_id))
     for members in bins:
         members.sort()

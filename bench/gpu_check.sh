@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The one script to run on a GPU machine (no internet needed): install the
+# project, run the GPU tests, run every benchmark, print a summary last.
+# Every stage is time-limited with `timeout`; the whole run ends in < 5 minutes.
+#
+#   bash bench/gpu_check.sh            # canonical shapes
+#   bash bench/gpu_check.sh --smoke    # tiny shapes (checks the script itself, e.g. on CPU)
+#
+# Environment:
+#   OUT           folder that receives gpu_check.log, summary.txt and this run's
+#                 bench/results/*.json (bundled into results.tar.gz when there are
+#                 more than 5, since few files come back from a device machine)
+#   PYTHON        interpreter (default python3)
+#   TOTAL_S       overall budget in seconds (default 285)
+#   INSTALL_S, TEST_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 120)
+#   BENCHES       comma-separated bench names, in order (default: all, packing last)
+# Wheels in .whl/ (if any) are installed to /tmp/site and put on PYTHONPATH first.
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PY=${PYTHON:-python3}
+SMOKE=""
+[ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
+START=$(date +%s)
+DEADLINE=$((START + ${TOTAL_S:-285}))
+LOGDIR=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/fusedrl-gpu-check.XXXXXX")}
+mkdir -p "$LOGDIR" bench/results
+LOG="$LOGDIR/gpu_check.log"
+SUMMARY="$LOGDIR/summary.txt"
+STAMP=$(mktemp)  # results newer than this file were written by this run
+: >"$LOG"
+: >"$SUMMARY"
+
+log() { echo "$@" | tee -a "$LOG"; }
+note() { echo "$@" >>"$SUMMARY"; }
+left() { echo $((DEADLINE - $(date +%s))); }
+# budget CAP: the cap, or what is left before the deadline (minus a reserve for the summary)
+budget() { local l=$(($(left) - 10)); [ "$l" -lt "$1" ] && echo "$l" || echo "$1"; }
+
+# stage NAME CAP CMD...: run CMD under `timeout`, tee its output into the log, record rc and time.
+stage() {
+  local name=$1 cap=$2; shift 2
+  local t; t=$(budget "$cap")
+  if [ "$t" -lt 5 ]; then note "$(printf '%-22s skipped: no time left' "$name")"; return 124; fi
+  log ""; log "=== $name (limit ${t}s): $*"
+  local s; s=$(date +%s)
+  timeout --kill-after=5 "$t" "$@" 2>&1 | tee -a "$LOG"
+  local rc=${PIPESTATUS[0]}
+  local what="ok"
+  [ "$rc" -ne 0 ] && what="FAILED rc=$rc"
+  [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ] && what="TIMED OUT after ${t}s"
+  note "$(printf '%-22s %-22s %4ss' "$name" "$what" "$(($(date +%s) - s))")"
+  return "$rc"
+}
+
+# 1. wheels shipped with the tree (the machine has no internet)
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage "wheels" 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+# 2. the project (with the C++ core; without it if the build fails: the Python fallback serves)
+if ! stage "install" "${INSTALL_S:-60}" "$PY" -m pip install -q --no-build-isolation --no-deps -e .; then
+  stage "install (no C++ ext)" "${INSTALL_S:-60}" \
+    env FUSEDRL_NO_EXT=1 "$PY" -m pip install -q --no-build-isolation --no-deps -e .
+fi
+ENV_LINE=$("$PY" - <<'EOF' 2>&1
+import torch
+from fusedrl.kernels import _dispatch
+gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
+try:
+    import triton
+    tv = triton.__version__
+except Exception:
+    tv = "absent"
+print(f"{gpu} | torch {torch.__version__} | triton {tv} | fusedrl._C {'built' if _dispatch.HAS_CSRC else 'absent (python packing)'}")
+EOF
+)
+log "environment: $ENV_LINE"
+
+# 3. GPU tests (pytest -m gpu); the ini's --benchmark-disable needs pytest-benchmark
+PYTEST_OPTS=()
+"$PY" -c "import pytest_benchmark" 2>/dev/null || PYTEST_OPTS=(-o "addopts=-ra")
+# pytest's rc 5 (nothing collected) is not a failure here
+stage "gpu tests" "${TEST_S:-90}" bash -c '"$@"; rc=$?; [ $rc = 5 ] && echo "no GPU tests collected" && rc=0; exit $rc' _ \
+  "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} tests
+
+# 4. benchmarks, one process each; each gets a fair share of the time left (capped)
+if [ -n "${BENCHES:-}" ]; then
+  NAMES=$(echo "$BENCHES" | tr ',' ' ')
+else
+  ALL=$("$PY" -m bench.run_all --list 2>>"$LOG")
+  NAMES="$(echo "$ALL" | grep -vx packing | tr '\n' ' ') $(echo "$ALL" | grep -x packing)"
+fi
+set -- $NAMES
+while [ $# -gt 0 ]; do
+  share=$(( ($(left) - 10) / $# ))
+  cap=${BENCH_EACH_S:-120}
+  [ "$share" -lt "$cap" ] && cap=$share
+  stage "bench $1" "$cap" "$PY" -m bench.run_all --only "$1" $SMOKE
+  shift
+done
+
+# 5. results of this run into $OUT
+NEW=$(find bench/results -maxdepth 1 -name '*.json' -newer "$STAMP" | sort)
+COUNT=$(echo "$NEW" | grep -c . || true)
+if [ -n "${OUT:-}" ] && [ "$COUNT" -gt 0 ]; then
+  if [ "$COUNT" -le 5 ]; then
+    cp $NEW "$OUT"/
+  else
+    tar -czf "$OUT/results.tar.gz" $NEW
+  fi
+fi
+rm -f "$STAMP"
+
+# summary last
+{
+  echo ""
+  echo "=================== gpu_check summary ==================="
+  echo "$ENV_LINE"
+  cat "$SUMMARY"
+  echo "results written this run ($COUNT):"
+  for f in $NEW; do echo "  $f"; done
+  grep -h "^run_all: " "$LOG" | sed 's/^/  /'
+  echo "total $(($(date +%s) - START))s of ${TOTAL_S:-285}s; logs in $LOGDIR"
+} | tee -a "$LOG"
