@@ -300,3 +300,19 @@ def test_gpu_256k_tokens_no_grid_limit():
     lp2 = logprobs_from_logits(logits, y)
     assert torch.isfinite(lp).all() and torch.isfinite(h.grad).all() and torch.isfinite(w.grad).all()
     assert (lp - lp2).abs().max() < 2e-2
+
+
+def test_bench_smoke(tmp_path, capsys):
+    """The bench runs end to end at tiny shapes on CPU: providers checked, rows written."""
+    import json
+
+    from bench import bench_logprobs
+
+    code = bench_logprobs.main(["--smoke", "--cases", "LP-0.5B", "--modes", "full", "--results-dir", str(tmp_path)])
+    assert code == 0
+    rows = json.load(open(next(tmp_path.glob("logprobs-*.json"))))["rows"]
+    ours = [r for r in rows if r["provider"] == "fusedrl"]
+    assert ours and all(r["status"] == "ok" and r["max_rel_err"] < 1e-5 for r in ours)
+    assert {r["provider"] for r in rows} >= {"eager bf16 logits", "eager fp32 logits", "row-looped (TRL)",
+                                              "liger FLCE (none)", "cce (default filter)", "cce exact"}
+    assert "x the matmul roofline" in capsys.readouterr().out

@@ -1,0 +1,211 @@
+"""Per-token log-probs from hidden states: fusedrl's `linear_logprobs` against its peers (LP-7B, LP-0.5B).
+
+    python -m bench.bench_logprobs                       # both cases, forward and full, on the GPU
+    python -m bench.bench_logprobs --cases LP-0.5B --modes full
+    python -m bench.bench_logprobs --smoke               # tiny shapes on CPU, writes nothing
+
+Cases (benchmarks.md): bf16 hidden (N, H) and weight (V, H) from torch.Generator seed 0
+(hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
+upstream gradient random fp32 (bench/common). LP-7B: N=16384, H=4096, V=151936;
+LP-0.5B: N=32768, H=896, V=151936.
+
+Providers: fusedrl `linear_logprobs`; eager with bf16 logits (log_softmax(h @ W.T).gather);
+eager with fp32 logits; a row-looped selective log-softmax (TRL's approach: log_softmax one
+sequence at a time, sequences of 1024 tokens); Liger-Kernel's fused linear cross-entropy
+with reduction="none" (logp = -loss); Cut Cross-Entropy `linear_cross_entropy(...,
+reduction="none")` with its default gradient filter and with filter_eps=None (exact).
+Liger and CCE are skipped with the reason when not importable.
+
+FLOPs: forward 2 N H V, full 6 N H V (three matmuls; fusedrl's backward recomputes the
+logits, so it performs 8 N H V). The 3-matmul roofline is 6 N H V at the bf16 matmul
+ceiling measured in the same run (an 8192^3 bf16 matmul). "peak MiB" is memory above the
+inputs; in full mode the hidden and weight gradients are subtracted (their size is the
+same for every provider), matching benchmarks.md's anchors.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from bench.common import Case, Provider, format_table, run_case, time_ms, write_results
+
+CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
+SMOKE = {"LP-7B": (64, 48, 1000), "LP-0.5B": (96, 32, 1031)}
+SEQ_LEN = 1024  # the row-looped provider's sequence length (TRL loops over sequences)
+
+
+def make_inputs(n: int, hdim: int, vocab: int, device: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(n, hdim, generator=gen).to(device, dtype).requires_grad_()
+    weight = (torch.randn(vocab, hdim, generator=gen) / hdim ** 0.5).to(device, dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+    return {"hidden": hidden, "weight": weight, "labels": labels}
+
+
+def reference(inputs) -> torch.Tensor:
+    """fusedrl's exact reference (float32, token-chunked), with large chunks for speed."""
+    from fusedrl.kernels import _logprobs_ref
+    from fusedrl.kernels.reference import linear_logprobs_reference
+
+    saved = _logprobs_ref.CHUNK_ELEMS
+    _logprobs_ref.CHUNK_ELEMS = 1 << 28
+    try:
+        return linear_logprobs_reference(inputs["hidden"], inputs["weight"], inputs["labels"])
+    finally:
+        _logprobs_ref.CHUNK_ELEMS = saved
+
+
+def ours(inputs) -> torch.Tensor:
+    from fusedrl.kernels import linear_logprobs
+
+    return linear_logprobs(inputs["hidden"], inputs["weight"], inputs["labels"])
+
+
+def eager(dtype: Optional[torch.dtype]):
+    def run(inputs):
+        logits = inputs["hidden"] @ inputs["weight"].T
+        logits = logits if dtype is None else logits.to(dtype)
+        return torch.log_softmax(logits, dim=-1).gather(-1, inputs["labels"][:, None])[:, 0]
+    return run
+
+
+def row_looped(inputs) -> torch.Tensor:
+    """TRL's selective_log_softmax for bf16 logits: log_softmax one sequence at a time."""
+    logits = inputs["hidden"] @ inputs["weight"].T
+    n = logits.shape[0]
+    out = []
+    for s in range(0, n, SEQ_LEN):
+        row = torch.log_softmax(logits[s:s + SEQ_LEN], dim=-1)
+        out.append(row.gather(-1, inputs["labels"][s:s + SEQ_LEN, None])[:, 0])
+    return torch.cat(out)
+
+
+def _first_tensor(out):
+    """Liger's functional returned a tensor, a tuple or an output object across releases."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return getattr(out, "loss")
+
+
+def peers(device: str) -> List[Provider]:
+    found = []
+    try:
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss(reduction="none")
+        found.append(Provider("liger FLCE (none)", lambda i: -_first_tensor(liger(i["weight"], i["hidden"], i["labels"]))))
+    except Exception as exc:
+        found.append(Provider("liger FLCE (none)", None, reason=f"liger-kernel not importable ({type(exc).__name__})"))
+    try:
+        from cut_cross_entropy import linear_cross_entropy
+
+        found.append(Provider("cce (default filter)", lambda i: -linear_cross_entropy(
+            i["hidden"], i["weight"], i["labels"], reduction="none")))
+        found.append(Provider("cce exact", lambda i: -linear_cross_entropy(
+            i["hidden"], i["weight"], i["labels"], reduction="none", filter_eps=None)))
+    except Exception as exc:
+        reason = f"cut-cross-entropy not importable ({type(exc).__name__})"
+        found += [Provider("cce (default filter)", None, reason=reason), Provider("cce exact", None, reason=reason)]
+    if device != "cuda":
+        found = [p if p.fn is None else Provider(p.name, None, reason="needs CUDA") for p in found]
+    return found
+
+
+def providers(device: str) -> List[Provider]:
+    return [
+        Provider("fusedrl", ours),
+        Provider("eager bf16 logits", eager(None)),
+        Provider("eager fp32 logits", eager(torch.float32)),
+        Provider("row-looped (TRL)", row_looped),
+    ] + peers(device)
+
+
+def matmul_ceiling(device: str) -> float:
+    """Measured matmul TFLOP/s: bf16 8192^3 on the GPU (a small fp32 one on CPU, smoke only)."""
+    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (256, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    p50, _, _ = time_ms(lambda: a @ b)
+    return 2 * size ** 3 / (p50 * 1e-3) / 1e12
+
+
+def annotate(rows: List[dict], case_id: str, n: int, hdim: int, vocab: int, ceiling: float, grad_bytes: int):
+    """Subtract the gradients from full-mode memory, add the roofline time and ratio."""
+    flops = {"forward": 2.0 * n * hdim * vocab, "full": 6.0 * n * hdim * vocab}
+    for r in rows:
+        if r.get("status") != "ok" or r["case"] != case_id:
+            continue
+        if r["mode"] == "full" and r.get("peak_extra_bytes") is not None:
+            r["peak_extra_bytes_raw"] = r["peak_extra_bytes"]
+            r["peak_extra_bytes"] = max(0, r["peak_extra_bytes"] - grad_bytes)
+        if r["mode"] in flops:
+            r["roofline_ms"] = flops[r["mode"]] / (ceiling * 1e12) * 1e3
+            r["x_roofline"] = r["ms_p50"] / r["roofline_ms"]
+
+
+def summary(rows: List[dict], ceiling: float) -> str:
+    """Ratios the targets are stated in: fusedrl vs CCE default, eager bf16 and the roofline."""
+    lines = [f"matmul ceiling measured in this run: {ceiling:.3g} TFLOP/s; roofline = 1 matmul (forward), 3 (full)"]
+    ok = {(r["case"], r["provider"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    for (case_id, name, mode), r in sorted(ok.items()):
+        if name != "fusedrl":
+            continue
+        parts = [f"{case_id} {mode}: {r['ms_p50']:.2f} ms = {r['x_roofline']:.2f}x the matmul roofline"
+                 f" ({r['roofline_ms']:.1f} ms)"]
+        for peer in ("cce (default filter)", "eager bf16 logits"):
+            if (case_id, peer, mode) in ok:
+                parts.append(f"{r['ms_p50'] / ok[(case_id, peer, mode)]['ms_p50']:.2f}x {peer}")
+        if r.get("peak_extra_bytes") is not None:
+            parts.append(f"peak extra {r['peak_extra_bytes'] / 2**20:.0f} MiB")
+        lines.append(", ".join(parts))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench_logprobs", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly, no result file")
+    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {tuple(CASES)}")
+    parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
+    parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
+    args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {tuple(CASES)}")
+    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    if device != "cuda" and not args.smoke:
+        print("bench_logprobs: no CUDA device; run with --smoke on CPU (CPU timings say nothing)")
+        return 1
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    ceiling = matmul_ceiling(device)
+    rows: List[dict] = []
+    for case_id in cases:
+        n, hdim, vocab = (SMOKE if args.smoke else CASES)[case_id]
+        print(f"{case_id}: N={n} H={hdim} V={vocab} {dtype} on {device}", file=sys.stderr)
+        case = Case(id=case_id, make_inputs=lambda: make_inputs(n, hdim, vocab, device, dtype), reference=reference,
+                    flops={"forward": 2.0 * n * hdim * vocab, "full": 6.0 * n * hdim * vocab})
+        case_rows = run_case(case, providers(device), modes=args.modes.split(","))
+        grad_bytes = (n * hdim + vocab * hdim) * torch.empty(0, dtype=dtype).element_size()
+        annotate(case_rows, case_id, n, hdim, vocab, ceiling, grad_bytes)
+        rows += case_rows
+        if device == "cuda":
+            torch.cuda.empty_cache()
+    print(format_table(rows))
+    print(summary(rows, ceiling))
+    if not args.smoke or args.results_dir:
+        directory = {"directory": args.results_dir} if args.results_dir else {}
+        path = write_results("logprobs", rows, extra={"smoke": args.smoke, "matmul_ceiling_tflops": ceiling},
+                             **directory)
+        print(f"wrote {path}")
+    # peers that are wrong or crash are results; only fusedrl's own rows decide the exit code
+    bad = [r for r in rows if r["provider"] == "fusedrl" and r["status"] != "ok"]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
