@@ -39,10 +39,13 @@ DZ_BYTES = 256 << 20  # backward d(logits) chunk
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs follow torch's TF32 matmul policy (off by default, and always off on CPU)."""
-    if dtype == torch.float32 and not TRITON_INTERPRET and torch.backends.cuda.matmul.allow_tf32:
+    """fp32 inputs follow torch's TF32 matmul policy (off by default; always IEEE when interpreted).
+    For fp16/bf16 the setting is ignored by tl.dot; pass Triton's own default."""
+    if TRITON_INTERPRET:
+        return "ieee"
+    if dtype != torch.float32:
         return "tf32"
-    return "ieee"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -241,6 +244,7 @@ _FWD, _FWD_META = _tuned(_linear_logprobs_fwd_kernel, [
     (dict(BLOCK_N=128, BLOCK_H=64, GROUP_N=8), 4, 4),
     (dict(BLOCK_N=64, BLOCK_H=64, GROUP_N=8), 4, 4),
     (dict(BLOCK_N=256, BLOCK_H=64, GROUP_N=8), 8, 3),
+    (dict(BLOCK_N=128, BLOCK_H=64, GROUP_N=16), 8, 3),
 ], ["H", "V"], dict(BLOCK_N=16, BLOCK_H=16, GROUP_N=2))
 _BWD, _BWD_META = _tuned(_linear_logprobs_bwd_kernel, [
     (dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8), 8, 3),
