@@ -64,7 +64,7 @@ def linear_logprobs(
     validate_linear(hidden, weight, labels, bias, temperature, ignore_index)
     lead = tuple(hidden.shape[:-1])
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
-    labels1d = labels.reshape(-1)
+    labels1d = labels.reshape(-1).contiguous()  # the kernels index labels densely
     args = (hidden2d, weight, bias, labels1d, float(temperature), ignore_index, bool(return_entropy))
     if _triton_ok(hidden, weight, bias, labels):
         from ._logprobs_triton import LinearLogprobsTriton
@@ -100,7 +100,7 @@ def logprobs_from_logits(
     """
     validate_logits(logits, labels, temperature, ignore_index)
     lead = tuple(logits.shape[:-1])
-    args = (logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), float(temperature), ignore_index,
+    args = (logits.reshape(-1, logits.shape[-1]), labels.reshape(-1).contiguous(), float(temperature), ignore_index,
             bool(return_entropy))
     if _triton_ok(logits, labels):
         from ._logits_logprobs_triton import LogitsLogprobsTriton

@@ -105,12 +105,16 @@ def test_linear_logprobs_noncontiguous_hidden(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_linear_logprobs_fp16_int32_labels(backend):
+def test_linear_logprobs_fp16_int32_strided_labels(backend):
     gen = torch.Generator().manual_seed(3)
     h, w, b, y = make((19,), 24, 131, torch.float16, True, gen)
+    strided = torch.stack([y, y.flip(0)], dim=1).int()[:, 0]  # int32 view with stride 2
+    assert strided.stride() == (2,)
     with force_backend(backend):
-        logp = linear_logprobs(h, w, y.int(), bias=b)
+        logp = linear_logprobs(h, w, strided, bias=b)
+        logp2 = logprobs_from_logits(h.float() @ w.float().T + b.float(), strided)
     close(logp, oracle(h, w, y, b)[0], torch.float16, "logp")
+    close(logp2, oracle(h, w, y, b)[0], torch.float16, "logp from logits")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
