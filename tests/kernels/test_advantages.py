@@ -54,6 +54,14 @@ def test_whiten_over_masked_tokens():
     assert_close(whiten(values, mask, shift_mean=False), torch.tensor([[-s + 2, 2.0], [s + 2, 0.0]]))
 
 
+def call_gae(backend, *args, **kwargs):
+    """gae on one backend: Triton on CUDA tensors when a GPU exists, else under the interpreter."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    with force_backend(backend):
+        return gae(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+
+
 def _gae_loop(rewards, values, lengths, gamma, lam):
     """Independent oracle: plain Python over each sequence, float64."""
     adv, ret, start = [], [], 0
@@ -74,9 +82,8 @@ def _gae_loop(rewards, values, lengths, gamma, lam):
 def test_gae_hand(backend):
     # r = [0, 0, 1], V = 0.5, gamma 1, lam 0.5: d = [0, 0, 0.5];
     # A_2 = 0.5, A_1 = 0 + 0.5 * 0.5 = 0.25, A_0 = 0.125; G = A + V = [0.625, 0.75, 1.0]
-    with force_backend(backend):
-        adv, ret = gae(torch.tensor([0.0, 0.0, 1.0]), torch.full((3,), 0.5),
-                       cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), gamma=1.0, lam=0.5)
+    adv, ret = call_gae(backend, torch.tensor([0.0, 0.0, 1.0]), torch.full((3,), 0.5),
+                        cu_seqlens=torch.tensor([0, 3], dtype=torch.int32), gamma=1.0, lam=0.5)
     assert_close(adv, torch.tensor([0.125, 0.25, 0.5]))
     assert_close(ret, torch.tensor([0.625, 0.75, 1.0]))
 
@@ -87,8 +94,7 @@ def test_gae_packed_vs_loop(backend, seed):
     total = sum(lengths)
     rewards, values = torch.randn(total), torch.randn(total)
     cu = torch.tensor([0] + list(torch.tensor(lengths).cumsum(0)), dtype=torch.int32)
-    with force_backend(backend):
-        adv, ret = gae(rewards, values, cu_seqlens=cu, gamma=0.99, lam=0.95)
+    adv, ret = call_gae(backend, rewards, values, cu_seqlens=cu, gamma=0.99, lam=0.95)
     exp_adv, exp_ret = _gae_loop(rewards.double(), values.double(), lengths, 0.99, 0.95)
     assert adv.dtype == torch.float32
     assert_close(adv, exp_adv, atol=1e-5, rtol=1e-5, name="advantages")
@@ -100,8 +106,8 @@ def test_gae_padded_mask_matches_packed(backend, seed):
     lengths = [2, 4, 3]
     rewards, values = torch.randn(3, 4), torch.randn(3, 4)
     mask = torch.arange(4)[None, :] < torch.tensor(lengths)[:, None]
-    with force_backend(backend):
-        adv, ret = gae(rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = call_gae(backend, rewards, values, mask, gamma=0.9, lam=0.8)
+    adv, ret = adv.cpu(), ret.cpu()
     exp_adv, exp_ret = _gae_loop(rewards[mask].double(), values[mask].double(), lengths, 0.9, 0.8)
     assert_close(adv[mask], exp_adv, atol=1e-5, rtol=1e-5)
     assert_close(ret[mask], exp_ret, atol=1e-5, rtol=1e-5)

@@ -11,6 +11,15 @@ from tests.conftest import assert_close
 N_SEQ, T, H, V = 3, 5, 16, 37
 
 
+def call(backend, *args, **kwargs):
+    """linear_policy_loss on one backend: Triton on CUDA tensors when a GPU exists, else under
+    the interpreter; leaves stay on the CPU (gradients flow back through .to)."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    with force_backend(backend):
+        return linear_policy_loss(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+
+
 def make(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     hidden = torch.randn(N_SEQ, T, H, generator=g, dtype=dtype)
@@ -48,10 +57,9 @@ def test_matches_explicit_logits_grpo(backend, seed):
     up = 0.6
     g_exp = torch.autograd.grad(expected * up, leaves)
     ours_leaves = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
-    with force_backend(backend):
-        loss, metrics = linear_policy_loss(ours_leaves[0], ours_leaves[1], labels, old, adv, mask,
-                                           bias=ours_leaves[2], temperature=0.7, ref_logp=ref, beta=0.04,
-                                           kl_kind="k3", algo="grpo", aggregation="token_mean")
+    loss, metrics = call(backend, ours_leaves[0], ours_leaves[1], labels, old, adv, mask, bias=ours_leaves[2],
+                         temperature=0.7, ref_logp=ref, beta=0.04, kl_kind="k3", algo="grpo",
+                         aggregation="token_mean")
     g = torch.autograd.grad(loss * up, ours_leaves)
     tol = dict(atol=2e-5, rtol=2e-4)
     assert_close(loss, expected, **tol, name="loss")
@@ -70,11 +78,10 @@ def test_packed_equals_padded_with_entropy_bonus(backend, seed):
     out = []
     for packed in (False, True):
         h = hidden.clone().requires_grad_()
-        with force_backend(backend):
-            if packed:
-                loss, m = linear_policy_loss(h[keep], weight, labels[keep], old[keep], adv, cu_seqlens=cu, **kw)
-            else:
-                loss, m = linear_policy_loss(h, weight, labels, old, adv, mask, **kw)
+        if packed:
+            loss, m = call(backend, h[keep], weight, labels[keep], old[keep], adv, cu_seqlens=cu, **kw)
+        else:
+            loss, m = call(backend, h, weight, labels, old, adv, mask, **kw)
         out.append((loss, torch.autograd.grad(loss, h)[0], m))
     assert_close(out[1][0], out[0][0])
     assert_close(out[1][1], out[0][1])

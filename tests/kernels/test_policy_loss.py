@@ -14,6 +14,15 @@ MODES = ["token_mean", "seq_mean", "seq_mean_fixed_len"]
 LOG15, LOG05 = math.log(1.5), math.log(0.5)
 
 
+def call(backend, *args, **kwargs):
+    """policy_loss on one backend. Triton runs on CUDA tensors when a GPU exists, else on CPU
+    tensors under the interpreter; leaves stay on the CPU (gradients flow back through .to)."""
+    dev = "cuda" if backend == "triton" and torch.cuda.is_available() else "cpu"
+    move = lambda t: t.to(dev) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    with force_backend(backend):
+        return policy_loss(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+
+
 @pytest.fixture
 def small_block(monkeypatch):
     """Blocks of 4 tokens so the kernels' per-sequence loops take several steps."""
@@ -85,9 +94,8 @@ def test_aggregation_hand_and_empty_sequence(backend):
     adv = torch.tensor([1.0, 2.0, 5.0])
     expected = {"token_mean": (1 + 6) / 4, "seq_mean": (1 / 1 + 6 / 3 + 0) / 3, "seq_mean_fixed_len": 7 / 4 / 3}
     for mode, value in expected.items():
-        with force_backend(backend):
-            loss, m = policy_loss(logp, None, adv, mask, cu_seqlens=cu, algo="reinforce", aggregation=mode,
-                                  max_len=4)
+        loss, m = call(backend, logp, None, adv, mask, cu_seqlens=cu, algo="reinforce", aggregation=mode,
+                       max_len=4)
         assert_close(loss, torch.tensor(value), name=mode)
         (g,) = torch.autograd.grad(loss, logp)
         assert bool(torch.isfinite(g).all()) and bool((g[4:] == 0).all())
@@ -183,9 +191,8 @@ def run_both(b, up, **kw):
     for backend in ("reference", "triton"):
         lp = b["logp"].float().clone().requires_grad_()
         en = b["ent"].float().clone().requires_grad_()
-        with force_backend(backend):
-            loss, m = policy_loss(lp, b["old"].float(), b["adv_seq"].float(), b["mask"], cu_seqlens=b["cu"],
-                                  entropy=en, **kw)
+        loss, m = call(backend, lp, b["old"].float(), b["adv_seq"].float(), b["mask"], cu_seqlens=b["cu"],
+                       entropy=en, **kw)
         out.append((loss, torch.autograd.grad(loss * up, [lp, en]), m))
     return out
 
@@ -211,9 +218,7 @@ def test_triton_without_optional_inputs(small_block):
         outs = []
         for backend in ("reference", "triton"):
             lp = b["logp"].clone().requires_grad_()
-            with force_backend(backend):
-                loss, m = policy_loss(lp, b["old"], b["adv_seq"], cu_seqlens=b["cu"], ref_logp=b["ref"],
-                                      kl_kind=kind)
+            loss, m = call(backend, lp, b["old"], b["adv_seq"], cu_seqlens=b["cu"], ref_logp=b["ref"], kl_kind=kind)
             outs.append((loss, torch.autograd.grad(loss, lp)[0], m))
         assert_close(outs[1][0], outs[0][0])
         assert_close(outs[1][1], outs[0][1])
@@ -227,8 +232,7 @@ def test_grad_accumulation_equals_full_batch(backend, mode):
     b = make_batch(lengths, seed=3, dtype=torch.float32)
     kw = dict(algo="ppo", aggregation=mode, max_len=6, ref_logp=b["ref"], beta=0.04)
     lp = b["logp"].clone().requires_grad_()
-    with force_backend(backend):
-        full, _ = policy_loss(lp, b["old"], b["adv_seq"], b["mask"], cu_seqlens=b["cu"], **kw)
+    full, _ = call(backend, lp, b["old"], b["adv_seq"], b["mask"], cu_seqlens=b["cu"], **kw)
     (g_full,) = torch.autograd.grad(full, lp)
     n_tok, cu = int(b["mask"].sum()), b["cu"].long()
     lp_acc = b["logp"].clone().requires_grad_()
@@ -236,10 +240,9 @@ def test_grad_accumulation_equals_full_batch(backend, mode):
     for i in range(0, 8, 2):  # 4 micro-batches of 2 sequences
         s, e = int(cu[i]), int(cu[i + 2])
         sub = lambda t: t[s:e]  # noqa: E731
-        with force_backend(backend):
-            loss, _ = policy_loss(sub(lp_acc), sub(b["old"]), b["adv_seq"][i:i + 2], sub(b["mask"]),
-                                  cu_seqlens=(cu[i:i + 3] - s).int(), algo="ppo", aggregation=mode, max_len=6,
-                                  ref_logp=sub(b["ref"]), beta=0.04, num_tokens=n_tok, num_seqs=8)
+        loss, _ = call(backend, sub(lp_acc), sub(b["old"]), b["adv_seq"][i:i + 2], sub(b["mask"]),
+                       cu_seqlens=(cu[i:i + 3] - s).int(), algo="ppo", aggregation=mode, max_len=6,
+                       ref_logp=sub(b["ref"]), beta=0.04, num_tokens=n_tok, num_seqs=8)
         loss.backward()
         total = total + loss.detach()
     assert_close(total, full.detach())
@@ -264,9 +267,8 @@ def test_padded_equals_packed(backend):
         kw = dict(algo="gspo", aggregation=mode, max_len=5, ref_logp=None)
         lp_p = b["logp"].clone().requires_grad_()
         lp_d = padded(b["logp"]).requires_grad_()
-        with force_backend(backend):
-            packed, _ = policy_loss(lp_p, b["old"], adv_tok, b["mask"], cu_seqlens=b["cu"], **kw)
-            padded_loss, _ = policy_loss(lp_d, padded(b["old"]), b["adv_seq"], mask_pad + pad, **kw)
+        packed, _ = call(backend, lp_p, b["old"], adv_tok, b["mask"], cu_seqlens=b["cu"], **kw)
+        padded_loss, _ = call(backend, lp_d, padded(b["old"]), b["adv_seq"], mask_pad + pad, **kw)
         assert_close(padded_loss, packed, name=mode)
         assert_close(torch.autograd.grad(padded_loss, lp_d)[0][keep], torch.autograd.grad(packed, lp_p)[0])
 
@@ -314,3 +316,29 @@ def test_bad_input():
         policy_loss(x, x, adv, cu_seqlens=cu, num_tokens=0)
     with pytest.raises(ValueError, match="mask must have the per-token shape"):
         policy_loss(x, x, adv, torch.ones(4), cu_seqlens=cu)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ALGOS)
+def test_gpu_realistic_shape(algo):
+    """Compiled kernels (default BLOCK) on 37 bf16 sequences of up to 3000 tokens vs the reference."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.randint(1, 3000, (37,), generator=g).tolist()
+    b = make_batch(lengths, seed=8, dtype=torch.float32)
+    b["logp"] = b["logp"].bfloat16().float()
+    kw = dict(algo=algo, aggregation="seq_mean", ref_logp=b["ref"].cuda(), beta=0.04, c_ent=0.01,
+              sampler_logp=b["sampler"].cuda())
+    out = []
+    for backend in ("reference", "triton"):
+        lp = b["logp"].cuda().bfloat16().requires_grad_()
+        en = b["ent"].float().cuda().requires_grad_()
+        with force_backend(backend):
+            loss, m = policy_loss(lp, b["old"].float().cuda(), b["adv_seq"].float().cuda(), b["mask"].cuda(),
+                                  cu_seqlens=b["cu"].cuda(), entropy=en, **kw)
+        out.append((loss, torch.autograd.grad(loss, [lp, en]), m))
+    (l0, g0, m0), (l1, g1, m1) = out
+    assert_close(l1, l0, atol=1e-5, rtol=1e-4)
+    assert_close(g1[0].float(), g0[0].float(), atol=1e-6, rtol=2e-2)  # bf16 gradients
+    assert_close(g1[1], g0[1], atol=1e-7, rtol=1e-4)
+    for key in m0:
+        assert_close(m1[key], m0[key], atol=1e-5, rtol=1e-4, name=key)
