@@ -4,8 +4,8 @@
     python -m bench.bench_logprobs --cases LP-0.5B --modes full
     python -m bench.bench_logprobs --smoke               # tiny shapes on CPU, writes nothing
 
-Cases (benchmarks.md): bf16 hidden (N, H) and weight (V, H) from torch.Generator seed 0
-(hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
+Cases (benchmarks.md): bf16 hidden (N, H) and weight (V, H) from a torch.Generator on the
+device, seed 0 (hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
 upstream gradient random fp32 (bench/common). LP-7B: N=16384, H=4096, V=151936;
 LP-0.5B: N=32768, H=896, V=151936.
 
@@ -38,10 +38,11 @@ SEQ_LEN = 1024  # the row-looped provider's sequence length (TRL loops over sequ
 
 
 def make_inputs(n: int, hdim: int, vocab: int, device: str, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(0)
-    hidden = torch.randn(n, hdim, generator=gen).to(device, dtype).requires_grad_()
-    weight = (torch.randn(vocab, hdim, generator=gen) / hdim ** 0.5).to(device, dtype).requires_grad_()
-    labels = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(1)).to(device)
+    """Drawn on the target device (a CPU draw of 0.7 G normals would take seconds)."""
+    gen = torch.Generator(device).manual_seed(0)
+    hidden = torch.randn(n, hdim, generator=gen, device=device).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hdim, generator=gen, device=device) / hdim ** 0.5).to(dtype).requires_grad_()
+    labels = torch.randint(0, vocab, (n,), generator=torch.Generator(device).manual_seed(1), device=device)
     return {"hidden": hidden, "weight": weight, "labels": labels}
 
 
