@@ -2,7 +2,7 @@
 //
 //   pack_by_budget(lengths, budget) -> list[list[int]]
 //       best-fit-decreasing bin packing of sequence lengths into bins of
-//       `budget` tokens.
+//       `budget` tokens (of equally tight bins, the most recently used).
 //   balanced_partition(lengths, k, a, b, equal_size) -> list[list[int]]
 //       k-way Karmarkar-Karp largest differencing method (LDM) under the cost
 //       cost(L) = a*L + b*L^2 per sequence; with equal_size the balanced
@@ -20,10 +20,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <set>
 #include <stdexcept>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -48,28 +50,39 @@ using Index = int32_t;
 constexpr int64_t kMaxItems = int64_t{1} << 30;  // partition ids reach 2n
 using Lengths = py::array_t<int64_t, py::array::c_style | py::array::forcecast>;
 
-std::vector<int64_t> to_vector(const Lengths& lengths) {
+// The caller's int64 buffer, read in place (the array argument keeps it alive
+// while the GIL is released).
+struct LengthView {
+  const int64_t* data;
+  size_t count;
+  size_t size() const { return count; }
+  bool empty() const { return count == 0; }
+  int64_t operator[](size_t i) const { return data[i]; }
+  const int64_t* begin() const { return data; }
+  const int64_t* end() const { return data + count; }
+};
+
+LengthView checked_view(const Lengths& lengths) {
   if (lengths.ndim() != 1) {
     throw std::invalid_argument("lengths must be 1-D, got " + std::to_string(lengths.ndim()) + " dims");
   }
   if (lengths.shape(0) >= kMaxItems) {
     throw std::invalid_argument("lengths may hold at most 2^30 - 1 sequences, got " + std::to_string(lengths.shape(0)));
   }
-  const int64_t* data = lengths.data();
-  std::vector<int64_t> out(data, data + lengths.shape(0));
-  for (size_t i = 0; i < out.size(); ++i) {
-    if (out[i] < 1) {
+  const LengthView view{lengths.data(), static_cast<size_t>(lengths.shape(0))};
+  for (size_t i = 0; i < view.size(); ++i) {
+    if (view[i] < 1) {
       throw std::invalid_argument("lengths must be >= 1, got lengths[" + std::to_string(i) +
-                                  "] = " + std::to_string(out[i]));
+                                  "] = " + std::to_string(view[i]));
     }
   }
-  return out;
+  return view;
 }
 
 // Indices sorted by length, longest first; equal lengths keep index order.
 // A stable counting sort when the longest length is small next to n (the
 // common case: lengths are token counts), else a comparison sort.
-std::vector<Index> longest_first(const std::vector<int64_t>& lengths) {
+std::vector<Index> longest_first(const LengthView& lengths) {
   const Index n = static_cast<Index>(lengths.size());
   std::vector<Index> order(lengths.size());
   if (n == 0) return order;
@@ -98,36 +111,137 @@ std::vector<std::vector<Index>> group_lists(const std::vector<Index>& group_of, 
   return out;
 }
 
-std::vector<std::vector<Index>> pack_impl(const std::vector<int64_t>& lengths, int64_t budget) {
-  const std::vector<Index> order = longest_first(lengths);
-  if (order.empty()) return {};
+// Integers in [0, size): insert, erase and "smallest member >= x" in
+// O(log_64 size), a bitset with one summary level per factor of 64.
+class SuccessorSet {
+ public:
+  static constexpr int64_t kNone = -1;
+
+  explicit SuccessorSet(int64_t size) {
+    int64_t words = size;
+    do {
+      words = (words + 63) / 64;
+      levels_.emplace_back(static_cast<size_t>(words), 0);
+    } while (words > 1);
+  }
+
+  void insert(int64_t x) {
+    for (auto& level : levels_) {
+      level[x / 64] |= uint64_t{1} << (x % 64);
+      x /= 64;
+    }
+  }
+
+  void erase(int64_t x) {
+    for (auto& level : levels_) {
+      level[x / 64] &= ~(uint64_t{1} << (x % 64));
+      if (level[x / 64] != 0) break;  // the summaries above still hold
+      x /= 64;
+    }
+  }
+
+  int64_t next(int64_t x) const {
+    size_t d = 0;
+    for (; d < levels_.size(); ++d) {  // climb until a word holds a member >= x
+      const int64_t w = x / 64;
+      if (w >= static_cast<int64_t>(levels_[d].size())) return kNone;
+      const uint64_t word = levels_[d][w] & (~uint64_t{0} << (x % 64));
+      if (word != 0) {
+        x = w * 64 + __builtin_ctzll(word);
+        break;
+      }
+      x = w + 1;  // the next word of this level, as a position one level up
+    }
+    if (d == levels_.size()) return kNone;
+    while (d-- > 0) x = x * 64 + __builtin_ctzll(levels_[d][x]);  // descend to the lowest member
+    return x;
+  }
+
+ private:
+  std::vector<std::vector<uint64_t>> levels_;  // levels_[0]: one bit per integer
+};
+
+// Open bins by remaining room, for budgets small next to the input: one
+// stack of bins per room value (the most recently stored on top) and a
+// SuccessorSet of the non-empty rooms.
+class BinsByRoom {
+ public:
+  BinsByRoom(int64_t budget, size_t max_bins) : rooms_(budget + 1), top_(budget + 1, -1), below_(max_bins, -1) {}
+
+  void put(int64_t room, Index bin) {
+    if (top_[room] == -1) rooms_.insert(room);
+    below_[bin] = top_[room];
+    top_[room] = bin;
+  }
+
+  // Remove and return the most recently stored bin with the least room >= need,
+  // or -1; *room is set only when a bin is found.
+  Index take(int64_t need, int64_t* room) {
+    const int64_t found = rooms_.next(need);
+    if (found == SuccessorSet::kNone) return -1;
+    const Index bin = top_[found];
+    top_[found] = below_[bin];
+    if (top_[found] == -1) rooms_.erase(found);
+    *room = found;
+    return bin;
+  }
+
+ private:
+  SuccessorSet rooms_;
+  std::vector<Index> top_;
+  std::vector<Index> below_;
+};
+
+// The same rule for any budget: a set ordered by (room, -store stamp).
+class BinsInTree {
+ public:
+  void put(int64_t room, Index bin) { open_.insert({room, -(++stamp_), bin}); }
+
+  Index take(int64_t need, int64_t* room) {  // as BinsByRoom::take
+    auto it = open_.lower_bound({need, std::numeric_limits<int64_t>::min(), 0});
+    if (it == open_.end()) return -1;
+    const Index bin = std::get<2>(*it);
+    *room = std::get<0>(*it);
+    open_.erase(it);
+    return bin;
+  }
+
+ private:
+  std::set<std::tuple<int64_t, int64_t, Index>> open_;
+  int64_t stamp_ = 0;
+};
+
+// Best-fit decreasing: each sequence, longest first, goes to the open bin
+// with the least room that fits it (of equally tight bins, the one stored
+// most recently), else to a new bin.
+template <class OpenBins>
+std::vector<std::vector<Index>> best_fit_decreasing(const LengthView& lengths, const std::vector<Index>& order,
+                                                    int64_t budget, OpenBins& open) {
   // A bin with less room than the shortest sequence can take nothing more:
-  // it is closed (left out of the search structure).
+  // it is closed (never stored).
   const int64_t shortest = lengths[order.back()];
   std::vector<Index> bin_of(lengths.size());
   Index num_bins = 0;
-  // (remaining capacity, bin id): lower_bound finds the tightest bin that
-  // still fits, the oldest such bin on ties.
-  std::set<std::pair<int64_t, Index>> open;
   for (Index i : order) {
     const int64_t len = lengths[i];
-    auto it = open.lower_bound({len, Index{-1}});
-    if (it == open.end()) {
-      bin_of[i] = num_bins;
-      if (budget - len >= shortest) open.insert({budget - len, num_bins});
-      ++num_bins;
-      continue;
-    }
-    // Re-key the node in place: no allocation per placement.
-    auto node = open.extract(it);
-    const auto [remaining, bin] = node.value();
+    int64_t room = budget;
+    Index bin = open.take(len, &room);
+    if (bin == -1) bin = num_bins++;
     bin_of[i] = bin;
-    if (remaining - len >= shortest) {
-      node.value() = {remaining - len, bin};
-      open.insert(std::move(node));
-    }
+    if (room - len >= shortest) open.put(room - len, bin);
   }
   return group_lists(bin_of, static_cast<size_t>(num_bins));
+}
+
+std::vector<std::vector<Index>> pack_impl(const LengthView& lengths, int64_t budget) {
+  const std::vector<Index> order = longest_first(lengths);
+  if (order.empty()) return {};
+  if (budget <= 16 * static_cast<int64_t>(lengths.size()) + 65536) {  // room-indexed arrays stay small
+    BinsByRoom open(budget, lengths.size());
+    return best_fit_decreasing(lengths, order, budget, open);
+  }
+  BinsInTree open;
+  return best_fit_decreasing(lengths, order, budget, open);
 }
 
 // One non-empty subset of a k-way partition: its cost and a linked list of
@@ -307,12 +421,15 @@ FUSEDRL_NO_FMA double sequence_cost(int64_t length, double a, double b) {
   return linear + quadratic;
 }
 
-std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengths, int64_t k,
+std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_t k,
                                                double a, double b, bool equal_size) {
   const Index n = static_cast<Index>(lengths.size());
   if (n == 0) return std::vector<std::vector<Index>>(static_cast<size_t>(k));
-  std::vector<double> cost(lengths.size());
-  for (Index i = 0; i < n; ++i) cost[i] = sequence_cost(lengths[i], a, b);
+  if (k == 1) {  // what the differencing would return, without n merges
+    std::vector<std::vector<Index>> one(1, std::vector<Index>(lengths.size()));
+    std::iota(one[0].begin(), one[0].end(), Index{0});
+    return one;
+  }
   // Both variants add partitions longest item first, so in the common case
   // the initial queue is already in pop order and needs no sort.
   const std::vector<Index> order = longest_first(lengths);
@@ -320,7 +437,7 @@ std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengt
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
     for (Index i : order) {
-      const Subset single{cost[i], i, i};
+      const Subset single{sequence_cost(lengths[i], a, b), i, i};
       ldm.add(&single, 1);
     }
     return ldm.run();
@@ -330,7 +447,10 @@ std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengt
   std::vector<Subset> chunk;
   for (int64_t start = 0; start < n; start += k) {
     chunk.clear();
-    for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) chunk.push_back({cost[order[pos]], order[pos], order[pos]});
+    for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) {
+      const Index i = order[pos];
+      chunk.push_back({sequence_cost(lengths[i], a, b), i, i});
+    }
     ldm.add(chunk.data(), chunk.size());
   }
   return ldm.run();
@@ -338,7 +458,7 @@ std::vector<std::vector<Index>> partition_impl(const std::vector<int64_t>& lengt
 
 std::vector<std::vector<Index>> pack_by_budget(const Lengths& lengths, int64_t budget) {
   if (budget < 1) throw std::invalid_argument("budget must be >= 1, got " + std::to_string(budget));
-  const std::vector<int64_t> lens = to_vector(lengths);
+  const LengthView lens = checked_view(lengths);
   for (size_t i = 0; i < lens.size(); ++i) {
     if (lens[i] > budget) {
       throw std::invalid_argument("lengths[" + std::to_string(i) + "] = " + std::to_string(lens[i]) +
@@ -355,7 +475,7 @@ std::vector<std::vector<Index>> balanced_partition(const Lengths& lengths, int64
   if (!(std::isfinite(a) && a >= 0)) throw std::invalid_argument("a must be finite and >= 0");
   if (!(std::isfinite(b) && b >= 0)) throw std::invalid_argument("b must be finite and >= 0");
   if (a == 0 && b == 0) throw std::invalid_argument("a and b must not both be 0");
-  const std::vector<int64_t> lens = to_vector(lengths);
+  const LengthView lens = checked_view(lengths);
   py::gil_scoped_release release;
   return partition_impl(lens, k, a, b, equal_size);
 }

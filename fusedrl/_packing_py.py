@@ -19,7 +19,8 @@ def _longest_first(lengths: Sequence[int]) -> List[int]:
 
 def pack_by_budget(lengths: Sequence[int], budget: int) -> List[List[int]]:
     """Best-fit decreasing: each sequence, longest first, goes into the open bin
-    with the least room that still fits it (the oldest such bin on ties), or a new bin.
+    with the least room that still fits it (of equally tight bins, the one most
+    recently stored: opened or placed into), or into a new bin.
 
     Returns bins in creation order, each a list of indices in ascending order.
     """
@@ -29,19 +30,20 @@ def pack_by_budget(lengths: Sequence[int], budget: int) -> List[List[int]]:
     # A bin with less room than the shortest sequence can take nothing more: it is closed.
     shortest = lengths[order[-1]]
     bins: List[List[int]] = []
-    open_bins: List[Tuple[int, int]] = []  # sorted (remaining capacity, bin id)
+    open_bins: List[Tuple[int, int, int]] = []  # sorted (room, -store stamp, bin id)
+    stamp = 0
     for i in order:
         length = lengths[i]
-        pos = bisect.bisect_left(open_bins, (length, -1))
+        pos = bisect.bisect_left(open_bins, (length, -stamp - 1))
         if pos == len(open_bins):
+            room, bin_id = budget, len(bins)
             bins.append([i])
-            if budget - length >= shortest:
-                bisect.insort(open_bins, (budget - length, len(bins) - 1))
-            continue
-        remaining, bin_id = open_bins.pop(pos)
-        bins[bin_id].append(i)
-        if remaining - length >= shortest:
-            bisect.insort(open_bins, (remaining - length, bin_id))
+        else:
+            room, _, bin_id = open_bins.pop(pos)
+            bins[bin_id].append(i)
+        if room - length >= shortest:
+            stamp += 1
+            bisect.insort(open_bins, (room - length, -stamp, bin_id))
     for members in bins:
         members.sort()
     return bins

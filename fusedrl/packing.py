@@ -95,8 +95,8 @@ def pack_by_budget(lengths, budget: int, *, backend: str = "auto") -> List[List[
     """Best-fit-decreasing bin packing of sequences into bins of at most `budget` tokens.
 
     Sequences are placed longest first (ties by index), each into the open bin
-    whose remaining room is the smallest that still fits it (oldest bin on
-    ties), else into a new bin. Deterministic.
+    whose remaining room is the smallest that still fits it (of equally tight
+    bins, the one used most recently), else into a new bin. Deterministic.
 
     Args:
         lengths: (n,) sequence lengths, integers >= 1 (list, tuple, numpy array or 1-D int tensor).

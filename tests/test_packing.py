@@ -31,6 +31,8 @@ def _assert_exact_cover(groups, n):
 @needs_cpp
 @pytest.mark.parametrize("seed,n,k,a,b,equal_size", [
     (0, 1, 3, 1.0, 0.0, False),
+    (8, 500, 1, 1.0, 0.0, True),
+    (9, 500, 1, 1.0, 0.0, False),
     (1, 7, 3, 1.0, 0.0, True),
     (2, 257, 8, 1.0, 1 / 4096, False),
     (3, 257, 8, 1.0, 1 / 4096, True),
@@ -49,6 +51,16 @@ def test_partition_cpp_matches_python(seed, n, k, a, b, equal_size):
 
 
 @needs_cpp
+@pytest.mark.parametrize("equal_size", [False, True])
+def test_partition_cpp_matches_python_long_lengths(equal_size):
+    # Lengths far above n take the C++ comparison sort instead of the counting sort.
+    lengths = _lengths(12, 1000, 1, 10**7)
+    cpp = balanced_partition(lengths, 6, a=1.0, b=1e-6, equal_size=equal_size, backend="cpp")
+    assert cpp == balanced_partition(lengths, 6, a=1.0, b=1e-6, equal_size=equal_size, backend="python")
+    assert pack_by_budget(lengths, 10**7, backend="cpp") == pack_by_budget(lengths, 10**7, backend="python")
+
+
+@needs_cpp
 def test_partition_cpp_matches_python_with_many_ties():
     # Few distinct lengths: spread and cost ties everywhere exercise the tie-breaks.
     lengths = _lengths(11, 1500, 1, 4)
@@ -58,9 +70,16 @@ def test_partition_cpp_matches_python_with_many_ties():
 
 
 @needs_cpp
-@pytest.mark.parametrize("seed,n,budget", [(0, 1, 16), (1, 500, 4096), (2, 2000, 8192), (3, 2000, 16384)])
-def test_pack_cpp_matches_python(seed, n, budget):
-    lengths = _lengths(seed, n, 1, min(budget, 4096))
+@pytest.mark.parametrize("seed,n,low,high,budget", [
+    (0, 1, 1, 16, 16),
+    (1, 500, 1, 4096, 4096),
+    (2, 2000, 1, 4096, 8192),
+    (3, 2000, 16, 4096, 16384),
+    (4, 2000, 1, 6, 10),             # room ties everywhere
+    (5, 300, 1000, 10**6, 3 * 10**6),  # budget large next to n: the C++ tree-based path
+])
+def test_pack_cpp_matches_python(seed, n, low, high, budget):
+    lengths = _lengths(seed, n, low, high)
     cpp = pack_by_budget(lengths, budget, backend="cpp")
     assert cpp == pack_by_budget(lengths, budget, backend="python")
 
@@ -84,8 +103,9 @@ def test_pack_hand_example():
     # Best fit, not first fit: 7 opens bin 0 (room 3), 5 opens bin 1 (room 5), 4 joins
     # bin 1 (room 1); then 1 goes to the tightest bin, bin 1, not the first one that fits.
     assert pack_by_budget([7, 5, 4, 1], 10, backend="python") == [[0], [1, 2, 3]]
-    # Equal rooms: the older bin wins (6 -> bin 0, 6 -> bin 1, both room 4; 4 -> bin 0).
-    assert pack_by_budget([6, 6, 4], 10, backend="python") == [[0, 2], [1]]
+    # Equally tight bins: the most recently used one wins (6 -> bin 0, 6 -> bin 1, both
+    # with room 4; 4 -> bin 1).
+    assert pack_by_budget([6, 6, 4], 10, backend="python") == [[0], [1, 2]]
     assert pack_by_budget([], 10) == []
 
 
