@@ -328,14 +328,21 @@ def test_gpu_realistic_shape(algo):
     b["logp"] = b["logp"].bfloat16().float()
     kw = dict(algo=algo, aggregation="seq_mean", ref_logp=b["ref"].cuda(), beta=0.04, c_ent=0.01,
               sampler_logp=b["sampler"].cuda())
+    old, adv, mask, cu = b["old"].float().cuda(), b["adv_seq"].float().cuda(), b["mask"].cuda(), b["cu"].cuda()
     out = []
     for backend in ("reference", "triton"):
         lp = b["logp"].cuda().bfloat16().requires_grad_()
         en = b["ent"].float().cuda().requires_grad_()
-        with force_backend(backend):
-            loss, m = policy_loss(lp, b["old"].float().cuda(), b["adv_seq"].float().cuda(), b["mask"].cuda(),
-                                  cu_seqlens=b["cu"].cuda(), entropy=en, **kw)
-        out.append((loss, torch.autograd.grad(loss, [lp, en]), m))
+        torch.cuda.synchronize()
+        # the Triton path must not synchronise with the host (forward, metrics, backward)
+        torch.cuda.set_sync_debug_mode("error" if backend == "triton" else "default")
+        try:
+            with force_backend(backend):
+                loss, m = policy_loss(lp, old, adv, mask, cu_seqlens=cu, entropy=en, **kw)
+            grads = torch.autograd.grad(loss, [lp, en])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        out.append((loss, grads, m))
     (l0, g0, m0), (l1, g1, m1) = out
     assert_close(l1, l0, atol=1e-5, rtol=1e-4)
     assert_close(g1[0].float(), g0[0].float(), atol=1e-6, rtol=2e-2)  # bf16 gradients
