@@ -24,8 +24,9 @@ Layouts: padded (B, T) or packed (total,) + cu_seqlens (int32 (B + 1,)); a
 padded batch runs as a packed one with B rows of T tokens. Gradients flow to
 logp and entropy only: old_logp, ref_logp, sampler_logp and advantages are
 constants of the step. On CUDA (and under force_backend("triton")) the
-Triton kernels of `_policy_loss_triton` run one program per sequence; the
-PyTorch reference below runs otherwise and is the test oracle.
+Triton kernels of `_policy_loss_triton` run one program per sequence (float32
+math; float64 inputs always take the reference); the PyTorch reference below
+runs otherwise and is the test oracle.
 """
 from __future__ import annotations
 
