@@ -87,7 +87,7 @@ std::vector<Index> longest_first(const LengthView& lengths) {
   std::vector<Index> order(lengths.size());
   if (n == 0) return order;
   const int64_t longest = *std::max_element(lengths.begin(), lengths.end());
-  if (longest <= 4 * n + 1024) {
+  if (longest <= 4 * static_cast<int64_t>(n) + 1024) {
     std::vector<Index> start(static_cast<size_t>(longest) + 2, 0);  // bucket L at start[longest - L]
     for (int64_t len : lengths) ++start[longest - len + 1];
     for (size_t b = 1; b < start.size(); ++b) start[b] += start[b - 1];
@@ -100,8 +100,8 @@ std::vector<Index> longest_first(const LengthView& lengths) {
   return order;
 }
 
-// Bins by item: output lists grouped by `group_of`, each in ascending index
-// order (one sweep over the items, no sort).
+// The members of each group, from every item's group label: one sweep over
+// the items, so each list comes out in ascending index order without a sort.
 std::vector<std::vector<Index>> group_lists(const std::vector<Index>& group_of, size_t num_groups) {
   std::vector<size_t> sizes(num_groups, 0);
   for (Index g : group_of) ++sizes[g];
@@ -433,7 +433,7 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   // Both variants add partitions longest item first, so in the common case
   // the initial queue is already in pop order and needs no sort.
   const std::vector<Index> order = longest_first(lengths);
-  Differencer ldm(n, k, static_cast<Index>(equal_size ? (n + k - 1) / k : n));
+  Differencer ldm(n, k, static_cast<Index>(equal_size ? n / k + (n % k != 0) : n));
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
     for (Index i : order) {

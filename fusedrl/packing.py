@@ -62,10 +62,18 @@ def _as_lengths(lengths) -> np.ndarray:
     elif not isinstance(lengths, np.ndarray):
         if not isinstance(lengths, (list, tuple)):
             raise ValueError(f"lengths must be a list, tuple, numpy array or 1-D tensor, got {type(lengths).__name__}")
-        for i, value in enumerate(lengths):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-                raise ValueError(f"lengths must hold integers, got lengths[{i}] = {value!r}")
-        lengths = np.array([int(v) for v in lengths], dtype=np.int64)
+        # numpy infers the dtype in C (a per-element Python check costs ~30x more);
+        # only a list that is not all integers takes the slow path, to name the culprit.
+        try:
+            array = np.array(lengths) if lengths else np.zeros(0, dtype=np.int64)
+        except (ValueError, TypeError, OverflowError):
+            array = None
+        if array is None or array.dtype.kind not in "iu":
+            for i, value in enumerate(lengths):
+                if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                    raise ValueError(f"lengths must hold integers, got lengths[{i}] = {value!r}")
+            raise ValueError("lengths must hold integers that fit in int64")
+        lengths = array
     if lengths.ndim != 1:
         raise ValueError(f"lengths must be 1-D, got shape {tuple(lengths.shape)}")
     if lengths.size and lengths.dtype.kind not in "iu":

@@ -173,6 +173,10 @@ def test_bad_inputs(backend):
         balanced_partition([3, 1, -4], 2, backend=backend)
     with pytest.raises(ValueError, match=r"lengths must hold integers, got lengths\[1\] = 2.5"):
         balanced_partition([3, 2.5], 2, backend=backend)
+    with pytest.raises(ValueError, match=r"lengths must hold integers, got lengths\[1\] = None"):
+        pack_by_budget((3, None), 10, backend=backend)
+    with pytest.raises(ValueError, match="lengths must hold integers that fit in int64"):
+        pack_by_budget([2**70], 10, backend=backend)
     with pytest.raises(ValueError, match="lengths must hold integers, got a tensor of dtype torch.float32"):
         balanced_partition(torch.ones(3), 2, backend=backend)
     with pytest.raises(ValueError, match="lengths must hold integers, got an array of dtype float64"):
