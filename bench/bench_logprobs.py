@@ -33,7 +33,7 @@ import torch
 from bench.common import Case, Provider, format_table, run_case, time_ms, write_results
 
 CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
-SMOKE = {"LP-7B": (64, 48, 1000), "LP-0.5B": (96, 32, 1031)}
+SMOKE = {"LP-7B": (40, 24, 1000), "LP-0.5B": (48, 16, 257)}
 SEQ_LEN = 1024  # the row-looped provider's sequence length (TRL loops over sequences)
 
 

@@ -92,7 +92,7 @@ def _logits_logprobs_bwd_kernel(
 
 
 # Block sizes: the one place they are chosen (a streaming kernel: wide tiles, enough warps).
-_META = dict(BLOCK_V=64) if TRITON_INTERPRET else dict(BLOCK_V=4096, num_warps=16)
+_META = dict(BLOCK_V=128) if TRITON_INTERPRET else dict(BLOCK_V=4096, num_warps=16)
 
 
 def logits_logprobs_fwd(logits, labels, temperature, ignore_index, entropy):

@@ -36,6 +36,7 @@ from ._dispatch import TRITON_INTERPRET
 
 PARTIALS_BYTES = 128 << 20  # forward per-tile partials per token chunk
 DZ_BYTES = 256 << 20  # backward d(logits) chunk
+_MIN_ROWS = 256  # forward token chunks are multiples of this
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -277,7 +278,7 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
     logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
     ent, pz = (torch.empty(n, **f32), torch.empty(n, **f32)) if entropy else (None, None)
     num_vb = triton.cdiv(vocab, FWD_BLOCK_V)
-    step = max(256, PARTIALS_BYTES // (num_vb * 4 * (1 + entropy)) // 256 * 256)
+    step = max(_MIN_ROWS, PARTIALS_BYTES // (num_vb * 4 * (1 + entropy)) // _MIN_ROWS * _MIN_ROWS)
     rows = min(n, step)
     lse_part = torch.empty(rows, num_vb, **f32)
     pz_part = torch.empty(rows, num_vb, **f32) if entropy else lse_part

@@ -83,7 +83,7 @@ def check_linear(backend, lead, hdim, vocab, dtype, bias, entropy, tau, seed=0, 
 CASES = {  # lead, H, V, bias, entropy, temperature
     "odd-bias-entropy-tau": ((37,), 24, 131, True, True, 0.7),
     "batch-dims-entropy": ((3, 7), 24, 1000, False, True, 1.0),
-    "v1000-bias-logp-only": ((37,), 40, 1000, True, False, 1.3),
+    "v1000-bias-logp-only": ((21,), 40, 1000, True, False, 1.3),
 }
 
 
@@ -263,9 +263,10 @@ def test_triton_token_and_vocab_chunking(monkeypatch):
     """Tiny chunk budgets: several token chunks forward, several V chunks (last one partial) backward."""
     from fusedrl.kernels import _logprobs_triton as lt
 
-    monkeypatch.setattr(lt, "PARTIALS_BYTES", 1)  # one 256-token floor per chunk: force N > 256
-    monkeypatch.setattr(lt, "DZ_BYTES", 300 * 4 * 70)  # (N=300) x 70 fp32 columns -> VC = 2 * 32
-    check_linear("triton", (300,), 24, 131, torch.float32, True, True, 0.7, seed=6)
+    monkeypatch.setattr(lt, "PARTIALS_BYTES", 1)
+    monkeypatch.setattr(lt, "_MIN_ROWS", 16)  # token chunks of 16 rows: 4 of them, the last partial
+    monkeypatch.setattr(lt, "DZ_BYTES", 50 * 4 * 70)  # (N=50) x 70 fp32 columns -> VC = 2 * 32: 3 chunks
+    check_linear("triton", (50,), 24, 131, torch.float32, True, True, 0.7, seed=6)
 
 
 @pytest.mark.gpu
