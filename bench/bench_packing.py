@@ -2,8 +2,8 @@
 
 Both backends get the same input through the public API (`fusedrl.packing`):
 n sequence lengths `random.Random(0).randint(16, 4096)` as a numpy int64 array
-(n = 16384 by default). Each case is checked first (the two outputs must be
-identical), then timed: medians of thread CPU time (primary: the code is
+(n = 16384 by default; case k8-eq-list passes a Python list instead). Each
+case is checked first (the two outputs must be identical), then timed: medians of thread CPU time (primary: the code is
 single-threaded and CPU time ignores other processes on a shared machine) and
 of wall time, the backends interleaved (`repeats` rounds of 1 Python run and
 5 C++ runs) so machine load hits both alike.
@@ -33,12 +33,13 @@ from fusedrl import packing
 A, B = 1.0, 1.0 / 4096  # attention-aware cost a*L + b*L^2
 CPP_RUNS_PER_ROUND = 5
 
-# case id -> (op, keyword arguments)
+# case id -> (op, keyword arguments, input form: "numpy" int64 array or Python "list")
 CASES: Dict[str, tuple] = {
-    "k8": ("balanced_partition", {"k": 8, "a": A, "b": B, "equal_size": False}),
-    "k8-equal": ("balanced_partition", {"k": 8, "a": A, "b": B, "equal_size": True}),
-    "k64": ("balanced_partition", {"k": 64, "a": A, "b": B, "equal_size": False}),
-    "budget": ("pack_by_budget", {"budget": 16384}),
+    "k8": ("balanced_partition", {"k": 8, "a": A, "b": B, "equal_size": False}, "numpy"),
+    "k8-equal": ("balanced_partition", {"k": 8, "a": A, "b": B, "equal_size": True}, "numpy"),
+    "k8-eq-list": ("balanced_partition", {"k": 8, "a": A, "b": B, "equal_size": True}, "list"),
+    "k64": ("balanced_partition", {"k": 64, "a": A, "b": B, "equal_size": False}, "numpy"),
+    "budget": ("pack_by_budget", {"budget": 16384}, "numpy"),
 }
 
 
@@ -79,20 +80,21 @@ def _quality(op: str, lengths: np.ndarray, groups: List[List[int]], kwargs: dict
 
 def run_one(case: str, lengths: np.ndarray, rounds: int) -> dict:
     """Check then time one case on both backends; returns one row."""
-    op, kwargs = CASES[case]
+    op, kwargs, form = CASES[case]
     fn = getattr(packing, op)
-    row = {"case": case, "op": op, "n": int(lengths.size), **kwargs}
-    py_out = fn(lengths, **kwargs, backend="python")
+    row = {"case": case, "op": op, "n": int(lengths.size), "input": form, **kwargs}
+    given = lengths.tolist() if form == "list" else lengths
+    py_out = fn(given, **kwargs, backend="python")
     row.update({f"python_{k}": v for k, v in _quality(op, lengths, py_out, kwargs).items()})
-    fns = {"python": lambda: fn(lengths, **kwargs, backend="python")}
+    fns = {"python": lambda: fn(given, **kwargs, backend="python")}
     if packing._C is None:
         row.update(status="cpp skipped: fusedrl._C is not built", same_result=None)
     else:
-        cpp_out = fn(lengths, **kwargs, backend="cpp")
+        cpp_out = fn(given, **kwargs, backend="cpp")
         row["same_result"] = cpp_out == py_out
         row.update({f"cpp_{k}": v for k, v in _quality(op, lengths, cpp_out, kwargs).items()})
         row["status"] = "ok" if row["same_result"] else "wrong: C++ and Python results differ"
-        fns["cpp"] = lambda: fn(lengths, **kwargs, backend="cpp")
+        fns["cpp"] = lambda: fn(given, **kwargs, backend="cpp")
     # C++ runs are short: more of them per round for a stable median.
     times = _interleaved_ms(fns, {"python": 1, "cpp": CPP_RUNS_PER_ROUND}, rounds)
     row["python_ms"], row["python_wall_ms"] = times["python"]
@@ -104,7 +106,7 @@ def run_one(case: str, lengths: np.ndarray, rounds: int) -> dict:
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    header = (f"{'case':<10} {'n':>6} {'python ms':>10} {'C++ ms':>8} {'ratio':>7} {'(wall)':>7}  "
+    header = (f"{'case':<11} {'n':>6} {'python ms':>10} {'C++ ms':>8} {'ratio':>7} {'(wall)':>7}  "
               f"{'quality (python / C++)':<44} status")
     lines = [header, "-" * len(header)]
     for r in rows:
@@ -116,7 +118,7 @@ def format_rows(rows: Sequence[dict]) -> str:
         cpp_ms = f"{r['cpp_ms']:.3f}" if "cpp_ms" in r else "-"
         ratio = f"{r['speedup']:.1f}x" if "speedup" in r else "-"
         wall = f"{r['speedup_wall']:.1f}x" if "speedup_wall" in r else "-"
-        lines.append(f"{r['case']:<10} {r['n']:>6} {r['python_ms']:>10.3f} {cpp_ms:>8} {ratio:>7} {wall:>7}  "
+        lines.append(f"{r['case']:<11} {r['n']:>6} {r['python_ms']:>10.3f} {cpp_ms:>8} {ratio:>7} {wall:>7}  "
                      f"{quality:<44} {r['status']}")
     return "\n".join(lines)
 
