@@ -232,12 +232,30 @@ FWD_BLOCK_V = 32 if TRITON_INTERPRET else 128  # fixed: it sets the partials' la
 _VC_ALIGN = 32 if TRITON_INTERPRET else 256  # backward V-chunk width multiple (of every BLOCK_V)
 
 
-def _tuned(kernel, configs, key, interpret_meta, **autotune_kw):
-    """(kernel, fixed meta): autotuned over a small list on GPU, fixed small tiles under the interpreter."""
+SMEM_BYTES = 200 << 10  # shared memory a config's pipelined tiles may use (H100/H200 allow 227 KiB)
+
+
+def smem_prune(a_name: str, m_key: str, n_key: str, k_key: str):
+    """Autotune pruner: drop configs whose num_stages x (M + N) x K input tiles overflow shared
+    memory for this call's dtype (fp32 inputs need twice the bf16 room); keep at least one."""
+    def prune(configs, named_args, **kwargs):
+        elem = named_args[a_name].element_size()
+
+        def need(cfg):
+            size = {k: cfg.kwargs.get(k, kwargs.get(k)) for k in (m_key, n_key, k_key)}
+            return cfg.num_stages * (size[m_key] + size[n_key]) * size[k_key] * elem
+        fitting = [c for c in configs if need(c) <= SMEM_BYTES]
+        return fitting or [min(configs, key=need)]
+    return prune
+
+
+def _tuned(kernel, configs, key, interpret_meta, prune, **autotune_kw):
+    """(kernel, fixed meta): autotuned over a small, pruned list on GPU; fixed small tiles under the interpreter."""
     if TRITON_INTERPRET:
         return kernel, interpret_meta
     cfgs = [triton.Config(kw, num_warps=w, num_stages=s) for kw, w, s in configs]
-    return triton.autotune(configs=cfgs, key=key, **autotune_kw)(kernel), {}
+    return triton.autotune(configs=cfgs, key=key, prune_configs_by={"early_config_prune": prune},
+                           **autotune_kw)(kernel), {}
 
 
 _FWD, _FWD_META = _tuned(_linear_logprobs_fwd_kernel, [
@@ -246,18 +264,20 @@ _FWD, _FWD_META = _tuned(_linear_logprobs_fwd_kernel, [
     (dict(BLOCK_N=64, BLOCK_H=64, GROUP_N=8), 4, 4),
     (dict(BLOCK_N=256, BLOCK_H=64, GROUP_N=8), 8, 3),
     (dict(BLOCK_N=128, BLOCK_H=64, GROUP_N=16), 8, 3),
-], ["H", "V"], dict(BLOCK_N=16, BLOCK_H=16, GROUP_N=2))
+], ["H", "V"], dict(BLOCK_N=16, BLOCK_H=16, GROUP_N=2), smem_prune("h_ptr", "BLOCK_N", "BLOCK_V", "BLOCK_H"))
 _BWD, _BWD_META = _tuned(_linear_logprobs_bwd_kernel, [
     (dict(BLOCK_N=128, BLOCK_V=128, BLOCK_H=64, GROUP_N=8), 8, 3),
     (dict(BLOCK_N=128, BLOCK_V=256, BLOCK_H=64, GROUP_N=8), 8, 3),
     (dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=8), 4, 4),
     (dict(BLOCK_N=128, BLOCK_V=64, BLOCK_H=64, GROUP_N=8), 4, 4),
-], ["H", "VC"], dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2))
+], ["H", "VC"], dict(BLOCK_N=16, BLOCK_V=32, BLOCK_H=16, GROUP_N=2),
+    smem_prune("h_ptr", "BLOCK_N", "BLOCK_V", "BLOCK_H"))
 _ACC, _ACC_META = _tuned(_matmul_accumulate_kernel, [
     (dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_N=8), 8, 3),
     (dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=64, GROUP_N=8), 4, 4),
     (dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_N=8), 4, 4),
-], ["K_CHUNK", "K2"], dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_N=2), restore_value=["acc_ptr"])
+], ["K_CHUNK", "K2"], dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_N=2),
+    smem_prune("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K"), restore_value=["acc_ptr"])
 _COMBINE_META = dict(BLOCK_R=16, BLOCK_P=16) if TRITON_INTERPRET else dict(BLOCK_R=32, BLOCK_P=128, num_warps=4)
 
 

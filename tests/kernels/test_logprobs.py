@@ -321,3 +321,17 @@ def test_bench_smoke(tmp_path, capsys):
     assert {r["provider"] for r in rows} >= {"eager bf16 logits", "eager fp32 logits", "row-looped (TRL)",
                                               "liger FLCE (none)", "cce (default filter)", "cce exact"}
     assert "x the matmul roofline" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton not importable")
+def test_autotune_prune_drops_configs_that_overflow_shared_memory():
+    import triton
+
+    from fusedrl.kernels._logprobs_triton import smem_prune
+
+    configs = [triton.Config(dict(BLOCK_N=256, BLOCK_H=64), num_stages=3),  # bf16 144 KiB, fp32 288 KiB
+               triton.Config(dict(BLOCK_N=64, BLOCK_H=64), num_stages=4)]  # bf16 64 KiB, fp32 128 KiB
+    prune = smem_prune("h_ptr", "BLOCK_N", "BLOCK_V", "BLOCK_H")
+    assert prune(configs, {"h_ptr": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_V=128) == configs
+    assert prune(configs, {"h_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_V=128) == configs[1:]
+    assert prune(configs[:1], {"h_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_V=128) == configs[:1]
