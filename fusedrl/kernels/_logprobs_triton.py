@@ -357,7 +357,8 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, te
             torch.sum(d, 0, dtype=torch.float32, out=db[v0:v1])
         if need_h:
             agrid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_N"]),)  # noqa: E731
-            _ACC[agrid](dh, d, w, n, v1 - v0, hdim, w.stride(0), w.stride(1), K_CHUNK=vc, **dot,
+            k_chunk = triton.cdiv(v1 - v0, _VC_ALIGN) * _VC_ALIGN  # the last, narrower chunk loops less
+            _ACC[agrid](dh, d, w, n, v1 - v0, hdim, w.stride(0), w.stride(1), K_CHUNK=k_chunk, **dot,
                         **_ACC_META)
     return dh, dw, db
 
