@@ -21,6 +21,9 @@ ROOT=$(pwd)
 PY=${PYTHON:-python3}
 SMOKE=""
 [ "${1:-}" = "--smoke" ] && SMOKE="--smoke"
+# No network there: pip must never reach for an index; a system Python may be
+# marked externally managed (PEP 668), which this throwaway machine may ignore.
+export PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_BREAK_SYSTEM_PACKAGES=1
 START=$(date +%s)
 DEADLINE=$((START + ${TOTAL_S:-285}))
 LOGDIR=${OUT:-$(mktemp -d "${TMPDIR:-/tmp}/fusedrl-gpu-check.XXXXXX")}

@@ -365,12 +365,14 @@ class Differencer {
   void merge(View x, View y, Partition& out) {
     const int64_t p = static_cast<int64_t>(x.size);
     const int64_t q = static_cast<int64_t>(y.size);
-    out.clear();
+    const int64_t y_only = std::max(p, k_ - q);  // first j where only y contributes
+    out.resize(static_cast<size_t>(p + (k_ - y_only)));
+    Subset* dst = out.data();
     for (int64_t j = 0; j < p; ++j) {
       const int64_t other = k_ - 1 - j;
-      out.push_back(other < q ? join(x.data[j], y.data[other]) : x.data[j]);
+      *dst++ = other < q ? join(x.data[j], y.data[other]) : x.data[j];
     }
-    for (int64_t j = std::max(p, k_ - q); j < k_; ++j) out.push_back(y.data[k_ - 1 - j]);
+    for (int64_t j = y_only; j < k_; ++j) *dst++ = y.data[k_ - 1 - j];
   }
 
   Subset join(const Subset& u, const Subset& v) {
