@@ -17,7 +17,12 @@ data-policy decision the caller makes (and logs) before packing, so a packed
 batch always holds every sequence it was given.
 
 Costs: a sequence of L tokens costs a*L + b*L^2 (b models attention's
-quadratic term, e.g. a=1, b=1/4096 for 4k-token-scale attention cost).
+quadratic term; with a=1, b=1/4096 the attention term equals the linear one
+at 4096 tokens).
+
+Agreement: both backends follow the same orderings, tie-breaks and float
+operations, so they return the same groups exactly (tolerance zero; the
+tests compare them with ==), hence the same max-group cost.
 """
 from __future__ import annotations
 

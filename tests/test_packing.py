@@ -243,6 +243,13 @@ def test_cu_seqlens_and_positions():
         cu_seqlens_and_positions([2**31 - 1, 1])
 
 
+def test_module_docstring_examples():
+    import doctest
+
+    result = doctest.testmod(packing, verbose=False)
+    assert result.attempted >= 3 and result.failed == 0
+
+
 def test_bench_packing_smoke(tmp_path):
     from bench import bench_packing
 
