@@ -19,6 +19,7 @@ Target (benchmarks.md): C++ >= 20x the Python reference at 16k sequences, same q
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import random
 import statistics
@@ -129,11 +130,13 @@ def run(n: int = 16384, repeats: int = 9, cases: Optional[Sequence[str]] = None,
     lengths = make_lengths(n)
     rows = [run_one(case, lengths, repeats) for case in (cases or list(CASES))]
     info = device_info()
-    print(f"packing on {platform.processor() or platform.machine()} (python {info['python']}, "
-          f"backend default: {packing.BACKEND}), n={n}, lengths randint(16, 4096), cost a={A} b=1/4096")
+    print(f"packing on {platform.processor() or platform.machine()} x{os.cpu_count()} (load {os.getloadavg()[0]:.1f}, "
+          f"python {info['python']}, backend default: {packing.BACKEND}), n={n}, lengths randint(16, 4096), "
+          f"cost a={A} b=1/4096")
     print(format_rows(rows))
     if results_dir is not None:
-        extra = {"host_cpu": platform.processor() or platform.machine(), "timing": (f"medians of thread CPU time (*_ms) and wall time (*_wall_ms), {repeats} rounds, "
+        extra = {"host_cpu": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+                 "load_average_1m": os.getloadavg()[0], "timing": (f"medians of thread CPU time (*_ms) and wall time (*_wall_ms), {repeats} rounds, "
                              f"each 1 python run then {CPP_RUNS_PER_ROUND} C++ runs")}
         path = write_results("packing-cpu", rows, extra=extra, directory=results_dir)
         print(f"wrote {path}")
