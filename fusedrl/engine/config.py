@@ -283,30 +283,32 @@ def _apply_table(obj: Any, table: Dict[str, Any], prefix: str) -> None:
             setattr(obj, name, coerce(value, types[name], key))
 
 
-def apply_override(cfg: Any, dotted: str, raw: str) -> None:
-    """Apply one `--a.b=c` override (c as text) to the config `cfg` in place."""
+def apply_override(cfg: Any, dotted: str, value: Any, *, from_cli: bool = True) -> None:
+    """Set the field at `dotted` ("section.field", or "model.arch.key" inside a table field) in place.
+
+    Args:
+        value: the text of a `--a.b=c` override when from_cli, else an already typed (TOML) value.
+    """
     parts = dotted.split(".")
-    obj, prefix = cfg, ""
+    obj = cfg
     for i, name in enumerate(parts):
         key = ".".join(parts[: i + 1])
-        if dataclasses.is_dataclass(obj):
-            types = _field_types(type(obj))
-            if name not in types:
-                raise ValueError(f"unknown config key {key!r}; known keys here: {', '.join(types)}")
-            if i == len(parts) - 1:
-                if dataclasses.is_dataclass(getattr(obj, name)):
-                    raise ValueError(f"{key}: is a section; override one of its fields ({key}.FIELD=VALUE)")
-                setattr(obj, name, coerce(raw, types[name], key, from_cli=True))
-                return
-            nxt = getattr(obj, name)
-            if isinstance(nxt, dict):  # a table field (model.arch): the rest of the path is its key
-                sub = ".".join(parts[i + 1:])
-                nxt[sub] = _parse_cli_literal(raw, Any) if raw.strip() else raw
-                return
-            if not dataclasses.is_dataclass(nxt):
-                raise ValueError(f"{key}: is a {type(nxt).__name__} field, not a section; use --{key}=VALUE")
-            obj, prefix = nxt, key
-    raise ValueError(f"override {dotted!r}: empty key")  # pragma: no cover
+        types = _field_types(type(obj))
+        if name not in types:
+            raise ValueError(f"unknown config key {key!r}; known keys here: {', '.join(types)}")
+        current = getattr(obj, name)
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(current):
+                raise ValueError(f"{key}: is a section; override one of its fields ({key}.FIELD=VALUE)")
+            setattr(obj, name, coerce(value, types[name], key, from_cli=from_cli))
+            return
+        if isinstance(current, dict):  # a table field (model.arch): the rest of the path is its key
+            parsed = _parse_cli_literal(value, Any) if from_cli and isinstance(value, str) else value
+            current[".".join(parts[i + 1:])] = parsed
+            return
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"{key}: is a {type(current).__name__} field, not a section; use --{key}=VALUE")
+        obj = current
 
 
 def parse_overrides(args: Sequence[str]) -> List[Tuple[str, str]]:

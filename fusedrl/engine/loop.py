@@ -196,18 +196,21 @@ def _graceful_stop():
 
 # ----------------------------------------------------------------------------- the loop
 
-def _evaluate(stage, model) -> Dict[str, float]:
-    evaluate = getattr(stage, "evaluate", None)
-    if evaluate is None:
+def _evaluate(stage, model, extra_eval=None) -> Dict[str, float]:
+    """The stage's evaluate(model) and extra_eval(model), merged; model in eval mode, no grad."""
+    hooks = [h for h in (getattr(stage, "evaluate", None), extra_eval) if h is not None]
+    if not hooks:
         return {}
     was_training = model.training
     model.eval()
+    result: Dict[str, float] = {}
     try:
         with torch.no_grad():
-            result = evaluate(model)
+            for hook in hooks:
+                result.update(hook(model) or {})
     finally:
         model.train(was_training)
-    return dict(result or {})
+    return result
 
 
 def train(
@@ -218,6 +221,7 @@ def train(
     run_dir: str | Path,
     resume: bool = False,
     on_step_end: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    extra_eval: Optional[Callable[[torch.nn.Module], Dict[str, float]]] = None,
 ) -> TrainResult:
     """Run `cfg.loop.max_steps` optimizer steps of `stage` on `model`.
 
@@ -229,6 +233,8 @@ def train(
         resume: continue from the newest valid checkpoint in run_dir/checkpoints
             (newer corrupt or partial ones are skipped with a warning).
         on_step_end: called as on_step_end(step, record) after each step (tests, custom hooks).
+        extra_eval: called at each evaluation besides stage.evaluate (e.g. a task score);
+            its dict is merged into the logged eval metrics.
     Returns:
         A TrainResult: counters, the last step's metrics, the last evaluation.
     Raises:
@@ -252,7 +258,7 @@ def train(
                                trainer_state=asdict(state), keep=cfg.checkpoint.keep)
 
     def evaluate_now() -> None:
-        result.eval_metrics = _evaluate(stage, model)
+        result.eval_metrics = _evaluate(stage, model, extra_eval)
         if result.eval_metrics:
             metrics.log_eval(state.step, result.eval_metrics)
 

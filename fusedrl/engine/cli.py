@@ -1,0 +1,108 @@
+"""The `fusedrl` command.
+
+    fusedrl train CONFIG.toml [--resume] [--section.field=value ...]   run one stage from a TOML config
+    fusedrl demo [--out DIR] [--quick] [--config TOML]                 the CPU demo (no download)
+    fusedrl bench [ARGS ...]                                           kernel benchmarks (bench/run_all.py)
+    fusedrl config [--reference]                                       print the default config / its reference
+
+Examples:
+
+    fusedrl train examples/demo.toml --run.out_dir=runs/sft --loop.max_steps=100
+    fusedrl train examples/demo.toml --run.out_dir=runs/sft --resume       # continue after a crash
+    torchrun --nproc_per_node=8 -m fusedrl.engine.cli train examples/sft_qwen2_0.5b.toml
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+logger = logging.getLogger("fusedrl")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log "fusedrl" messages on rank 0 only; rich formatting on a terminal."""
+    from fusedrl.engine.metrics import is_rank0
+
+    root = logging.getLogger("fusedrl")
+    if root.handlers:
+        return
+    if not is_rank0():
+        root.addHandler(logging.NullHandler())
+        root.propagate = False
+        return
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        handler = RichHandler(show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedrl", description="A lean RLHF post-training engine on fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run one stage from a TOML config",
+                           description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
+    train.add_argument("config", help="the run's TOML file")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    demo = sub.add_parser("demo", help="the CPU demo: a tiny model learns a synthetic task, no download")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests, ~1 minute)")
+    demo.add_argument("--config", default=None, help="a demo TOML (default: the built-in one, = examples/demo.toml)")
+    sub.add_parser("bench", help="kernel benchmarks (forwards its arguments to bench/run_all.py)", add_help=False)
+    show = sub.add_parser("config", help="print the default config as TOML (or the field reference)")
+    show.add_argument("--reference", action="store_true", help="markdown reference of every field")
+    return parser
+
+
+def _bench(argv: List[str]) -> int:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "bench" / "run_all.py").is_file():
+        print("fusedrl bench: needs a source checkout (bench/run_all.py next to fusedrl/); "
+              f"not found under {root}. Clone the repository and run it from there.", file=sys.stderr)
+        return 2
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from bench import run_all
+    return int(run_all.main(argv) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    setup_logging()
+    from fusedrl.engine.config import describe_config, load_config, parse_overrides, to_toml, TrainConfig
+
+    if args.command == "config":
+        print(describe_config() if args.reference else to_toml(TrainConfig()))
+        return 0
+    try:
+        overrides = parse_overrides(rest)
+        if args.command == "train":
+            from fusedrl.engine.run import run_training
+            cfg = load_config(args.config, overrides)
+            result = run_training(cfg, resume=args.resume)
+            return 130 if result.interrupted else 0
+        if args.command == "demo":
+            from fusedrl.engine.demo import run_demo
+            run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
+            return 0
+    except ValueError as err:  # configuration and data errors: one clear line, no traceback
+        logger.error("%s", err)
+        return 2
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

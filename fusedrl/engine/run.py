@@ -1,0 +1,118 @@
+"""From a TrainConfig to a finished run: seed, tokenizer, model, stage, loop, plots, report.
+
+    from fusedrl.engine.config import load_config
+    from fusedrl.engine.run import run_training
+    result = run_training(load_config("examples/demo.toml"))
+
+This is what `fusedrl train CONFIG.toml` calls.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from fusedrl.engine.config import ModelConfig, TrainConfig, load_config, save_config, to_toml
+from fusedrl.engine.loop import TrainResult, train
+from fusedrl.engine.metrics import is_rank0, read_metrics, write_plots, write_report
+
+logger = logging.getLogger("fusedrl")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"run.device: {name!r} asked for, but CUDA is not available")
+    return device
+
+
+def build_tokenizer(cfg: ModelConfig):
+    """The run's tokenizer: the built-in char tokenizer, or one loaded with AutoTokenizer."""
+    if cfg.tokenizer == "char":
+        from fusedrl.engine.tokenizer import build_char_tokenizer
+        return build_char_tokenizer()
+    source = cfg.name_or_path if cfg.tokenizer == "auto" else cfg.tokenizer
+    if source is None:
+        raise ValueError('model.tokenizer: "auto" needs model.name_or_path; with a model built from '
+                         'model.arch set model.tokenizer = "char" or a tokenizer path')
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(source)
+
+
+def build_policy(cfg: ModelConfig, tokenizer, device: torch.device):
+    """The model to train: loaded from name_or_path, or built from `arch` sized to the tokenizer."""
+    from fusedrl.engine.model import build_model
+
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    if cfg.name_or_path is not None:
+        return build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+    if not cfg.arch:
+        raise ValueError("model: set model.name_or_path, or model.arch (with model_type) to build one from scratch")
+    arch = dict(cfg.arch)
+    arch.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            arch.setdefault(f"{name}_token_id", token_id)
+    if arch["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.arch.vocab_size: {arch['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    return build_model(config=arch, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
+    path = run_dir / "config.toml"
+    if resume and path.exists():
+        previous = load_config(path, cls=type(cfg))
+        if to_toml(previous) != to_toml(cfg):
+            logger.warning("--resume: the config differs from the one in %s; the new one is used and saved", path)
+    save_config(cfg, path)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenizer=None,
+                 on_step_end: Optional[Callable] = None, extra_eval: Optional[Callable] = None) -> TrainResult:
+    """Run the stage `cfg.run.stage` of `cfg` and write the run folder.
+
+    Args:
+        cfg: the resolved config.
+        resume: continue from the newest valid checkpoint in cfg.run.out_dir.
+        model, tokenizer: use these instead of building them from cfg.model (the demo chains stages so).
+        on_step_end, extra_eval: passed to the loop (see `fusedrl.engine.loop.train`).
+    Returns:
+        The loop's TrainResult.
+    """
+    from fusedrl.engine.stages import STAGES
+
+    if cfg.run.stage not in STAGES:
+        raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
+    run_dir = Path(cfg.run.out_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if is_rank0():
+        _write_config(cfg, run_dir, resume)
+    seed_everything(cfg.run.seed)
+    device = resolve_device(cfg.run.device)
+    tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
+    model = model if model is not None else build_policy(cfg.model, tokenizer, device)
+    stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
+    result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
+                   extra_eval=extra_eval)
+    if is_rank0() and not result.interrupted:
+        if cfg.checkpoint.save_final:
+            from fusedrl.engine.model import save_model
+            save_model(model, run_dir / "final", tokenizer=tokenizer)
+        if cfg.logging.plots:
+            write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
+        write_report(run_dir, title=f"fusedrl run: {cfg.run.stage} ({run_dir.name})")
+    return result
