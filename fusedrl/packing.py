@@ -42,6 +42,7 @@ except ImportError:  # built without the extension (FUSEDRL_NO_EXT=1) or not bui
 
 BACKEND: str = "cpp" if _C is not None else "python"
 BACKENDS = ("auto", "cpp", "python")
+_INT64_MAX = 2**63 - 1
 
 
 def _resolve_backend(backend: str):
@@ -130,6 +131,10 @@ def pack_by_budget(lengths, budget: int, *, backend: str = "auto") -> List[List[
             f"lengths[{i}] = {int(lens[i])} exceeds budget = {budget}; pack_by_budget never drops a "
             "sequence: truncate or drop it before packing, or raise the budget"
         )
+    if budget > _INT64_MAX and lens.size:
+        # Beyond the C++ core's int64. A budget >= the total puts everything in
+        # bin 0, so the total (exact, as a Python int) gives the same result.
+        budget = max(min(budget, sum(lens.tolist())), int(lens.max()))
     if impl is _C:
         return _C.pack_by_budget(lens, budget)
     return _packing_py.pack_by_budget(lens.tolist(), budget)

@@ -107,6 +107,8 @@ def test_pack_hand_example():
     # with room 4; 4 -> bin 1).
     assert pack_by_budget([6, 6, 4], 10, backend="python") == [[0], [1, 2]]
     assert pack_by_budget([], 10) == []
+    for backend in ["python"] + (["cpp"] if packing._C is not None else []):
+        assert pack_by_budget([5, 9, 2], 2**70, backend=backend) == [[0, 1, 2]]
 
 
 @pytest.mark.parametrize("backend", ["python", pytest.param("cpp", marks=needs_cpp)])
