@@ -89,7 +89,7 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 
     """One key block of the online softmax: rescale the running (acc, max, sum) and add it."""
     offs_n = start_n + offs_n0
     kv_mask = (offs_n < seqlen)[:, None] & d_mask[None, :]
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=kv_mask, other=0.0)  # (BN, BD)
+    k = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kt, mask=kv_mask, other=0.0)  # (BN, BD)
     s = _dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale  # (BM, BN), log2 units
     if MASK:
         s = tl.where(_visible(offs_m, offs_n, seqlen, left, right), s, float("-inf"))
@@ -97,7 +97,7 @@ def _fwd_block(acc, m_i, l_i, start_n, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 
     p = tl.math.exp2(s - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vt, mask=kv_mask, other=0.0)  # (BN, BD)
     acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, INTERPRET)
     return acc, m_new, l_i
 
@@ -132,14 +132,16 @@ def _varlen_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    seq = pid // num_heads
-    head = pid % num_heads
+    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
+    # before any stride arithmetic.
+    pid = tl.program_id(0)
+    seq = (pid // num_heads).to(tl.int64)
+    head = (pid % num_heads).to(tl.int64)
     kv_head = head // GROUP
     # Reverse order: the last query blocks see the most keys; launch them first.
-    m_block = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + seq + 1).to(tl.int64) - start
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
     if m_block * BLOCK_M < seqlen:
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
@@ -193,8 +195,8 @@ def _dkdv_block(dk, dv, start_m, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
     """One query block's contribution to this key block's dK (unscaled) and dV."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     row_ok = offs_m < seqlen
-    q = tl.load(q_ptrs + offs_m[:, None] * stride_qt, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
-    do = tl.load(do_ptrs + offs_m[:, None] * stride_dot, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    q = tl.load(q_ptrs + offs_m[:, None].to(tl.int64) * stride_qt, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
+    do = tl.load(do_ptrs + offs_m[:, None].to(tl.int64) * stride_dot, mask=row_ok[:, None] & d_mask[None, :], other=0.0)
     lse = tl.load(lse_ptrs + offs_m, mask=row_ok, other=0.0)  # (BM,)
     delta = tl.load(delta_ptrs + offs_m, mask=row_ok, other=0.0)  # (BM,)
     s_t = _dot(k, tl.trans(q), PRECISION, INTERPRET) * qk_scale  # (BN, BM)
@@ -237,12 +239,14 @@ def _varlen_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    seq = pid // num_kv_heads
-    kv_head = pid % num_kv_heads
-    n_block = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + seq + 1).to(tl.int64) - start
+    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
+    # before any stride arithmetic.
+    pid = tl.program_id(0)
+    seq = (pid // num_kv_heads).to(tl.int64)
+    kv_head = (pid % num_kv_heads).to(tl.int64)
+    n_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
     if n_block * BLOCK_N < seqlen:
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -285,8 +289,8 @@ def _dq_block(dq, start_n, q, do, lse, delta, k_ptrs, v_ptrs, stride_kt, stride_
     """One key block's contribution to this query block's dQ (unscaled)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     kv_mask = (offs_n < seqlen)[:, None] & d_mask[None, :]
-    k = tl.load(k_ptrs + offs_n[:, None] * stride_kt, mask=kv_mask, other=0.0)  # (BN, BD)
-    v = tl.load(v_ptrs + offs_n[:, None] * stride_vt, mask=kv_mask, other=0.0)  # (BN, BD)
+    k = tl.load(k_ptrs + offs_n[:, None].to(tl.int64) * stride_kt, mask=kv_mask, other=0.0)  # (BN, BD)
+    v = tl.load(v_ptrs + offs_n[:, None].to(tl.int64) * stride_vt, mask=kv_mask, other=0.0)  # (BN, BD)
     s = _dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale  # (BM, BN)
     p = tl.math.exp2(s - lse[:, None])
     if MASK:
@@ -325,13 +329,15 @@ def _varlen_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    seq = pid // num_heads
-    head = pid % num_heads
+    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
+    # before any stride arithmetic.
+    pid = tl.program_id(0)
+    seq = (pid // num_heads).to(tl.int64)
+    head = (pid % num_heads).to(tl.int64)
     kv_head = head // GROUP
-    m_block = (tl.num_programs(1) - 1 - tl.program_id(1)).to(tl.int64)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)
-    seqlen = tl.load(CU_SEQLENS + seq + 1).to(tl.int64) - start
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
+    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
     if m_block * BLOCK_M < seqlen:
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
@@ -360,21 +366,26 @@ def _varlen_attention_bwd_dq_kernel(
 
 # ----------------------------------------------------------------------------- host side
 
-def _configs(block_d: int, device: torch.device) -> dict:
-    """Block sizes and warps for every pass, chosen here and nowhere else.
+def _configs(block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
+    """Block sizes, warps and stages of every pass, chosen here and nowhere else.
 
-    GPU: FlashAttention-2 / Triton-tutorial shapes for Hopper-class cards (forward
-    128 x 64; dK/dV 32 query rows over 128 keys; dQ 128 queries over 32 keys), smaller
-    for D = 256 to fit shared memory. The interpreter gets small, unequal blocks so CPU
-    tests stay fast and still cross block edges.
+    (BLOCK_M, BLOCK_N, num_warps, num_stages) per pass. GPU values are the tiles that
+    ptxas (sm_90, Triton 3.6) compiles with the fewest register spills among the
+    FlashAttention-2 / Triton-tutorial shapes tried (forward 128 x 64; dK/dV a key tile
+    swept by query blocks; dQ 128 queries over 32 keys); D = 256 and float32 inputs (exact
+    fp32 products, a correctness path) get small tiles to fit shared memory.
+    Not yet timed on a GPU. The interpreter gets small, unequal blocks so CPU tests stay
+    fast and still cross block edges.
     """
     if device.type != "cuda" or _INTERPRET:
         return dict(fwd=(32, 16, 1, 1), dkdv=(16, 32, 1, 1), dq=(32, 16, 1, 1), delta=64)
-    if block_d <= 64:
-        return dict(fwd=(128, 64, 4, 3), dkdv=(32, 128, 4, 4), dq=(128, 32, 4, 4), delta=64)
-    if block_d <= 128:
-        return dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 4, 3), dq=(128, 32, 8, 3), delta=64)
-    return dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2), delta=32)
+    if block_d <= 64 and dtype != torch.float32:
+        return dict(fwd=(128, 64, 8, 3), dkdv=(32, 128, 8, 2), dq=(128, 32, 8, 3), delta=64)
+    if block_d <= 128 and dtype != torch.float32:
+        return dict(fwd=(128, 64, 8, 3), dkdv=(64, 32, 4, 2), dq=(128, 32, 8, 3), delta=32)
+    if dtype == torch.float32:
+        return dict(fwd=(64, 32, 4, 1), dkdv=(32, 32, 4, 1), dq=(32, 32, 4, 1), delta=16)
+    return dict(fwd=(64, 32, 4, 2), dkdv=(32, 32, 4, 2), dq=(64, 32, 8, 2), delta=16)
 
 
 def _block_d(head_dim: int) -> int:
@@ -382,8 +393,9 @@ def _block_d(head_dim: int) -> int:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    # float32 inputs get exact fp32 products (the "fp32 accepted" path), 16-bit use tensor cores.
-    return "ieee" if dtype == torch.float32 else "tf32"
+    # float32 inputs: three TF32 products (about fp32 accuracy, still on tensor cores);
+    # 16-bit inputs ignore the setting.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
 
 
 def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, left: int, right: int):
@@ -394,7 +406,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, lef
     o = torch.empty_like(q)
     lse = torch.empty(num_heads, total, device=q.device, dtype=torch.float32)
     block_d = _block_d(head_dim)
-    block_m, block_n, warps, stages = _configs(block_d, q.device)["fwd"]
+    block_m, block_n, warps, stages = _configs(block_d, q.dtype, q.device)["fwd"]
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
         return o.zero_(), lse.zero_()
     grid = (num_seqs * num_heads, triton.cdiv(max_seqlen, block_m))
@@ -418,7 +430,7 @@ def varlen_attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     block_d = _block_d(head_dim)
-    cfg = _configs(block_d, q.device)
+    cfg = _configs(block_d, q.dtype, q.device)
     delta = torch.empty_like(lse)
     _varlen_attention_bwd_delta_kernel[(triton.cdiv(total, cfg["delta"]), num_heads)](
         o, do, delta, o.stride(0), o.stride(1), do.stride(0), do.stride(1), total, head_dim,

@@ -28,6 +28,7 @@ from .reference import varlen_attention_reference
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
+MAX_TRITON_HEAD_DIM_FP32 = 128  # fp32 tiles of D = 256 overflow an A100's shared memory
 _UNBOUNDED = 1 << 30  # equals _attention_triton.UNBOUNDED; kept here so this file imports without Triton
 
 
@@ -119,8 +120,9 @@ def _pick_backend(backend: Optional[str], q: torch.Tensor, cu_seqlens: torch.Ten
             raise RuntimeError("the Triton kernel needs CUDA tensors (or TRITON_INTERPRET=1 set before importing triton)")
         if q.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the Triton kernel takes q in float16, bfloat16 or float32, got {q.dtype}")
-        if head_dim > MAX_TRITON_HEAD_DIM:
-            raise ValueError(f"the Triton kernel supports head dims up to {MAX_TRITON_HEAD_DIM}, got {head_dim}")
+        limit = MAX_TRITON_HEAD_DIM if q.dtype != torch.float32 else MAX_TRITON_HEAD_DIM_FP32
+        if head_dim > limit:
+            raise ValueError(f"the Triton kernel supports {q.dtype} head dims up to {limit}, got {head_dim}")
         return "triton"
     return "reference"
 

@@ -189,7 +189,9 @@ def test_bad_input(overrides, error, match):
 
 def test_head_dim_unsupported_by_triton():
     q, k, v, cu, _ = make_inputs([3, 4], 2, 1, 272)
-    with force_backend("triton"), pytest.raises(ValueError, match="head dims up to 256"):
+    with force_backend("triton"), pytest.raises(ValueError, match="head dims up to 256, got 272"):
+        varlen_attention(q.half(), k.half(), v.half(), cu, 4)
+    with force_backend("triton"), pytest.raises(ValueError, match="float32 head dims up to 128, got 272"):
         varlen_attention(q, k, v, cu, 4)
     with force_backend("triton"), pytest.raises(TypeError, match="float16, bfloat16 or float32"):
         varlen_attention(q[..., :16].double(), k[..., :16].double(), v[..., :16].double(), cu, 4)
