@@ -125,8 +125,7 @@ def test_strided_inputs_and_custom_scale(backend, seed):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("window", [None, (6, -1)])
+@pytest.mark.parametrize("dtype,window", [(torch.bfloat16, None), (torch.float16, (6, -1))])
 def test_low_precision_error_rule(backend, dtype, window, seed):
     """Flash-attention rule: our error vs the fp64 oracle <= 2x (3x for grads) a same-dtype PyTorch error."""
     q, k, v, cu, grad_out = make_inputs([1, 37, 70, 9], 4, 2, 32, dtype=dtype)
