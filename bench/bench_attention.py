@@ -197,12 +197,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             return 1
         total, heads, kv_heads, head_dim, dtype = 16384, 32, 8, 128, torch.bfloat16
         recipes = {"ATTN-LONG": long_lengths(total), "ATTN-RL": rl_lengths(total)}
-    rows = []
-    for case_id in cases:
-        lengths = recipes[case_id]
-        case = make_case(case_id, lengths, heads, kv_heads, head_dim, dtype, device)
-        print(f"{case_id}: {len(lengths)} documents, {sum(lengths)} tokens, max {max(lengths)}", file=sys.stderr)
-        rows += run_case(case, providers(lengths, device), modes=args.modes.split(","))
+    rows, threads = [], torch.get_num_threads()
+    if args.smoke:  # tiny CPU shapes: thread start-up dominates and contends on shared machines
+        torch.set_num_threads(1)
+    try:
+        for case_id in cases:
+            lengths = recipes[case_id]
+            case = make_case(case_id, lengths, heads, kv_heads, head_dim, dtype, device)
+            print(f"{case_id}: {len(lengths)} documents, {sum(lengths)} tokens, max {max(lengths)}", file=sys.stderr)
+            rows += run_case(case, providers(lengths, device), modes=args.modes.split(","))
+    finally:
+        torch.set_num_threads(threads)
     print(format_table(rows))
     if not args.smoke or args.results_dir:
         directory = {"directory": args.results_dir} if args.results_dir else {}

@@ -155,7 +155,7 @@ def varlen_attention_forward(
     if token_index is not None:
         full = out.new_zeros(batch * q_len, num_heads, out.shape[-1])
         out = full.index_copy(0, token_index, out)
-    return out.view(batch, q_len, num_heads, out.shape[-1]), None
+    return out.reshape(batch, q_len, num_heads, out.shape[-1]), None
 
 
 def register_varlen_attention() -> str:

@@ -16,6 +16,15 @@ from tests.conftest import HAS_CUDA, assert_close
 BACKENDS = ["triton", "reference"]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny CPU shapes: extra intra-op threads only contend on a shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def oracle(q, k, v, cu_seqlens, *, causal=True, scale=None, window=None):
     """Float64 packed attention from first principles (gradients via autograd)."""
     q, k, v = (t.to(torch.float64) for t in (q, k, v))
@@ -142,7 +151,7 @@ def test_low_precision_error_rule(backend, dtype, window, seed):
 
 
 def test_triton_matches_reference_in_bf16(seed):
-    q, k, v, cu, grad_out = make_inputs([3, 50, 1], 2, 1, 64, dtype=torch.bfloat16)
+    q, k, v, cu, grad_out = make_inputs([3, 50, 1], 2, 1, 128, dtype=torch.bfloat16)
     results = {}
     for backend in BACKENDS:
         with force_backend(backend):
@@ -218,6 +227,7 @@ def test_gpu_triton_matches_reference(d, seed):
             results[backend] = forward_backward(lambda a, b, c: varlen_attention(a, b, c, cu, 1000), q, k, v, grad_out)
     exact = forward_backward(lambda a, b, c: oracle(a.cpu(), b.cpu(), c.cpu(), cu.cpu()), q, k, v, grad_out.cpu())
     for name, ours, ref, e in zip(("out", "dq", "dk", "dv"), results["triton"], results["reference"], exact):
+        e = e.cpu()  # the oracle's gradients land on the CUDA leaves
         our_err = (ours.cpu().double() - e).abs().max().item()
         ref_err = (ref.cpu().double() - e).abs().max().item()
         assert our_err <= 3 * ref_err + 1e-2, f"{name}: triton {our_err:.3e} vs reference {ref_err:.3e}"
