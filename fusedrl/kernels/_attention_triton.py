@@ -392,6 +392,14 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _blocks(max_seqlen: int, block: int) -> int:
+    """Blocks over the longest document: grid dim 1, which CUDA caps at 65535."""
+    count = triton.cdiv(max_seqlen, block)
+    if count > 65535:
+        raise ValueError(f"max_seqlen={max_seqlen} needs {count} blocks of {block}; at most 65535 fit the grid")
+    return count
+
+
 def _precision(dtype: torch.dtype) -> str:
     # float32 inputs: three TF32 products (about fp32 accuracy, still on tensor cores);
     # 16-bit inputs ignore the setting.
@@ -409,7 +417,7 @@ def varlen_attention_fwd(q, k, v, cu_seqlens, max_seqlen: int, scale: float, lef
     block_m, block_n, warps, stages = _configs(block_d, q.dtype, q.device)["fwd"]
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
         return o.zero_(), lse.zero_()
-    grid = (num_seqs * num_heads, triton.cdiv(max_seqlen, block_m))
+    grid = (num_seqs * num_heads, _blocks(max_seqlen, block_m))
     _varlen_attention_fwd_kernel[grid](
         q, k, v, o, lse, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
@@ -438,7 +446,7 @@ def varlen_attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale
     )
     precision = _precision(q.dtype)
     block_m, block_n, warps, stages = cfg["dkdv"]
-    _varlen_attention_bwd_dkdv_kernel[(num_seqs * num_kv_heads, triton.cdiv(max_seqlen, block_n))](
+    _varlen_attention_bwd_dkdv_kernel[(num_seqs * num_kv_heads, _blocks(max_seqlen, block_n))](
         q, k, v, do, lse, delta, dk, dv, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
@@ -447,7 +455,7 @@ def varlen_attention_bwd(do, q, k, v, o, lse, cu_seqlens, max_seqlen: int, scale
         num_warps=warps, num_stages=stages,
     )
     block_m, block_n, warps, stages = cfg["dq"]
-    _varlen_attention_bwd_dq_kernel[(num_seqs * num_heads, triton.cdiv(max_seqlen, block_m))](
+    _varlen_attention_bwd_dq_kernel[(num_seqs * num_heads, _blocks(max_seqlen, block_m))](
         q, k, v, do, lse, delta, dq, cu_seqlens,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), do.stride(0), do.stride(1),
         dq.stride(0), dq.stride(1),

@@ -205,6 +205,12 @@ def test_head_dim_unsupported_by_triton():
         varlen_attention(q[..., :16].double(), k[..., :16].double(), v[..., :16].double(), cu, 4)
 
 
+def test_max_seqlen_beyond_the_grid_is_an_error():
+    q, k, v, cu, _ = make_inputs([3, 4], 2, 1, 16)
+    with force_backend("triton"), pytest.raises(ValueError, match="at most 65535 fit the grid"):
+        varlen_attention(q, k, v, cu, 10**7)
+
+
 @pytest.mark.skipif(HAS_FLASH_ATTN, reason="flash_attn is installed here")
 def test_flash_attn_backend_absent_is_an_error():
     with pytest.raises(RuntimeError, match="flash_attn is not importable"):
