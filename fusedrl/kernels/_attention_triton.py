@@ -163,7 +163,7 @@ def _varlen_attention_fwd_kernel(
                                    d_mask, mid_lo, mid_hi, seqlen, left, right, qk_scale, BLOCK_N, False, PRECISION, INTERPRET)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n0,
                                    d_mask, mid_hi, hi, seqlen, left, right, qk_scale, BLOCK_N, True, PRECISION, INTERPRET)
-        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # rows past the document end have l = 0
+        l_safe = tl.where(l_i > 0.0, l_i, 1.0)  # only rows past the document end can have l = 0
         o = acc / l_safe[:, None]
         o_ptrs = O + (start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=row_mask)
