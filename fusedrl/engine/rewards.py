@@ -35,6 +35,7 @@ from fusedrl.engine.tasks import exact_match
 __all__ = ["load_verifier", "score_completions", "exact_match", "char_accuracy", "shaped_match", "ends_cleanly"]
 
 Verifier = Callable[..., float]
+_POSITIONAL = ("prompt", "completion")  # record fields never passed as keywords
 
 
 def load_verifier(spec: str, *, what: str = "verifier") -> Verifier:
@@ -92,8 +93,9 @@ def score_completions(verifier: Verifier, prompts: Sequence[str], completions: S
     Args:
         verifier: a loaded verifier.
         prompts, completions: N strings each (completion text without special tokens).
-        records: N prompt records; every field except "prompt" is passed as a keyword
-            (fields the verifier does not accept are dropped when it takes no **kwargs).
+        records: N prompt records; every field except "prompt" and "completion" (an SFT record's
+            reference completion, which would clash with the sampled one) is passed as a keyword;
+            fields the verifier does not accept are dropped when it takes no **kwargs.
         name: how to name the verifier in errors.
     Returns:
         (N,) float32 rewards (host tensor).
@@ -106,7 +108,8 @@ def score_completions(verifier: Verifier, prompts: Sequence[str], completions: S
     accepts = _accepted_fields(verifier)
     scores: List[float] = []
     for i, (prompt, completion, record) in enumerate(zip(prompts, completions, records)):
-        fields: Dict = {k: v for k, v in record.items() if k != "prompt" and (accepts is None or k in accepts)}
+        fields: Dict = {k: v for k, v in record.items()
+                        if k not in _POSITIONAL and (accepts is None or k in accepts)}
         value = verifier(prompt, completion, **fields)
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()

@@ -20,7 +20,7 @@ Fields left at None take the algorithm's default (see `ALGORITHMS` in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, Optional
 
 from fusedrl.engine.config import TrainConfig
 
@@ -192,3 +192,87 @@ def check_policy_options(prefix: str, cfg) -> None:
     if cfg.aggregation is not None and cfg.aggregation not in AGGREGATION_CHOICES:
         raise ValueError(f"{prefix}.aggregation: expected one of {AGGREGATION_CHOICES}, got {cfg.aggregation!r}")
     _positive_int(f"{prefix}.mini_batches", cfg.mini_batches)
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    """The defaults an algorithm fixes (see the module docstring's table)."""
+
+    advantage: str  # grpo | dr_grpo | rloo | reinforce | gae (PPO)
+    loss_algo: str  # a policy_loss algo
+    aggregation: str
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dynamic_sampling: bool = False
+    overlong_cache_frac: float = 0.0  # L_cache = frac * max_new_tokens
+
+
+ALGORITHMS: Dict[str, AlgoSpec] = {
+    "grpo": AlgoSpec("grpo", "grpo", "seq_mean"),
+    "dr_grpo": AlgoSpec("dr_grpo", "grpo", "seq_mean_fixed_len"),
+    "dapo": AlgoSpec("grpo", "grpo", "token_mean", eps_high=0.28, dynamic_sampling=True, overlong_cache_frac=0.25),
+    "gspo": AlgoSpec("grpo", "gspo", "seq_mean", eps_low=3e-4, eps_high=4e-4),
+    "cispo": AlgoSpec("grpo", "cispo", "token_mean", eps_low=1.0, eps_high=5.0),
+    "sapo": AlgoSpec("grpo", "sapo", "token_mean"),
+    "rloo": AlgoSpec("rloo", "rloo", "token_mean"),
+    "reinforce": AlgoSpec("reinforce", "reinforce", "token_mean"),
+}
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclass
+class ResolvedOptions:
+    """The options one run uses, None fields resolved (shared with PPO)."""
+
+    advantage: str
+    loss_algo: str
+    aggregation: str
+    eps_low: float
+    eps_high: float
+    dual_clip: Optional[float]
+    beta: float
+    kl_kind: str
+    kl_in: str
+    kl_clamp: Optional[float]
+    c_ent: float
+    tis_cap: Optional[float]
+    steps_per_rollout: int
+    mini_batches: int
+    dynamic_sampling: bool = False
+    resample_rounds: int = 0
+    overlong_cache_len: int = 0
+    whiten: bool = False
+    adv_eps: float = 1e-4
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+
+def resolve_pg_options(cfg: PolicyGradientConfig, rollout: RolloutConfig) -> ResolvedOptions:
+    """[pg] with None fields filled from ALGORITHMS[cfg.algo]; raises ValueError naming bad keys."""
+    if cfg.algo not in ALGORITHMS:
+        raise ValueError(f"pg.algo: expected one of {sorted(ALGORITHMS)}, got {cfg.algo!r}")
+    check_policy_options("pg", cfg)
+    if isinstance(cfg.iterations, bool) or not isinstance(cfg.iterations, int) or cfg.iterations < 1:
+        raise ValueError(f"pg.iterations: expected an int >= 1, got {cfg.iterations!r}")
+    spec = ALGORITHMS[cfg.algo]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    dynamic = pick(cfg.dynamic_sampling, spec.dynamic_sampling)
+    if spec.advantage in GROUP_ADVANTAGES and rollout.group_size < 2:
+        raise ValueError(f"rollout.group_size: algo {cfg.algo!r} compares completions within a group and needs "
+                         f"group_size >= 2, got {rollout.group_size}")
+    if dynamic and rollout.group_size < 2:
+        raise ValueError(f"pg.dynamic_sampling: needs rollout.group_size >= 2, got {rollout.group_size}")
+    cache = pick(cfg.overlong_cache_len, int(spec.overlong_cache_frac * rollout.max_new_tokens))
+    if isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= rollout.max_new_tokens:
+        raise ValueError(f"pg.overlong_cache_len: expected an int in [0, rollout.max_new_tokens="
+                         f"{rollout.max_new_tokens}], got {cache!r}")
+    return ResolvedOptions(
+        advantage=spec.advantage, loss_algo=spec.loss_algo, aggregation=pick(cfg.aggregation, spec.aggregation),
+        eps_low=pick(cfg.eps_low, spec.eps_low), eps_high=pick(cfg.eps_high, spec.eps_high),
+        dual_clip=cfg.dual_clip, beta=cfg.beta, kl_kind=cfg.kl_kind, kl_in=cfg.kl_in, kl_clamp=cfg.kl_clamp,
+        c_ent=cfg.c_ent, tis_cap=cfg.tis_cap, steps_per_rollout=cfg.iterations * cfg.mini_batches,
+        mini_batches=cfg.mini_batches, dynamic_sampling=dynamic, resample_rounds=cfg.resample_rounds,
+        overlong_cache_len=cache, whiten=cfg.whiten, adv_eps=cfg.adv_eps, tau_pos=cfg.tau_pos,
+        tau_neg=cfg.tau_neg)

@@ -42,7 +42,7 @@ def records(prompts=PROMPTS):
 
 
 def rollout_cfg(**overrides) -> RolloutConfig:
-    base = dict(prompts_per_rollout=8, group_size=4, max_new_tokens=5, token_budget=128, verifier=REWARD)
+    base = dict(prompts_per_rollout=8, group_size=4, max_new_tokens=4, token_budget=128, verifier=REWARD)
     return RolloutConfig(**{**base, **overrides})
 
 
@@ -60,13 +60,14 @@ def train_cfg(steps: int, lr: float = 1e-2) -> TrainConfig:
     return cfg
 
 
-def pg_stage(tok, *, algo="grpo", rollout=None, verifier=REWARD, ref_model=None, **pg):
+def pg_stage(tok, *, algo="grpo", rollout=None, verifier=REWARD, ref_model=None, evaluate=False, **pg):
     from fusedrl.engine.stages.policy_gradient import PolicyGradientStage, resolve_pg_options
 
     rollout = rollout or rollout_cfg()
     options = resolve_pg_options(PolicyGradientConfig(algo=algo, **pg), rollout)
     return PolicyGradientStage(records=records(), tokenizer=tok, rollout=rollout, options=options,
-                               rewards=rewards(verifier), eval_records=records()[:4], ref_model=ref_model, seed=0,
+                               rewards=rewards(verifier), eval_records=records()[:4] if evaluate else None,
+                               ref_model=ref_model, seed=0,
                                name=algo)
 
 

@@ -67,8 +67,8 @@ def test_ppo_raises_the_reward_and_trains_the_critic(tmp_path):
         if "reward_mean" in record:
             rewards.append(record["reward_mean"])
 
-    train(model, stage, T.train_cfg(16), run_dir=tmp_path, on_step_end=on_step_end)
-    assert len(rewards) == 8  # a rollout every epochs * mini_batches = 2 steps
+    train(model, stage, T.train_cfg(12), run_dir=tmp_path, on_step_end=on_step_end)
+    assert len(rewards) == 6  # a rollout every epochs * mini_batches = 2 steps
     assert sum(rewards[-2:]) / 2 > sum(rewards[:2]) / 2 + 0.25, rewards
     assert not torch.equal(stage.value_model.score.weight, head_before)  # the critic's own optimizer stepped
     for key in ("value_loss", "vf_clip_frac", "value_grad_norm", "kl_ref", "kl_reward", "clip_frac", "time_logprobs"):

@@ -40,7 +40,6 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
@@ -48,94 +47,13 @@ import torch
 from fusedrl.engine.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.engine.rollout import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
                                     policy_logprobs, rollout_metrics, sample_rollout, shape_rewards, token_forward)
-from fusedrl.engine.stage_configs_rl import PolicyGradientConfig, RolloutConfig, check_policy_options, check_rollout
+from fusedrl.engine.stage_configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
+                                              resolve_pg_options)
 from fusedrl.engine.stages.base import BaseStage
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty, policy_loss,
                              rloo_advantages, whiten)
 
 logger = logging.getLogger("fusedrl")
-
-
-@dataclass(frozen=True)
-class AlgoSpec:
-    """The defaults an algorithm fixes (see the module docstring's table)."""
-
-    advantage: str  # grpo | dr_grpo | rloo | reinforce | gae (PPO)
-    loss_algo: str  # a policy_loss algo
-    aggregation: str
-    eps_low: float = 0.2
-    eps_high: float = 0.2
-    dynamic_sampling: bool = False
-    overlong_cache_frac: float = 0.0  # L_cache = frac * max_new_tokens
-
-
-ALGORITHMS: Dict[str, AlgoSpec] = {
-    "grpo": AlgoSpec("grpo", "grpo", "seq_mean"),
-    "dr_grpo": AlgoSpec("dr_grpo", "grpo", "seq_mean_fixed_len"),
-    "dapo": AlgoSpec("grpo", "grpo", "token_mean", eps_high=0.28, dynamic_sampling=True, overlong_cache_frac=0.25),
-    "gspo": AlgoSpec("grpo", "gspo", "seq_mean", eps_low=3e-4, eps_high=4e-4),
-    "cispo": AlgoSpec("grpo", "cispo", "token_mean", eps_low=1.0, eps_high=5.0),
-    "sapo": AlgoSpec("grpo", "sapo", "token_mean"),
-    "rloo": AlgoSpec("rloo", "rloo", "token_mean"),
-    "reinforce": AlgoSpec("reinforce", "reinforce", "token_mean"),
-}
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
-
-
-@dataclass
-class ResolvedOptions:
-    """The options one run uses, None fields resolved (shared with PPO)."""
-
-    advantage: str
-    loss_algo: str
-    aggregation: str
-    eps_low: float
-    eps_high: float
-    dual_clip: Optional[float]
-    beta: float
-    kl_kind: str
-    kl_in: str
-    kl_clamp: Optional[float]
-    c_ent: float
-    tis_cap: Optional[float]
-    steps_per_rollout: int
-    mini_batches: int
-    dynamic_sampling: bool = False
-    resample_rounds: int = 0
-    overlong_cache_len: int = 0
-    whiten: bool = False
-    adv_eps: float = 1e-4
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-
-
-def resolve_pg_options(cfg: PolicyGradientConfig, rollout: RolloutConfig) -> ResolvedOptions:
-    """[pg] with None fields filled from ALGORITHMS[cfg.algo]; raises ValueError naming bad keys."""
-    if cfg.algo not in ALGORITHMS:
-        raise ValueError(f"pg.algo: expected one of {sorted(ALGORITHMS)}, got {cfg.algo!r}")
-    check_policy_options("pg", cfg)
-    if isinstance(cfg.iterations, bool) or not isinstance(cfg.iterations, int) or cfg.iterations < 1:
-        raise ValueError(f"pg.iterations: expected an int >= 1, got {cfg.iterations!r}")
-    spec = ALGORITHMS[cfg.algo]
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    dynamic = pick(cfg.dynamic_sampling, spec.dynamic_sampling)
-    if spec.advantage in GROUP_ADVANTAGES and rollout.group_size < 2:
-        raise ValueError(f"rollout.group_size: algo {cfg.algo!r} compares completions within a group and needs "
-                         f"group_size >= 2, got {rollout.group_size}")
-    if dynamic and rollout.group_size < 2:
-        raise ValueError(f"pg.dynamic_sampling: needs rollout.group_size >= 2, got {rollout.group_size}")
-    cache = pick(cfg.overlong_cache_len, int(spec.overlong_cache_frac * rollout.max_new_tokens))
-    if isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= rollout.max_new_tokens:
-        raise ValueError(f"pg.overlong_cache_len: expected an int in [0, rollout.max_new_tokens="
-                         f"{rollout.max_new_tokens}], got {cache!r}")
-    return ResolvedOptions(
-        advantage=spec.advantage, loss_algo=spec.loss_algo, aggregation=pick(cfg.aggregation, spec.aggregation),
-        eps_low=pick(cfg.eps_low, spec.eps_low), eps_high=pick(cfg.eps_high, spec.eps_high),
-        dual_clip=cfg.dual_clip, beta=cfg.beta, kl_kind=cfg.kl_kind, kl_in=cfg.kl_in, kl_clamp=cfg.kl_clamp,
-        c_ent=cfg.c_ent, tis_cap=cfg.tis_cap, steps_per_rollout=cfg.iterations * cfg.mini_batches,
-        mini_batches=cfg.mini_batches, dynamic_sampling=dynamic, resample_rounds=cfg.resample_rounds,
-        overlong_cache_len=cache, whiten=cfg.whiten, adv_eps=cfg.adv_eps, tau_pos=cfg.tau_pos,
-        tau_neg=cfg.tau_neg)
 
 
 class PolicyGradientStage(BaseStage):
@@ -155,6 +73,7 @@ class PolicyGradientStage(BaseStage):
     """
 
     name = "pg"
+    value_forward = False  # PPO: a value-model forward at every rollout
 
     def __init__(self, *, records: List[dict], tokenizer, rollout: RolloutConfig, options: ResolvedOptions,
                  rewards: RewardSource, eval_records: Optional[List[dict]] = None, ref_model=None, seed: int = 0,
@@ -217,26 +136,30 @@ class PolicyGradientStage(BaseStage):
         device = next(model.parameters()).device
         tau = self.rollout.temperature
         need_old = self.opt.steps_per_rollout > 1 or self.opt.tis_cap is not None
-        with timer("logprobs"):
-            if need_old or self.opt.beta > 0:
-                exp.tok["old_logp"] = token_forward(exp, lambda b: policy_logprobs(model, b, tau), self.rollout.token_budget,
-                                                    device)
-            if self.opt.beta > 0:
-                ref = self._reference(model)
-                exp.tok["ref_logp"] = token_forward(exp, lambda b: policy_logprobs(ref, b, tau), self.rollout.token_budget,
-                                                    device)
-            self._extra_forwards(exp, device)
+        budget, forwards = self.rollout.token_budget, 0
+        if need_old or self.opt.beta > 0 or self.value_forward:
+            with timer("logprobs"):
+                if need_old or self.opt.beta > 0:
+                    exp.tok["old_logp"] = token_forward(exp, lambda b: policy_logprobs(model, b, tau), budget, device)
+                    forwards += 1
+                if self.opt.beta > 0:
+                    ref = self._reference(model)
+                    exp.tok["ref_logp"] = token_forward(exp, lambda b: policy_logprobs(ref, b, tau), budget, device)
+                    forwards += 1
+                forwards += self._extra_forwards(exp, device)
         with timer("advantages"):
             self._advantages(exp, rollout)
         if not need_old:
             exp.tok.pop("old_logp", None)  # computed only for the KL to the reference
         self._host.update(rollout_metrics(everything, kept, dropped))
         self._host["rollout_tokens"] = float(sum(len(e) for e in exp.examples))
+        self._host["forward_tokens"] = forwards * self._host["rollout_tokens"]
         self._host["generated_tokens"] = float(sum(exp.completion_lengths()))
         return exp
 
-    def _extra_forwards(self, exp: Experience, device) -> None:
-        """Hook for more rollout-time forwards (PPO's values)."""
+    def _extra_forwards(self, exp: Experience, device) -> int:
+        """Hook for more rollout-time forwards (PPO's values); returns how many passes it made."""
+        return 0
 
     def _sample_and_score(self, model, timer: Timer):
         """Sample and score P groups; with dynamic sampling keep only groups with distinct rewards."""
@@ -343,7 +266,7 @@ class PolicyGradientStage(BaseStage):
     def _timing_metrics(self, timer: Timer) -> Dict[str, float]:
         out = {}
         for phase, tokens_key in (("generate", "generated_tokens"), ("score", "rollout_tokens"),
-                                  ("logprobs", "rollout_tokens")):
+                                  ("logprobs", "forward_tokens")):
             if phase in timer.seconds:
                 seconds = timer.seconds[phase]
                 out[f"time_{phase}"] = seconds

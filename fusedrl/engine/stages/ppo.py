@@ -73,6 +73,7 @@ class PPOStage(PolicyGradientStage):
     """
 
     name = "ppo"
+    value_forward = True
 
     def __init__(self, *, value_model, ppo: PPOConfig, max_grad_norm: Optional[float] = 1.0, **kwargs):
         super().__init__(**kwargs)
@@ -112,8 +113,9 @@ class PPOStage(PolicyGradientStage):
 
     # ------------------------------------------------------------------ rollout-time values and GAE
 
-    def _extra_forwards(self, exp: Experience, device) -> None:
+    def _extra_forwards(self, exp: Experience, device) -> int:
         exp.tok["old_values"] = token_forward(exp, self.value_model.token_values, self.rollout.token_budget, device)
+        return 1
 
     def _advantages(self, exp: Experience, rollout: Rollout) -> None:
         cu_seqlens = exp.completion_cu_seqlens()
