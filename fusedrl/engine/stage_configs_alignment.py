@@ -115,8 +115,12 @@ MINIMUM = {"reward_model.eval_micro_batches": 0, "rejection.num_samples": 1, "re
            "dpo.eval_micro_batches": 0}
 
 
-def check_section(section, name: str) -> None:
-    """Validate one of these tables; raise ValueError naming "name.field", the value and what is expected."""
+def check_section(section, name: str, *, require_scorer: bool = True) -> None:
+    """Validate one of these tables; raise ValueError naming "name.field", the value and what is expected.
+
+    require_scorer: for "rejection", demand exactly one of reward_model / verifier
+    (False when the caller passes its own scorer).
+    """
     for f in fields(section):
         key, value = f"{name}.{f.name}", getattr(section, f.name)
         if key in CHOICES and value not in CHOICES[key]:
@@ -129,7 +133,7 @@ def check_section(section, name: str) -> None:
         if section.label_noise > 0.5:
             raise ValueError(f"dpo.label_noise: expected a value in [0, 0.5], got {section.label_noise!r}")
     if name == "rejection":
-        if (section.reward_model is None) == (section.verifier is None):
+        if require_scorer and (section.reward_model is None) == (section.verifier is None):
             raise ValueError(f"rejection.reward_model / rejection.verifier: set exactly one, got "
                              f"reward_model={section.reward_model!r}, verifier={section.verifier!r}")
         if not section.temperature > 0:
