@@ -30,12 +30,12 @@ from typing import Any, Dict, List
 
 import torch
 
-from fusedrl.engine.config import apply_override
+from fusedrl.engine.config import TrainConfig, apply_override
 from fusedrl.engine.loop import train
 from fusedrl.engine.metrics import read_metrics, write_plots
 from fusedrl.engine.model import save_model
 from fusedrl.engine.scalar_head import ScalarHeadModel
-from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig, check_section
+from fusedrl.engine.stage_configs_alignment import DPOConfig, RejectionConfig, RewardModelConfig, check_section
 from fusedrl.engine.stages.dpo import build_dpo_stage
 from fusedrl.engine.stages.rejection import build_rejection_stage
 from fusedrl.engine.stages.reward_model import build_reward_model_stage
@@ -54,6 +54,15 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
         "optim.lr": 2e-4, "schedule.warmup_steps": 0, "dpo.loss": "dpo", "dpo.beta": 0.1}},
 }
 MAX_PAIRS = 600  # preference pairs made from the training split (at most)
+
+
+@dataclasses.dataclass
+class AlignmentTrainConfig(TrainConfig):
+    """TrainConfig plus the [reward_model], [rejection] and [dpo] tables (until TrainConfig has them)."""
+
+    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
+    rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
+    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
 
 # ----------------------------------------------------------------------------- data

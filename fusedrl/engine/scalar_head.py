@@ -189,7 +189,7 @@ class ScalarHeadModel(nn.Module):
     # ------------------------------------------------------------------ save
 
     def save_pretrained(self, path, tokenizer=None) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (keys ``model.*``, ``score.*``), and the tokenizer if given."""
+        """Write ``config.json``, ``model.safetensors`` (keys ``model.*``, ``score.*``) and the tokenizer if given."""
         from safetensors.torch import save_file
 
         path = Path(path)
@@ -240,7 +240,8 @@ def _load_saved_head(name_or_path, config, dtype) -> nn.Linear:
                          f"was found in its safetensors files {[f.name for f in files]}")
     weight = tensors["score.weight"]
     if tuple(weight.shape) != (1, config.hidden_size):
-        raise ValueError(f"name_or_path: score.weight has shape {tuple(weight.shape)}, expected (1, {config.hidden_size})")
+        raise ValueError(f"name_or_path: score.weight has shape {tuple(weight.shape)}, "
+                         f"expected (1, {config.hidden_size})")
     score = nn.Linear(config.hidden_size, 1, bias="score.bias" in tensors, dtype=dtype)
     with torch.no_grad():
         score.weight.copy_(weight)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 
 from fusedrl.engine.config import load_config
 from fusedrl.engine.model import build_model
-from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig
+from fusedrl.engine.demo_alignment import AlignmentTrainConfig
 from fusedrl.engine.tokenizer import build_char_tokenizer
 
 TOKENIZER = build_char_tokenizer("abcdefghxyz: ")
@@ -42,3 +43,12 @@ def config(**sections):
         for key, value in values.items():
             pairs.append((f"{section}.{key}", value if isinstance(value, str) else repr(value).replace("'", '"')))
     return load_config(None, pairs, cls=AlignmentTrainConfig)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one intra-op thread (more threads spin when the cores are shared)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

@@ -6,12 +6,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from fusedrl.engine.demo_alignment import (ALIGNMENT_STEPS, corrupt, preference_pairs, rm_agreement,
-                                           stage_config)
+from fusedrl.engine.demo_alignment import (ALIGNMENT_STEPS, AlignmentTrainConfig, corrupt, preference_pairs,
+                                           rm_agreement, stage_config)
 from fusedrl.engine.scalar_head import ScalarHeadModel
-from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig
 from fusedrl.engine.tasks import TaskConfig, make_split
-from tests.engine._alignment_helpers import TINY, tiny_lm
+from tests.engine._alignment_helpers import TINY, one_thread  # noqa: F401 (autouse fixture)
 from fusedrl.engine.tokenizer import build_char_tokenizer
 
 

@@ -13,6 +13,7 @@ from fusedrl.engine.stages.dpo import (DPOStage, attach_reference, build_dpo_sta
 from fusedrl.engine.stages.groups import GroupedDataset
 from tests.conftest import assert_close
 from tests.engine._alignment_helpers import TOKENIZER, config, preference_records, tiny_lm
+from tests.engine._alignment_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def write_jsonl(path, records):

@@ -12,6 +12,7 @@ from fusedrl.engine.stages.rejection import (best_of_n, build_rejection_stage, l
                                             sample_completions, score_completions, select, select_best_per_prompt,
                                             select_random, select_top_k)
 from tests.engine._alignment_helpers import TOKENIZER, config, tiny_lm
+from tests.engine._alignment_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 REWARDS = torch.tensor([[0.1, 0.9, 0.3],
                         [0.7, 0.2, 0.8],

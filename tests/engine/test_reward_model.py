@@ -12,6 +12,7 @@ from fusedrl.engine.stages.reward_model import (RewardModelStage, build_reward_m
                                                pair_scores, pairwise_accuracy, reward_model_data)
 from fusedrl.engine.tokenizer import build_char_tokenizer
 from tests.engine._alignment_helpers import TOKENIZER, config, preference_records, tiny_lm
+from tests.engine._alignment_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 
 def write_jsonl(path, records):

@@ -9,6 +9,7 @@ from fusedrl.engine.data import Example, pack_examples
 from fusedrl.engine.model import build_model, save_model
 from fusedrl.engine.scalar_head import ScalarHeadModel, last_token_index
 from tests.conftest import assert_close
+from tests.engine._alignment_helpers import one_thread  # noqa: F401 (autouse fixture)
 
 TINY = {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 61, "max_position_embeddings": 64}

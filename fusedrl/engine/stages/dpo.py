@@ -18,7 +18,7 @@ the reference model is released before the first step. With `dpo.reference`
 unset the reference is the policy's own starting weights, so no second model
 is ever held; SimPO and ORPO load no reference at all.
 
-    fusedrl train examples/dpo_qwen2_0.5b.toml       # [run] stage = "dpo"
+    fusedrl train CONFIG.toml     # [run] stage = "dpo"; a Qwen2-0.5B example: docs/alignment_stages.md
 """
 from __future__ import annotations
 
@@ -111,7 +111,8 @@ class DPOStage(BaseStage):
         if not isinstance(dataset, GroupedDataset):
             raise TypeError(f"dataset: expected a GroupedDataset, got {type(dataset).__name__}")
         if loss != "kto" and dataset.group_size != 2:
-            raise ValueError(f"dataset: loss {loss!r} needs [chosen, rejected] pairs, got groups of {dataset.group_size}")
+            raise ValueError(f"dataset: loss {loss!r} needs [chosen, rejected] pairs, "
+                             f"got groups of {dataset.group_size}")
         if loss not in REFERENCE_FREE and "ref_logp" not in dataset.extras[0]:
             raise ValueError(f"dataset: loss {loss!r} needs reference log-probs ('ref_logp' extras); "
                              f"compute them with reference_logprobs(...)")
@@ -257,7 +258,8 @@ def build_dpo_stage(cfg, model, tokenizer) -> DPOStage:
     """The direct-alignment stage of a config with a ``dpo`` table (reference log-probs computed here)."""
     dpo_cfg = getattr(cfg, "dpo", None)
     if dpo_cfg is None:
-        raise ValueError("dpo: the config has no [dpo] table (use AlignmentTrainConfig)")
+        raise ValueError("dpo: the config has no [dpo] table "
+                         "(use fusedrl.engine.demo_alignment.AlignmentTrainConfig)")
     check_section(dpo_cfg, "dpo")
     data = cfg.data
     if not data.train:

@@ -188,7 +188,8 @@ def tokenize_groups(records: List[dict], tokenizer, *, max_len: int, overlong: s
         elif "chosen" in record and "rejected" in record:
             completions = [record["chosen"], record["rejected"]]
         else:
-            raise ValueError(f"records[{r}]: expected 'chosen' and 'rejected', or 'completions'; got keys {sorted(record)}")
+            raise ValueError(f"records[{r}]: expected 'chosen' and 'rejected', or 'completions'; "
+                             f"got keys {sorted(record)}")
         members = []
         for completion in completions:
             example = tokenize_sft({"prompt": record["prompt"], "completion": completion}, tokenizer,

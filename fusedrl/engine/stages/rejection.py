@@ -14,7 +14,7 @@ scores are cached as JSON under ``rejection.cache_dir``, keyed by a hash of the
 sampling settings, the policy's weights and the prompts (scores also by the
 scorer), so a resumed or repeated run samples nothing twice.
 
-    fusedrl train examples/rejection_qwen2_0.5b.toml      # [run] stage = "rejection"
+    fusedrl train CONFIG.toml     # [run] stage = "rejection"; a Qwen2-0.5B example: docs/alignment_stages.md
     texts, scores = best_of_n(model, tokenizer, records, scorer, n=8, max_new_tokens=64)
 """
 from __future__ import annotations
@@ -273,7 +273,8 @@ def build_rejection_stage(cfg, model, tokenizer, *, scorer: Optional[Scorer] = N
     """
     rs_cfg = getattr(cfg, "rejection", None)
     if rs_cfg is None:
-        raise ValueError("rejection: the config has no [rejection] table (use AlignmentTrainConfig)")
+        raise ValueError("rejection: the config has no [rejection] table "
+                         "(use fusedrl.engine.demo_alignment.AlignmentTrainConfig)")
     check_section(rs_cfg, "rejection", require_scorer=scorer is None)
     data = cfg.data
     if not data.train:

@@ -13,7 +13,7 @@ Data: ``prompt``/``chosen``/``rejected`` records (K = 2), ``prompt``/``completio
 records (K completions best first) or, for "outcome", ``prompt``/``completion``/``label``.
 Evaluation on data.eval: pairwise accuracy and mean margin (outcome: label accuracy).
 
-    fusedrl train examples/reward_model_qwen2_0.5b.toml     # [run] stage = "reward_model"
+    fusedrl train CONFIG.toml     # [run] stage = "reward_model"; a Qwen2-0.5B example: docs/alignment_stages.md
 """
 from __future__ import annotations
 
@@ -212,7 +212,8 @@ def build_reward_model_stage(cfg, model, tokenizer) -> RewardModelStage:
     (build it with ``build_reward_model``)."""
     rm_cfg = getattr(cfg, "reward_model", None)
     if rm_cfg is None:
-        raise ValueError("reward_model: the config has no [reward_model] table (use AlignmentTrainConfig)")
+        raise ValueError("reward_model: the config has no [reward_model] table "
+                         "(use fusedrl.engine.demo_alignment.AlignmentTrainConfig)")
     check_section(rm_cfg, "reward_model")
     if not isinstance(model, ScalarHeadModel):
         raise TypeError(f"model: the reward-model stage trains a ScalarHeadModel, got {type(model).__name__}; "
