@@ -134,3 +134,29 @@ def test_builder_with_a_reward_model_and_no_reference(tmp_path, monkeypatch):
     from fusedrl.engine.rollout import reward_model_scores
 
     torch.testing.assert_close(exp.seq["rewards"], reward_model_scores(saved, exp.examples, 64))
+
+
+def test_resume_mid_rollout_through_the_loop_equals_an_uninterrupted_run(tmp_path):
+    """Checkpoint after step 1 of a 2-step rollout batch, resume, and end with the same policy and critic."""
+    def fresh():
+        tok = T.tokenizer()
+        model = T.tiny_policy(tok)
+        stage = T.ppo_stage(tok, model, epochs=2, mini_batches=1, beta=0.05,
+                            rollout=T.rollout_cfg(prompts_per_rollout=4))
+        return model, stage
+
+    model_a, stage_a = fresh()
+    train(model_a, stage_a, T.train_cfg(3), run_dir=tmp_path / "a")
+    stage_a.finish()
+    model_b, stage_b = fresh()
+    train(model_b, stage_b, T.train_cfg(1), run_dir=tmp_path / "b")
+    model_c, stage_c = fresh()
+    with torch.no_grad():  # the resumed run must not depend on its own initial weights
+        for p in model_c.parameters():
+            p.add_(0.1)
+    train(model_c, stage_c, T.train_cfg(3), run_dir=tmp_path / "b", resume=True)
+    stage_c.finish()
+    for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
+    for (name, a), c in zip(stage_a.value_model.state_dict().items(), stage_c.value_model.state_dict().values()):
+        torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)

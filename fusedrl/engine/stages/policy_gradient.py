@@ -86,9 +86,11 @@ class PolicyGradientStage(BaseStage):
         self.rewards, self.eval_records = rewards, list(eval_records or [])
         self.normalize_by = "tokens" if options.aggregation == "token_mean" else "sequences"
         self.ref_model = ref_model if options.beta > 0 else None
+        self._ref_is_copy, self._ref_state = False, None
         self.prompts = PromptSampler(len(self.records), seed)
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
+        self._generator_state: Optional[torch.Tensor] = None  # restored from a checkpoint, applied on creation
         self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage == "reinforce" else None
         self.exp: Optional[Experience] = None
         self.rollouts_done = 0
@@ -171,7 +173,7 @@ class PolicyGradientStage(BaseStage):
                 indices = self.prompts.next(r.prompts_per_rollout)
                 part = sample_rollout(model, self.tokenizer, self.records, indices, group_size=r.group_size,
                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                      top_k=r.top_k, generator=self.generator)
+                                      top_k=r.top_k, generator=self._sampling_generator(model))
             with timer("score"):
                 raw = self.rewards(part, self.records)
                 part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids],
@@ -197,13 +199,31 @@ class PolicyGradientStage(BaseStage):
             kept_parts = [parts[-1]]
         return Rollout.concat(kept_parts), everything, kept, dropped
 
+    def _sampling_generator(self, model) -> torch.Generator:
+        """The sampler's random stream, on the policy's device (multinomial needs them to match)."""
+        device = next(model.parameters()).device
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            if self._generator_state is not None:
+                self.generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self.generator
+
     # ------------------------------------------------------------------ advantages
 
     def _reference(self, model):
-        """The frozen reference: given, or a copy of the policy made the first time it is needed."""
+        """The frozen reference: given, or a copy of the policy made the first time it is needed.
+
+        A copy is saved in `state_dict()` (a resumed run must not copy the trained policy); pass
+        ref_model (or set model.name_or_path in a config) to keep it out of checkpoints.
+        """
         if self.ref_model is None:
             self.ref_model = copy.deepcopy(model)
             self.ref_model.requires_grad_(False)
+            self._ref_is_copy = True
+            if self._ref_state is not None:
+                self.ref_model.load_state_dict(self._ref_state)
+                self._ref_state = None
         return self.ref_model
 
     def _sequence_kl(self, exp: Experience) -> torch.Tensor:
@@ -304,20 +324,28 @@ class PolicyGradientStage(BaseStage):
         return result
 
     def state_dict(self) -> dict:
-        state = {"prompts": self.prompts.state_dict(), "generator": self.generator.get_state(),
+        generator = self.generator.get_state() if self.generator is not None else self._generator_state
+        state = {"prompts": self.prompts.state_dict(), "generator": generator,
                  "rollouts_done": self.rollouts_done,
                  "experience": self.exp.state_dict() if self.exp is not None else {}}
         if self.baseline is not None and self.baseline.mean is not None:
             state["baseline"] = {"mean": self.baseline.mean, "count": self.baseline.count}
+        if self._ref_is_copy or self._ref_state is not None:
+            state["reference"] = self.ref_model.state_dict() if self._ref_is_copy else self._ref_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.prompts.load_state_dict(state["prompts"])
-        self.generator.set_state(state["generator"])
+        self.generator, self._generator_state = None, state["generator"]
         self.rollouts_done = int(state["rollouts_done"])
         self.exp = Experience.from_state_dict(state["experience"]) if state["experience"] else None
         if "baseline" in state and self.baseline is not None:
             self.baseline.mean, self.baseline.count = state["baseline"]["mean"], state["baseline"]["count"]
+        if "reference" in state:
+            if self.ref_model is not None and self._ref_is_copy:
+                self.ref_model.load_state_dict(state["reference"])
+            elif self.ref_model is None:
+                self._ref_state = state["reference"]  # applied when the copy is made
 
 
 # ----------------------------------------------------------------------------- builders
