@@ -22,6 +22,18 @@ from typing import List, Optional
 logger = logging.getLogger("fusedrl")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler that looks up sys.stderr at each write (it may be replaced, e.g. by pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     """Log "fusedrl" messages on rank 0 only; rich formatting on a terminal."""
     from fusedrl.engine.metrics import is_rank0
@@ -29,20 +41,19 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("fusedrl")
     if root.handlers:
         return
-    if not is_rank0():
+    if not is_rank0():  # other ranks stay quiet except for errors
         root.addHandler(logging.NullHandler())
-        root.propagate = False
+        root.setLevel(logging.ERROR)
         return
     if sys.stderr.isatty():
         from rich.logging import RichHandler
         handler = RichHandler(show_path=False, markup=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
     root.addHandler(handler)
     root.setLevel(level)
-    root.propagate = False
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -24,7 +24,7 @@ logger = logging.getLogger("fusedrl")
 
 # Keys shown first on the console line, in this order; the rest follow alphabetically.
 _CONSOLE_ORDER = ("loss", "grad_norm", "lr", "tokens_per_s", "memory_gb")
-_NOT_PLOTTED = ("kind", "step", "skipped_steps", "nonfinite")
+_NOT_PLOTTED = ("kind", "step", "skipped_steps", "nonfinite", "micro_batches", "epoch")
 
 
 def is_rank0() -> bool:

@@ -102,6 +102,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
     if is_rank0():
         _write_config(cfg, run_dir, resume)
     seed_everything(cfg.run.seed)
+    if cfg.run.num_threads:
+        torch.set_num_threads(cfg.run.num_threads)
     device = resolve_device(cfg.run.device)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     model = model if model is not None else build_policy(cfg.model, tokenizer, device)

@@ -1,0 +1,56 @@
+"""`fusedrl demo --quick`: a run folder with a report, plots and metrics, and the task score rises."""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from fusedrl.engine.cli import main
+from fusedrl.engine.config import load_config
+from fusedrl.engine.demo import DemoConfig, default_demo_config
+from fusedrl.engine.plot import read_png
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_quick_raises_the_task_score(tmp_path):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--logging.progress=false"]) == 0
+    scores = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s["stage"] for s in scores] == ["init", "sft"]
+    assert scores[1]["task_score"] > scores[0]["task_score"] + 0.05, scores
+
+    report = (out / "report.md").read_text()
+    assert "## Task score by stage" in report
+    assert f"| sft | {scores[1]['task_score']:.3f} |" in report
+    assert f"| init (untrained) | {scores[0]['task_score']:.3f} |" in report
+    for image in ("plots/task_score.png", "sft/plots/loss.png", "sft/plots/eval_task_score.png"):
+        assert f"]({image})" in report, image
+        pixels = read_png(out / image)
+        assert pixels.shape == (400, 640, 3) and (pixels != 255).any(axis=2).mean() > 0.01, image
+
+    sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in sft if r["kind"] == "eval"]
+    assert evals[-1]["eval/loss"] < evals[0]["eval/loss"]
+    assert (out / "sft" / "final" / "model.safetensors").exists()
+    assert np.isfinite([r["loss"] for r in sft if r["kind"] == "train"]).all()
+
+
+def test_examples_parse_and_demo_toml_equals_the_built_in_config():
+    assert load_config(ROOT / "examples" / "demo.toml", cls=DemoConfig) == default_demo_config()
+    for name in ("sft_qwen2_0.5b.toml", "sft_tiny.toml"):
+        cfg = load_config(ROOT / "examples" / name)
+        assert cfg.run.stage == "sft"
+
+
+def test_cli_bench_config_and_errors(tmp_path, capsys, caplog):
+    assert main(["bench", "--list"]) == 0
+    assert "logprobs" in capsys.readouterr().out
+    assert main(["config"]) == 0
+    assert "[optim]" in capsys.readouterr().out
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[loop]\nmax_steps = 'many'\n")
+    assert main(["train", str(bad)]) == 2
+    assert "loop.max_steps: expected int" in caplog.text
+    bad.write_text("[loop]\nmax_steps = 3\n")
+    assert main(["train", str(bad), "--optim.lrr=1"]) == 2
+    assert "unknown config key 'optim.lrr'" in caplog.text
