@@ -41,6 +41,11 @@ def setup_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger("fusedrl")
     if root.handlers:
         return
+    try:  # transformers' per-save progress bars would interleave with the step lines
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
     if not is_rank0():  # other ranks stay quiet except for errors
         root.addHandler(logging.NullHandler())
         root.setLevel(logging.ERROR)

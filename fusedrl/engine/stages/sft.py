@@ -11,7 +11,7 @@ logits are never materialised.
 Run it:
 
     fusedrl train examples/sft_qwen2_0.5b.toml                      # one GPU
-    fusedrl train examples/demo.toml --run.out_dir=runs/sft-cpu      # the demo's SFT on CPU
+    fusedrl train examples/sft_tiny.toml                             # the demo model on CPU
 """
 from __future__ import annotations
 
