@@ -245,9 +245,7 @@ def train(
     total = cfg.loop.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    state = TrainState()
-    if resume:
-        state = _resume(run_dir, model, optimizer, scheduler, stage)
+    state = _resume(run_dir, model, optimizer, scheduler, stage) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every)
@@ -272,12 +270,7 @@ def train(
                 result.last_metrics = record
                 if on_step_end is not None:
                     on_step_end(state.step, record)
-                if state.nonfinite_in_a_row >= cfg.loop.max_nonfinite_in_a_row:
-                    raise NonFiniteError(
-                        f"stopping at step {state.step}: {state.nonfinite_in_a_row} steps in a row had a "
-                        f"non-finite loss or gradient (last: loss={record['loss']}, grad_norm={record['grad_norm']}; "
-                        f"{state.skipped_steps} skipped in all). Lower optim.lr, check the data, or raise "
-                        "loop.max_nonfinite_in_a_row.")
+                _check_nonfinite(state, record, cfg.loop.max_nonfinite_in_a_row)
                 if cfg.loop.eval_every and state.step % cfg.loop.eval_every == 0 and state.step < total:
                     evaluate_now()
                 if stop.signal is not None:
@@ -292,6 +285,14 @@ def train(
     finally:
         metrics.close()
     return result
+
+
+def _check_nonfinite(state: TrainState, record: Dict[str, float], limit: int) -> None:
+    if state.nonfinite_in_a_row >= limit:
+        raise NonFiniteError(
+            f"stopping at step {state.step}: {state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+            f"or gradient (last: loss={record['loss']}, grad_norm={record['grad_norm']}; {state.skipped_steps} "
+            "skipped in all). Lower optim.lr, check the data, or raise loop.max_nonfinite_in_a_row.")
 
 
 def _run_step(model, stage, optimizer, scheduler, cfg: TrainConfig, state: TrainState,

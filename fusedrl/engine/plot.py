@@ -116,6 +116,24 @@ def _fmt(value: float) -> str:
     return f"{value:.4g}"
 
 
+def _draw_axes(image: np.ndarray, to_px, limits, box) -> None:
+    """Grid lines and tick labels at round values, then the two axes."""
+    x_lo, x_hi, y_lo, y_hi = limits
+    left, right, top, bottom = box
+    for tick in nice_ticks(y_lo, y_hi):
+        _, py = to_px(x_lo, tick)
+        image[int(round(py)), left:right] = _GRID
+        label = _fmt(tick)
+        draw_text(image, label, left - 6 - text_width(label), int(round(py)) - 3)
+    for tick in nice_ticks(x_lo, x_hi):
+        px, _ = to_px(tick, y_lo)
+        image[top:bottom, int(round(px))] = _GRID
+        label = _fmt(tick)
+        draw_text(image, label, int(round(px)) - text_width(label) // 2, bottom + 6)
+    image[top:bottom + 1, left] = _AXIS
+    image[bottom, left:right + 1] = _AXIS
+
+
 def line_plot(
     series: Dict[str, Tuple[Sequence[float], Sequence[float]]],
     path: str | Path,
@@ -154,18 +172,7 @@ def line_plot(
     def to_px(x, y):
         return (left + (x - x_lo) / (x_hi - x_lo) * (right - left), bottom - (y - y_lo) / (y_hi - y_lo) * (bottom - top))
 
-    for tick in nice_ticks(y_lo, y_hi):
-        _, py = to_px(x_lo, tick)
-        image[int(round(py)), left:right] = _GRID
-        label = _fmt(tick)
-        draw_text(image, label, left - 6 - text_width(label), int(round(py)) - 3)
-    for tick in nice_ticks(x_lo, x_hi):
-        px, _ = to_px(tick, y_lo)
-        image[top:bottom, int(round(px))] = _GRID
-        label = _fmt(tick)
-        draw_text(image, label, int(round(px)) - text_width(label) // 2, bottom + 6)
-    image[top:bottom + 1, left] = _AXIS
-    image[bottom, left:right + 1] = _AXIS
+    _draw_axes(image, to_px, (x_lo, x_hi, y_lo, y_hi), (left, right, top, bottom))
     draw_text(image, title, (width - text_width(title, 2)) // 2, 8, scale=2)
     draw_text(image, xlabel, (left + right - text_width(xlabel)) // 2, bottom + 22)
 
