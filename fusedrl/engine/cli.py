@@ -7,9 +7,8 @@
 
 Examples:
 
-    fusedrl train examples/demo.toml --run.out_dir=runs/sft --loop.max_steps=100
-    fusedrl train examples/demo.toml --run.out_dir=runs/sft --resume       # continue after a crash
-    torchrun --nproc_per_node=8 -m fusedrl.engine.cli train examples/sft_qwen2_0.5b.toml
+    fusedrl train examples/sft_tiny.toml --loop.max_steps=100        # after `fusedrl demo` wrote its data
+    fusedrl train examples/sft_tiny.toml --resume                     # continue after a crash
 """
 from __future__ import annotations
 

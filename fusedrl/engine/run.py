@@ -2,7 +2,7 @@
 
     from fusedrl.engine.config import load_config
     from fusedrl.engine.run import run_training
-    result = run_training(load_config("examples/demo.toml"))
+    result = run_training(load_config("examples/sft_tiny.toml", [("loop.max_steps", "50")]))
 
 This is what `fusedrl train CONFIG.toml` calls.
 """
