@@ -240,6 +240,7 @@ def train(
     Raises:
         NonFiniteError after cfg.loop.max_nonfinite_in_a_row consecutive non-finite steps.
     """
+    _check_stage(stage)
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     total = cfg.loop.max_steps
@@ -285,6 +286,15 @@ def train(
     finally:
         metrics.close()
     return result
+
+
+def _check_stage(stage) -> None:
+    missing = [name for name in ("micro_batches", "loss", "state_dict", "load_state_dict")
+               if not callable(getattr(stage, name, None))]
+    missing += [name for name in ("name", "normalize_by") if not isinstance(getattr(stage, name, None), str)]
+    if missing:
+        raise TypeError(f"stage: {type(stage).__name__} lacks {missing}; a stage implements "
+                        "fusedrl.engine.stages.base.Stage (subclass BaseStage for the optional parts)")
 
 
 def _check_nonfinite(state: TrainState, record: Dict[str, float], limit: int) -> None:

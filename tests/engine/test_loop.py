@@ -153,3 +153,15 @@ def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, seed):
     assert result.interrupted and result.state.step == 3
     saved = json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer.json").read_text())
     assert saved["step"] == 3
+
+
+def test_a_stage_missing_parts_is_rejected_by_name(tmp_path):
+    class Incomplete:
+        name = "half"
+        normalize_by = "tokens"
+
+        def micro_batches(self, model, step):
+            return []
+
+    with pytest.raises(TypeError, match=r"stage: Incomplete lacks \['loss', 'state_dict', 'load_state_dict'\]"):
+        train(TinyLM(), Incomplete(), _cfg(), run_dir=tmp_path)

@@ -8,6 +8,7 @@ from fusedrl.engine.config import TrainConfig
 from fusedrl.engine.data import PackedDataset, tokenize_records
 from fusedrl.engine.metrics import read_metrics
 from fusedrl.engine.run import build_policy, build_tokenizer, run_training, seed_everything
+from fusedrl.engine.stages.base import Stage
 from fusedrl.engine.stages.sft import SFTStage
 from fusedrl.engine.tasks import make_records
 
@@ -41,6 +42,7 @@ def test_sft_loss_equals_unpacked_per_sequence_nll(tmp_path, seed, normalize_by)
     examples, _ = tokenize_records(make_records("reverse", 5, seed=1), tokenizer, max_len=48)
     dataset = PackedDataset(examples, 256, seed=0, shuffle=False)
     stage = SFTStage(dataset, normalize_by=normalize_by)
+    assert isinstance(stage, Stage)
     (batch,) = stage.micro_batches(model, 0)
     assert batch.num_seqs == 5
     normalizer = batch.num_tokens if normalize_by == "tokens" else batch.num_seqs
