@@ -28,7 +28,7 @@ import torch
 from fusedrl.engine.batch import PackedBatch
 from fusedrl.engine.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from fusedrl.engine.config import OptimConfig, ScheduleConfig, TrainConfig
-from fusedrl.engine.metrics import MetricsLogger
+from fusedrl.engine.metrics import MetricsLogger, is_rank0
 from fusedrl.engine.stages.base import NORMALIZE_BY
 
 logger = logging.getLogger("fusedrl")
@@ -251,7 +251,9 @@ def train(
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every)
 
-    def checkpoint() -> Path:
+    def checkpoint() -> Optional[Path]:
+        if not is_rank0():  # full state dicts, one writer
+            return None
         return save_checkpoint(run_dir / "checkpoints", state.step, model=model, optimizer=optimizer,
                                scheduler=scheduler, stage_state=stage.state_dict(),
                                trainer_state=asdict(state), keep=cfg.checkpoint.keep)
