@@ -96,7 +96,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    from fusedrl.engine.config import describe_config, load_config, parse_overrides, to_toml, TrainConfig
+    from fusedrl.engine.config import TrainConfig, describe_config, parse_overrides, to_toml
 
     if args.command == "config":
         print(describe_config() if args.reference else to_toml(TrainConfig()))
@@ -104,8 +104,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         overrides = parse_overrides(rest)
         if args.command == "train":
-            from fusedrl.engine.run import run_training
-            cfg = load_config(args.config, overrides)
+            from fusedrl.engine.run import load_run_config, run_training
+            cfg = load_run_config(args.config, overrides)
             result = run_training(cfg, resume=args.resume)
             return 130 if result.interrupted else 0
         if args.command == "demo":

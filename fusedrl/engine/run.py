@@ -72,6 +72,23 @@ def build_policy(cfg: ModelConfig, tokenizer, device: torch.device):
     return build_model(config=arch, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
 
 
+def load_run_config(path: str, overrides=()) -> TrainConfig:
+    """Load a run file with the root config class of its stage (`STAGE_CONFIGS`, default TrainConfig).
+
+    The stage is `--run.stage` if overridden, else the file's [run] stage, else "sft".
+    """
+    from fusedrl.engine.config_io import read_toml
+    from fusedrl.engine.stages import STAGE_CONFIGS, STAGES
+
+    stage = read_toml(path).get("run", {}).get("stage", "sft")
+    for key, value in overrides:
+        if key == "run.stage":
+            stage = value
+    if stage not in STAGES:
+        raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {stage!r}")
+    return load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
+
+
 def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
     path = run_dir / "config.toml"
     if resume and path.exists():

@@ -3,6 +3,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from fusedrl.engine.cli import main
 from fusedrl.engine.config import load_config
@@ -54,3 +55,31 @@ def test_cli_bench_config_and_errors(tmp_path, capsys, caplog):
     bad.write_text("[loop]\nmax_steps = 3\n")
     assert main(["train", str(bad), "--optim.lrr=1"]) == 2
     assert "unknown config key 'optim.lrr'" in caplog.text
+
+
+def test_train_picks_the_config_class_of_the_stage(tmp_path, monkeypatch):
+    from dataclasses import dataclass, field
+
+    from fusedrl.engine import stages
+    from fusedrl.engine.config import TrainConfig
+    from fusedrl.engine.run import load_run_config
+
+    @dataclass
+    class ExtraTable:
+        beta: float = 0.1
+        """A stage option."""
+
+    @dataclass
+    class ExtraConfig(TrainConfig):
+        extra: ExtraTable = field(default_factory=ExtraTable)
+
+    monkeypatch.setitem(stages.STAGES, "extra", stages.STAGES["sft"])
+    monkeypatch.setitem(stages.STAGE_CONFIGS, "extra", ExtraConfig)
+    path = tmp_path / "run.toml"
+    path.write_text('[run]\nstage = "extra"\n[extra]\nbeta = 0.5\n')
+    cfg = load_run_config(str(path), [("extra.beta", "0.25")])
+    assert isinstance(cfg, ExtraConfig) and cfg.extra.beta == 0.25
+    with pytest.raises(ValueError, match="unknown config key 'extra'"):
+        load_run_config(str(path), [("run.stage", "sft")])
+    with pytest.raises(ValueError, match="run.stage: expected one of"):
+        load_run_config(str(path), [("run.stage", "nope")])

@@ -1,9 +1,12 @@
 """RLHF stages as plug-ins of the one training loop.
 
-A stage builder takes (cfg: TrainConfig, model, tokenizer) and returns a
+A stage builder takes (cfg, model, tokenizer) and returns a
 `fusedrl.engine.stages.base.Stage`. Register a new stage by adding its builder
-here (explicitly: no import-time registration).
+to STAGES (explicitly: no import-time registration), and, when its config
+tables are not fields of `TrainConfig`, the root config class that has them to
+STAGE_CONFIGS (`fusedrl train` parses the TOML with it).
 """
+from fusedrl.engine.config import TrainConfig
 from fusedrl.engine.stages.base import BaseStage, Stage
 from fusedrl.engine.stages.sft import SFTStage, build_sft_stage
 
@@ -11,4 +14,9 @@ STAGES = {
     "sft": build_sft_stage,
 }
 
-__all__ = ["STAGES", "BaseStage", "Stage", "SFTStage", "build_sft_stage"]
+# Root config class by stage name; stages not listed use TrainConfig.
+STAGE_CONFIGS = {
+    "sft": TrainConfig,
+}
+
+__all__ = ["STAGES", "STAGE_CONFIGS", "BaseStage", "Stage", "SFTStage", "build_sft_stage"]
