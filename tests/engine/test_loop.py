@@ -141,18 +141,22 @@ def test_gradient_clipping_limits_the_update(seed):
     assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-4)
 
 
-def test_sigterm_writes_a_checkpoint_and_stops(tmp_path, seed):
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGINT"])
+def test_a_signal_writes_a_checkpoint_and_stops(tmp_path, seed, signame):
     import os
     import signal
 
+    previous = signal.getsignal(signal.SIGINT)
+
     def kill_at_3(step, record):
         if step == 3:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), getattr(signal, signame))
 
     result = train(TinyLM(), FakeStage(), _cfg(steps=10), run_dir=tmp_path, on_step_end=kill_at_3)
     assert result.interrupted and result.state.step == 3
     saved = json.loads((tmp_path / "checkpoints" / "step_00000003" / "trainer.json").read_text())
     assert saved["step"] == 3
+    assert signal.getsignal(signal.SIGINT) is previous  # the loop's handlers are removed again
 
 
 def test_a_stage_missing_parts_is_rejected_by_name(tmp_path):
