@@ -5,14 +5,18 @@ Each step has the signature of `fusedrl.engine.demo.DEMO_STEPS` entries:
 ``ctx.model`` in place (the reward model step trains a separate model and
 leaves it in ``ctx.reward_model``).
 
-    reward_model   pairs from the task: chosen = the right answer, rejected = a corrupted one
-                   (a character changed, dropped, duplicated or two swapped); a scalar-head model
+    reward_model   pairs from the task: chosen = the right answer, rejected = a wrong one: the
+                   policy's own wrong sample when one of 4 is wrong, else a corrupted answer (a
+                   character changed, dropped, duplicated or two swapped); a scalar-head model
                    initialised from the SFT policy learns them; reports held-out pair accuracy
     rejection      N samples per training prompt from the policy, scored by that reward model,
                    best per prompt kept, SFT on them; reports exact-match of the selected vs a
                    random selection, and how often the RM ranks a right sample over a wrong one
-    dpo            DPO on the task's pairs against the policy's own starting weights; reports
-                   held-out reward accuracy and margin
+    dpo            DPO + NLL ("rpo") on the same pairs against the policy's own starting
+                   weights; reports held-out reward accuracy and margin
+
+Each step also reports "rm score": the reward model's mean score of the policy's
+greedy answers to the held-out prompts (the RM's view of the policy).
 
 Step lengths scale with the demo's ``loop.max_steps`` (so ``--quick`` shortens them
 too); ``[demo] stage_overrides`` (e.g. ``{dpo = {"loop.max_steps" = 30, "dpo.beta" = 0.2}}``)
@@ -26,7 +30,7 @@ import json
 import logging
 import random
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -37,23 +41,26 @@ from fusedrl.engine.model import save_model
 from fusedrl.engine.scalar_head import ScalarHeadModel
 from fusedrl.engine.stage_configs_alignment import DPOConfig, RejectionConfig, RewardModelConfig, check_section
 from fusedrl.engine.stages.dpo import build_dpo_stage
-from fusedrl.engine.stages.rejection import build_rejection_stage
+from fusedrl.engine.stages.rejection import build_rejection_stage, sample_completions, score_completions
 from fusedrl.engine.stages.reward_model import build_reward_model_stage
 from fusedrl.engine.tasks import exact_match
+from fusedrl.engine.tasks import sample_completions as greedy_completions
 
 logger = logging.getLogger("fusedrl")
 
 # Per-stage defaults: (share of the demo's loop.max_steps, minimum steps, overrides).
 STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "reward_model": {"share": 0.08, "min_steps": 8, "overrides": {
-        "optim.lr": 5e-4, "schedule.warmup_steps": 2, "reward_model.loss": "bradley_terry"}},
+    "reward_model": {"share": 0.67, "min_steps": 8, "overrides": {
+        "optim.lr": 2e-4, "schedule.warmup_steps": 2, "reward_model.loss": "bradley_terry"}},
     "rejection": {"share": 0.06, "min_steps": 6, "overrides": {
-        "optim.lr": 3e-4, "schedule.warmup_steps": 0, "rejection.num_samples": 4,
-        "rejection.selection": "best_per_prompt", "rejection.temperature": 1.0, "rejection.max_prompts": 128}},
-    "dpo": {"share": 0.06, "min_steps": 6, "overrides": {
-        "optim.lr": 2e-4, "schedule.warmup_steps": 0, "dpo.loss": "dpo", "dpo.beta": 0.1}},
+        "optim.lr": 1e-4, "schedule.warmup_steps": 0, "rejection.num_samples": 8,
+        "rejection.selection": "best_per_prompt", "rejection.temperature": 0.7, "rejection.max_prompts": 128}},
+    # DPO + NLL: plain DPO lowers the chosen answers' likelihood too, which greedy decoding pays for.
+    "dpo": {"share": 0.2, "min_steps": 6, "overrides": {
+        "optim.lr": 5e-4, "schedule.warmup_steps": 0, "dpo.loss": "rpo", "dpo.beta": 0.2}},
 }
-MAX_PAIRS = 600  # preference pairs made from the training split (at most)
+MAX_PAIRS = 2000  # preference pairs made from the training split (at most)
+SAMPLES_PER_PROMPT = 4  # policy samples per prompt searched for a wrong answer to reject
 
 
 @dataclasses.dataclass
@@ -88,12 +95,23 @@ def corrupt(answer: str, rng: random.Random, alphabet: str) -> str:
     return answer + alphabet[0]
 
 
-def preference_pairs(records: List[Dict[str, str]], *, seed: int, alphabet: str, limit: int = 0) -> List[dict]:
-    """``prompt``/``chosen``/``rejected`` records: the right answer over a corrupted one."""
+def preference_pairs(records: List[Dict[str, str]], *, seed: int, alphabet: str, limit: int = 0,
+                     samples: Optional[List[List[str]]] = None) -> List[dict]:
+    """``prompt``/``chosen``/``rejected`` records: the right answer over a wrong one.
+
+    The wrong one is the first wrong completion among ``samples[i]`` (the policy's
+    own mistakes, what a reward model must catch in its samples) when there is
+    one, else a corruption of the answer.
+    """
     rng = random.Random(seed)
     records = records[:limit] if limit else records
-    return [{"prompt": r["prompt"], "chosen": r["answer"], "rejected": corrupt(r["answer"], rng, alphabet)}
-            for r in records]
+    pairs = []
+    for i, r in enumerate(records):
+        wrong = [c for c in (samples[i] if samples else []) if not exact_match(r["prompt"], c, answer=r["answer"])]
+        pairs.append({"prompt": r["prompt"], "chosen": r["answer"],
+                      "rejected": wrong[0].strip() if wrong and wrong[0].strip() else corrupt(r["answer"], rng,
+                                                                                               alphabet)})
+    return pairs
 
 
 def _task_alphabet(ctx) -> str:
@@ -113,11 +131,15 @@ def _write(path: Path, records: List[dict]) -> Path:
 def ensure_preference_data(ctx) -> Dict[str, Path]:
     """Write (once) the pair files made from the task's train / eval splits; returns their paths."""
     if "pairs_train" not in ctx.data:
-        alphabet = _task_alphabet(ctx)
+        alphabet, seed = _task_alphabet(ctx), ctx.cfg.run.seed
         data_dir = ctx.out_dir / "data"
-        train_pairs = preference_pairs(_records(ctx.data["train"]), seed=ctx.cfg.run.seed, alphabet=alphabet,
-                                       limit=MAX_PAIRS)
-        eval_pairs = preference_pairs(ctx.eval_records, seed=ctx.cfg.run.seed + 1, alphabet=alphabet)
+        splits = {"train": _records(ctx.data["train"])[:MAX_PAIRS], "eval": list(ctx.eval_records)}
+        pairs = {}
+        for offset, (name, records) in enumerate(splits.items()):
+            samples = sample_completions(ctx.model, ctx.tokenizer, records, num_samples=SAMPLES_PER_PROMPT,
+                                         max_new_tokens=ctx.cfg.demo.max_new_tokens, seed=seed + offset)
+            pairs[name] = preference_pairs(records, seed=seed + offset, alphabet=alphabet, samples=samples)
+        train_pairs, eval_pairs = pairs["train"], pairs["eval"]
         ctx.data["pairs_train"] = _write(data_dir / "pairs_train.jsonl", train_pairs)
         ctx.data["pairs_eval"] = _write(data_dir / "pairs_eval.jsonl", eval_pairs)
     return {"train": ctx.data["pairs_train"], "eval": ctx.data["pairs_eval"]}
@@ -171,7 +193,7 @@ def reward_model_step(ctx) -> Dict[str, Any]:
     ctx.data["reward_model"] = Path(cfg.run.out_dir) / "final"
     after = result.eval_metrics
     return {"rm accuracy before": before.get("accuracy"), "rm accuracy": after.get("accuracy"),
-            "rm margin": after.get("margin"), "steps": result.state.step}
+            "rm margin": after.get("margin"), "rm score": rm_score(ctx), "steps": result.state.step}
 
 
 def rejection_step(ctx) -> Dict[str, Any]:
@@ -191,7 +213,8 @@ def rejection_step(ctx) -> Dict[str, Any]:
     selected_em, random_em = (float(correct[s[:, 0], s[:, 1]].mean()) for s in rows)
     result = _train(cfg, ctx.model, stage, ctx.tokenizer)
     return {"samples right": float(correct.mean()), "selected right": selected_em, "random right": random_em,
-            "rm agreement": rm_agreement(stage.result.rewards, correct), "steps": result.state.step}
+            "rm agreement": rm_agreement(stage.result.rewards, correct), "rm score": rm_score(ctx),
+            "steps": result.state.step}
 
 
 def dpo_step(ctx) -> Dict[str, Any]:
@@ -204,11 +227,17 @@ def dpo_step(ctx) -> Dict[str, Any]:
     after = result.eval_metrics
     numbers = {"reward accuracy": after.get("reward_accuracy"), "reward margin": after.get("reward_margin"),
                "steps": result.state.step}
-    rm = getattr(ctx, "reward_model", None)
-    if rm is not None:
-        numbers["rm accuracy"] = _no_grad_eval(build_reward_model_stage(
-            _rm_eval_config(ctx, paths), rm, ctx.tokenizer), rm).get("accuracy")
+    if getattr(ctx, "reward_model", None) is not None:
+        numbers["rm score"] = rm_score(ctx)
     return numbers
+
+
+def rm_score(ctx) -> float:
+    """Mean reward-model score of the policy's greedy completions of the held-out prompts."""
+    completions = greedy_completions(ctx.model, ctx.tokenizer, ctx.eval_records,
+                                     max_new_tokens=ctx.cfg.demo.max_new_tokens)
+    return float(score_completions(ctx.reward_model, ctx.tokenizer, ctx.eval_records, [[c] for c in completions],
+                                   max_len=ctx.cfg.data.max_len, token_budget=ctx.cfg.data.token_budget).mean())
 
 
 def rm_agreement(rewards: torch.Tensor, correct: torch.Tensor) -> float:
@@ -217,12 +246,6 @@ def rm_agreement(rewards: torch.Tensor, correct: torch.Tensor) -> float:
     ordered = rewards[:, :, None] > rewards[:, None, :]
     pairs = int(right.sum())
     return float((right & ordered).sum()) / pairs if pairs else float("nan")
-
-
-def _rm_eval_config(ctx, paths) -> AlignmentTrainConfig:
-    cfg = stage_config(ctx, "reward_model")
-    cfg.data.train, cfg.data.eval = str(paths["eval"]), str(paths["eval"])
-    return cfg
 
 
 def _no_grad_eval(stage, model) -> Dict[str, float]:

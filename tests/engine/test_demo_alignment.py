@@ -70,7 +70,7 @@ def test_alignment_steps_run_in_order_and_report_numbers(ctx):
     assert numbers["steps"] == 6 and 0.0 <= numbers["selected right"] <= 1.0
     assert (ctx.out_dir / "rejection" / "rejection_cache").is_dir()
     numbers = ALIGNMENT_STEPS["dpo"](ctx)
-    assert numbers["steps"] == 6 and 0.0 <= numbers["reward accuracy"] <= 1.0 and "rm accuracy" in numbers
+    assert numbers["steps"] == 6 and 0.0 <= numbers["reward accuracy"] <= 1.0 and "rm score" in numbers
     after = list(ctx.model.parameters())
     assert any(not torch.equal(a, b) for a, b in zip(after, before))  # the policy was trained in place
 
