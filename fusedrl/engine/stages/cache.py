@@ -40,10 +40,14 @@ def model_fingerprint(model: torch.nn.Module) -> str:
         if flat.numel() == 0 or not (flat.is_floating_point() or flat.dtype in (torch.int32, torch.int64)):
             continue
         head = flat[:8].double()
-        stats.append(torch.cat([flat.double().sum().reshape(1), flat.double().abs().sum().reshape(1),
-                                torch.nn.functional.pad(head, (0, 8 - head.numel()))]))
+        # Reductions with a float64 accumulator: no float64 copy of a (possibly huge) weight.
+        total = flat.sum(dtype=torch.float64).reshape(1)
+        norm = torch.linalg.vector_norm(flat.float() if not flat.is_floating_point() else flat, ord=1,
+                                        dtype=torch.float64).reshape(1)
+        stats.append(torch.cat([total, norm, torch.nn.functional.pad(head, (0, 8 - head.numel()))]))
         names.append(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}")
-    values = torch.stack(stats).cpu().numpy().round(6).tolist() if stats else []
+    # 10 significant digits: any real weight change shows, float64 summation-order noise does not.
+    values = [f"{v:.10g}" for v in torch.stack(stats).cpu().reshape(-1).tolist()] if stats else []
     config = getattr(model, "config", None)
     config = config.to_json_string(use_diff=False) if hasattr(config, "to_json_string") else str(config)
     return content_key({"names": names, "values": values, "config": config})
