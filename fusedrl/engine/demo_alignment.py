@@ -34,12 +34,12 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from fusedrl.engine.config import TrainConfig, apply_override
+from fusedrl.engine.config import apply_override
 from fusedrl.engine.loop import train
 from fusedrl.engine.metrics import read_metrics, write_plots
 from fusedrl.engine.model import save_model
 from fusedrl.engine.scalar_head import ScalarHeadModel
-from fusedrl.engine.stage_configs_alignment import DPOConfig, RejectionConfig, RewardModelConfig, check_section
+from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig, check_section
 from fusedrl.engine.stages.dpo import build_dpo_stage
 from fusedrl.engine.stages.rejection import build_rejection_stage, sample_completions, score_completions
 from fusedrl.engine.stages.reward_model import build_reward_model_stage
@@ -61,15 +61,6 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
 }
 MAX_PAIRS = 2000  # preference pairs made from the training split (at most)
 SAMPLES_PER_PROMPT = 4  # policy samples per prompt searched for a wrong answer to reject
-
-
-@dataclasses.dataclass
-class AlignmentTrainConfig(TrainConfig):
-    """TrainConfig plus the [reward_model], [rejection] and [dpo] tables (until TrainConfig has them)."""
-
-    reward_model: RewardModelConfig = dataclasses.field(default_factory=RewardModelConfig)
-    rejection: RejectionConfig = dataclasses.field(default_factory=RejectionConfig)
-    dpo: DPOConfig = dataclasses.field(default_factory=DPOConfig)
 
 
 # ----------------------------------------------------------------------------- data

@@ -9,16 +9,16 @@ under them (as in `fusedrl.engine.config`). In a run file:
     loss = "dpo"
     beta = 0.1
 
-This module imports nothing from `fusedrl.engine.config`, so `config.py` can
-import these tables into `TrainConfig`. Until it does, `AlignmentTrainConfig`
-(in `fusedrl.engine.demo_alignment`) is `TrainConfig` plus these three tables.
-`check_section` validates one table with errors that name the key (the stage
-builders call it).
+`AlignmentTrainConfig` is `TrainConfig` plus these three tables: the root config
+class of these stages (`fusedrl.engine.stages.STAGE_CONFIGS`). `check_section`
+validates one table with errors that name the key (the stage builders call it).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Optional
+
+from fusedrl.engine.config import TrainConfig
 
 
 RM_LOSSES = ("bradley_terry", "margin", "plackett_luce", "outcome")
@@ -96,6 +96,15 @@ class DPOConfig:
     """Where reference log-probs are cached (safetensors); None: OUT_DIR/ref_cache."""
     eval_micro_batches: int = 0
     """Micro-batches of data.eval used by the evaluation (0: the whole file)."""
+
+
+@dataclass
+class AlignmentTrainConfig(TrainConfig):
+    """TrainConfig plus the [reward_model], [rejection] and [dpo] tables."""
+
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
 
 
 # Allowed values and lower bounds by "section.field" (same shape as config.CHOICES / MINIMUM).

@@ -8,7 +8,7 @@ import torch
 
 from fusedrl.engine.config import load_config
 from fusedrl.engine.model import build_model
-from fusedrl.engine.demo_alignment import AlignmentTrainConfig
+from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig
 from fusedrl.engine.tokenizer import build_char_tokenizer
 
 TOKENIZER = build_char_tokenizer("abcdefghxyz: ")

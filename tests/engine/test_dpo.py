@@ -152,3 +152,20 @@ def test_bad_config_values_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="loss 'dpo' needs reference log-probs"):
         DPOStage(dataset, loss="dpo")
     assert isinstance(DPOStage(dataset, loss="simpo").dataset, GroupedDataset)
+
+
+def test_stages_are_registered_and_run_through_run_training(tmp_path):
+    from fusedrl.engine.run import run_training
+    from fusedrl.engine.stage_configs_alignment import AlignmentTrainConfig
+    from fusedrl.engine.stages import STAGE_CONFIGS, STAGES
+    from fusedrl.engine.stages.rejection import build_rejection_stage
+    from fusedrl.engine.stages.reward_model import build_reward_model_stage
+
+    assert STAGES["dpo"] is build_dpo_stage and STAGES["rejection"] is build_rejection_stage
+    assert STAGES["reward_model"] is build_reward_model_stage
+    assert all(STAGE_CONFIGS[s] is AlignmentTrainConfig for s in ("dpo", "rejection", "reward_model"))
+    cfg = config(data={"train": write_jsonl(tmp_path / "t.jsonl", preference_records(6)), "token_budget": 128,
+                       "max_len": 32}, loop={"max_steps": 2}, dpo={"loss": "simpo"},
+                 run={"stage": "dpo", "out_dir": str(tmp_path / "run")})
+    result = run_training(cfg, model=tiny_lm(0), tokenizer=TOKENIZER)
+    assert result.state.step == 2 and "reward_accuracy" in result.last_metrics

@@ -259,7 +259,7 @@ def build_dpo_stage(cfg, model, tokenizer) -> DPOStage:
     dpo_cfg = getattr(cfg, "dpo", None)
     if dpo_cfg is None:
         raise ValueError("dpo: the config has no [dpo] table "
-                         "(use fusedrl.engine.demo_alignment.AlignmentTrainConfig)")
+                         "(use fusedrl.engine.stage_configs_alignment.AlignmentTrainConfig)")
     check_section(dpo_cfg, "dpo")
     data = cfg.data
     if not data.train:

@@ -213,7 +213,7 @@ def build_reward_model_stage(cfg, model, tokenizer) -> RewardModelStage:
     rm_cfg = getattr(cfg, "reward_model", None)
     if rm_cfg is None:
         raise ValueError("reward_model: the config has no [reward_model] table "
-                         "(use fusedrl.engine.demo_alignment.AlignmentTrainConfig)")
+                         "(use fusedrl.engine.stage_configs_alignment.AlignmentTrainConfig)")
     check_section(rm_cfg, "reward_model")
     if not isinstance(model, ScalarHeadModel):
         raise TypeError(f"model: the reward-model stage trains a ScalarHeadModel, got {type(model).__name__}; "
