@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from fusedrl.engine.config import TrainConfig, apply_override, load_config, save_config, validate
+from fusedrl.engine.demo_alignment import ALIGNMENT_STEPS
 from fusedrl.engine.metrics import format_value, read_metrics
 from fusedrl.engine.plot import line_plot
 from fusedrl.engine.tasks import TaskConfig, make_split, sample_completions, score_model
@@ -122,6 +123,7 @@ def sft_step(ctx: DemoContext) -> Dict[str, Any]:
 # and returns numbers for the report; the demo scores the policy after it.
 DEMO_STEPS: Dict[str, Callable[[DemoContext], Dict[str, Any]]] = {
     "sft": sft_step,
+    **ALIGNMENT_STEPS,  # reward_model, rejection, dpo (fusedrl.engine.demo_alignment)
 }
 
 
