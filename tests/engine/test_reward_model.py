@@ -139,3 +139,19 @@ def test_build_reward_model_from_config_and_path(tmp_path):
     cfg.model.name_or_path = str(tmp_path / "rm")
     again = build_reward_model(cfg, tokenizer, "cpu")
     assert torch.equal(again.score.weight, model.score.weight)
+
+
+def test_run_training_saves_a_loadable_scorer_and_resumes(tmp_path):
+    from fusedrl.engine.run import run_training
+
+    cfg = config(data={"train": write_jsonl(tmp_path / "t.jsonl", preference_records(8)), "token_budget": 128,
+                       "max_len": 32}, loop={"max_steps": 2}, checkpoint={"save_final": True},
+                 run={"stage": "reward_model", "out_dir": str(tmp_path / "r")})
+    model = ScalarHeadModel.from_causal_lm(tiny_lm(0))
+    run_training(cfg, model=model, tokenizer=TOKENIZER)
+    loaded = ScalarHeadModel.from_pretrained(tmp_path / "r" / "final", device="cpu")
+    assert torch.equal(loaded.score.weight, model.score.weight)
+    assert (tmp_path / "r" / "final" / "tokenizer.json").is_file()
+    cfg.loop.max_steps = 3  # resume from the step-2 checkpoint into a fresh model
+    result = run_training(cfg, model=ScalarHeadModel.from_causal_lm(tiny_lm(5)), tokenizer=TOKENIZER, resume=True)
+    assert result.state.step == 3
