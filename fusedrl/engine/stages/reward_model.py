@@ -83,7 +83,7 @@ class RewardModelStage(BaseStage):
 
     def loss(self, model, batch: PackedBatch, normalizer: float):
         """(loss, metrics): a sum over this micro-batch's groups (or tokens) divided by the step's count."""
-        if not isinstance(model, ScalarHeadModel):
+        if not hasattr(model, "scores"):  # duck-typed: compiled or sharded wrappers keep the methods
             raise TypeError(f"model: the reward-model stage trains a ScalarHeadModel, got {type(model).__name__}")
         if self.loss_name == "outcome":
             logits = model.token_values(batch)  # (total,) float32
