@@ -33,16 +33,20 @@ logger = logging.getLogger("fusedrl")
 
 # Per-step defaults: (share of the demo's loop.max_steps, minimum steps, config overrides).
 STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "grpo": {"share": 0.08, "min_steps": 8, "overrides": {
+    # Tuned on the demo's SFT -> RM -> rejection -> DPO policy (greedy score ~0.75): 150 steps of
+    # 16 prompts x 8 samples lift it by ~0.1; lr 1e-3 collapses the policy.
+    "grpo": {"share": 0.5, "min_steps": 8, "overrides": {
         "optim.lr": 3e-4, "schedule.warmup_steps": 0, "schedule.decay": "constant",
-        "rollout.prompts_per_rollout": 16, "rollout.group_size": 4, "rollout.temperature": 1.0,
+        "rollout.prompts_per_rollout": 16, "rollout.group_size": 8, "rollout.temperature": 1.0,
         "rollout.verifier": "fusedrl.engine.rewards:shaped_match", "rollout.eval_prompts": 32,
         "pg.algo": "grpo", "pg.beta": 0.0}},
+    # The demo's reward model ranks right over wrong answers ~2 times in 3; optimising it harder
+    # than this (higher lr, longer, lower beta) trades task accuracy for reward-model score.
     "ppo": {"share": 0.08, "min_steps": 8, "overrides": {
-        "optim.lr": 2e-4, "schedule.warmup_steps": 0, "schedule.decay": "constant",
+        "optim.lr": 3e-5, "schedule.warmup_steps": 0, "schedule.decay": "constant",
         "rollout.prompts_per_rollout": 16, "rollout.group_size": 4, "rollout.temperature": 1.0,
         "rollout.eval_prompts": 32, "ppo.epochs": 1, "ppo.mini_batches": 2, "ppo.value_lr": 1e-3,
-        "ppo.beta": 0.02, "ppo.kl_kind": "k1"}},
+        "ppo.beta": 0.1, "ppo.kl_kind": "k1"}},
 }
 
 
