@@ -34,6 +34,12 @@ fold the KL into the reward when kl_in = "reward", compute advantages.
 The loss: `linear_logprobs` on the final hidden states (no logits) then
 `policy_loss` with the step's global normaliser (the composition
 `fusedrl.kernels.linear_policy_loss` packages; composed here so that old = sg(logp)).
+
+Run it (docs/rl_stages.md has a full config):
+
+    fusedrl train grpo.toml                              # [run] stage = "grpo", [rollout], [pg]
+    fusedrl train grpo.toml --run.stage=dapo --pg.beta=0.01
+    torchrun --nproc-per-node 8 -m fusedrl.engine.cli train grpo.toml   # each rank samples its own prompts
 """
 from __future__ import annotations
 
@@ -54,6 +60,13 @@ from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advan
                              rloo_advantages, whiten)
 
 logger = logging.getLogger("fusedrl")
+
+
+def _rank_and_world():
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 class PolicyGradientStage(BaseStage):
@@ -170,7 +183,10 @@ class PolicyGradientStage(BaseStage):
         rounds = 1 + (self.opt.resample_rounds if self.opt.dynamic_sampling else 0)
         for _ in range(rounds):
             with timer("generate"):
-                indices = self.prompts.next(r.prompts_per_rollout)
+                rank, world = _rank_and_world()
+                # Every rank walks the same prompt stream and samples its own slice of it.
+                indices = self.prompts.next(r.prompts_per_rollout * world)[rank * r.prompts_per_rollout:
+                                                                           (rank + 1) * r.prompts_per_rollout]
                 part = sample_rollout(model, self.tokenizer, self.records, indices, group_size=r.group_size,
                                       max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
                                       top_k=r.top_k, generator=self._sampling_generator(model))
@@ -203,7 +219,7 @@ class PolicyGradientStage(BaseStage):
         """The sampler's random stream, on the policy's device (multinomial needs them to match)."""
         device = next(model.parameters()).device
         if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
+            self.generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * _rank_and_world()[0])
             if self._generator_state is not None:
                 self.generator.set_state(self._generator_state)
                 self._generator_state = None
