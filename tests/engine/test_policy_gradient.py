@@ -159,3 +159,32 @@ def test_evaluate_scores_greedy_completions():
     with torch.no_grad():
         result = stage.evaluate(model)
     assert set(result) == {"reward", "accuracy"} and 0.0 <= result["reward"] <= 1.0
+
+
+def test_builders_read_the_config_tables(tmp_path):
+    import json
+
+    from fusedrl.engine.stage_configs_rl import RLTrainConfig
+    from fusedrl.engine.stages.policy_gradient import PG_STAGES
+
+    assert sorted(PG_STAGES) == sorted(ALGORITHMS)
+    tok = T.tokenizer()
+    model = T.tiny_policy(tok)
+    data = tmp_path / "prompts.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in T.records()))
+    cfg = RLTrainConfig()
+    cfg.rollout = T.rollout_cfg(prompts_per_rollout=2)
+    with pytest.raises(ValueError, match="data.train"):
+        PG_STAGES["rloo"](cfg, model, tok)
+    cfg.data.train = str(data)
+    cfg.pg.beta = 0.05
+    stage = PG_STAGES["rloo"](cfg, model, tok)
+    assert stage.name == "rloo" and stage.opt.advantage == "rloo" and stage.ref_model is None  # copied lazily
+    stage.micro_batches(model, 0)
+    assert stage.ref_model is not None and "reference" in stage.state_dict()
+    cfg.rollout.verifier = "tests.engine._rl_tiny:missing"
+    with pytest.raises(ValueError, match="rollout.verifier: module 'tests.engine._rl_tiny' has no attribute"):
+        PG_STAGES["grpo"](cfg, model, tok)
+    cfg.rollout.verifier = None
+    with pytest.raises(ValueError, match="rollout: set rollout.verifier"):
+        PG_STAGES["grpo"](cfg, model, tok)
