@@ -25,6 +25,7 @@ import torch
 
 from fusedrl.engine.config import TrainConfig, apply_override, load_config, save_config, validate
 from fusedrl.engine.demo_alignment import ALIGNMENT_STEPS
+from fusedrl.engine.demo_rl import RL_STEPS
 from fusedrl.engine.metrics import format_value, read_metrics
 from fusedrl.engine.plot import line_plot
 from fusedrl.engine.tasks import TaskConfig, make_split, sample_completions, score_model
@@ -124,6 +125,7 @@ def sft_step(ctx: DemoContext) -> Dict[str, Any]:
 DEMO_STEPS: Dict[str, Callable[[DemoContext], Dict[str, Any]]] = {
     "sft": sft_step,
     **ALIGNMENT_STEPS,  # reward_model, rejection, dpo (fusedrl.engine.demo_alignment)
+    **RL_STEPS,  # grpo, ppo (fusedrl.engine.demo_rl)
 }
 
 
