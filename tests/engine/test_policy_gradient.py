@@ -188,3 +188,32 @@ def test_builders_read_the_config_tables(tmp_path):
     cfg.rollout.verifier = None
     with pytest.raises(ValueError, match="rollout: set rollout.verifier"):
         PG_STAGES["grpo"](cfg, model, tok)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "cispo"])  # sequence- and token-normalised
+def test_micro_batch_split_gives_the_big_batch_loss_gradient_and_metrics(algo):
+    from fusedrl.engine.loop import global_normalizer
+
+    tok = T.tokenizer()
+    model = T.tiny_policy(tok)
+    results = []
+    for budget in (512, 24):  # one micro-batch, then several
+        stage = T.pg_stage(tok, algo=algo, rollout=T.rollout_cfg(prompts_per_rollout=4, token_budget=budget))
+        batches = stage.micro_batches(model, 0)
+        normalizer = global_normalizer(batches, stage.normalize_by, torch.device("cpu"))
+        model.zero_grad()
+        loss, metrics = 0.0, {}
+        for batch in batches:
+            part, parts = stage.loss(model, batch, normalizer)
+            part.backward()
+            loss += part.item()
+            for k, v in parts.items():
+                metrics[k] = metrics.get(k, 0.0) + v.item()
+        grads = torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+        results.append((len(batches), loss, metrics, grads))
+    (n1, loss1, m1, g1), (n2, loss2, m2, g2) = results
+    assert n1 == 1 and n2 > 2
+    assert loss2 == pytest.approx(loss1, rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(g2, g1, rtol=1e-4, atol=1e-6)
+    for key in ("entropy", "ratio_mean", "approx_kl"):
+        assert m2[key] == pytest.approx(m1[key], rel=1e-5), key
