@@ -18,7 +18,6 @@ CPU with the reason. FLOPs: forward = sum_docs 2 * L^2 * D * Hq (causal), full =
 """
 from __future__ import annotations
 
-import argparse
 import inspect
 import math
 import random
@@ -27,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import Case, Provider, format_table, run_case, write_results
+from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case
 
 CASE_IDS = ("ATTN-LONG", "ATTN-RL")
 
@@ -177,24 +176,14 @@ def providers(lengths: Sequence[int], device: str) -> List[Provider]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_attention", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes, CPU-friendly, no result file")
-    parser.add_argument("--cases", default=",".join(CASE_IDS), help=f"comma-separated subset of {CASE_IDS}")
-    parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
-    parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
-    args = parser.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASE_IDS]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {CASE_IDS}")
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
+    args, cases = parse_bench_args(bench_arg_parser("bench_attention", __doc__, CASE_IDS), argv, CASE_IDS)
+    device = bench_device("bench_attention", args.smoke)
+    if device is None:
+        return 1
     if args.smoke:
         total, heads, kv_heads, head_dim, dtype = 192, 2, 1, 16, torch.float32
         recipes = {"ATTN-LONG": long_lengths(total), "ATTN-RL": rl_lengths(total, median=16, low=2, high=64)}
     else:
-        if device != "cuda":
-            print("bench_attention: no CUDA device; run with --smoke on CPU (CPU timings say nothing)")
-            return 1
         total, heads, kv_heads, head_dim, dtype = 16384, 32, 8, 128, torch.bfloat16
         recipes = {"ATTN-LONG": long_lengths(total), "ATTN-RL": rl_lengths(total)}
     rows, threads = [], torch.get_num_threads()
@@ -208,12 +197,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             rows += run_case(case, providers(lengths, device), modes=args.modes.split(","))
     finally:
         torch.set_num_threads(threads)
-    print(format_table(rows))
-    if not args.smoke or args.results_dir:
-        directory = {"directory": args.results_dir} if args.results_dir else {}
-        print(f"wrote {write_results('attention', rows, extra={'smoke': args.smoke}, **directory)}")
-    bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skipped")]
-    return 1 if bad else 0
+    return finish("attention", rows, args)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Targets: time <= 0.1x Liger and <= 1.0x unfused eager; peak extra memory <= 1 Gi
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
@@ -30,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bench.common import Case, Provider, format_table, run_case, write_results
+from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case
 
 CASE_SHAPES = {"GRPO-7B": (8, 2048, 4096, 151936), "GRPO-0.5B": (32, 1024, 896, 151936)}
 CASE_IDS = tuple(CASE_SHAPES)
@@ -137,19 +136,9 @@ def providers(device: str) -> List[Provider]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_grpo", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny fp32 shapes, CPU-friendly, no result file")
-    parser.add_argument("--cases", default=",".join(CASE_IDS), help=f"comma-separated subset of {CASE_IDS}")
-    parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
-    parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
-    args = parser.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASE_IDS]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {CASE_IDS}")
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if not args.smoke and device != "cuda":
-        print("bench_grpo: no CUDA device; run with --smoke on CPU (CPU timings say nothing)")
+    args, cases = parse_bench_args(bench_arg_parser("bench_grpo", __doc__, CASE_IDS), argv, CASE_IDS)
+    device = bench_device("bench_grpo", args.smoke)
+    if device is None:
         return 1
     dtype = torch.float32 if args.smoke else torch.bfloat16
     rows = []
@@ -157,12 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shape = SMOKE_SHAPE if args.smoke else CASE_SHAPES[case_id]
         print(f"{case_id}: B, T, H, V = {shape}, {dtype}, {device}", file=sys.stderr)
         rows += run_case(make_case(case_id, shape, dtype, device), providers(device), modes=args.modes.split(","))
-    print(format_table(rows))
-    if not args.smoke or args.results_dir:
-        directory = {"directory": args.results_dir} if args.results_dir else {}
-        print(f"wrote {write_results('grpo', rows, extra={'smoke': args.smoke}, **directory)}")
-    bad = [r for r in rows if r["status"] != "ok" and not r["status"].startswith("skipped")]
-    return 1 if bad else 0
+    return finish("grpo", rows, args)
 
 
 if __name__ == "__main__":

@@ -24,13 +24,12 @@ same for every provider), matching benchmarks.md's anchors.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import Case, Provider, format_table, run_case, time_ms, write_results
+from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case, time_ms
 
 CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
 SMOKE = {"LP-7B": (40, 24, 1000), "LP-0.5B": (48, 16, 257)}
@@ -168,19 +167,10 @@ def summary(rows: List[dict], ceiling: float) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_logprobs", description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="tiny shapes, CPU-friendly, no result file")
-    parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {tuple(CASES)}")
-    parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
-    parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
-    args = parser.parse_args(argv)
-    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
-    unknown = [c for c in cases if c not in CASES]
-    if unknown:
-        parser.error(f"unknown case(s) {unknown}; choose from {tuple(CASES)}")
-    device = "cuda" if torch.cuda.is_available() and not args.smoke else "cpu"
-    if device != "cuda" and not args.smoke:
-        print("bench_logprobs: no CUDA device; run with --smoke on CPU (CPU timings say nothing)")
+    parser = bench_arg_parser("bench_logprobs", __doc__, CASES, smoke_help="tiny shapes, CPU-friendly, no result file")
+    args, cases = parse_bench_args(parser, argv, CASES)
+    device = bench_device("bench_logprobs", args.smoke)
+    if device is None:
         return 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     ceiling = matmul_ceiling(device)
@@ -196,16 +186,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         rows += case_rows
         if device == "cuda":
             torch.cuda.empty_cache()
-    print(format_table(rows))
-    print(summary(rows, ceiling))
-    if not args.smoke or args.results_dir:
-        directory = {"directory": args.results_dir} if args.results_dir else {}
-        path = write_results("logprobs", rows, extra={"smoke": args.smoke, "matmul_ceiling_tflops": ceiling},
-                             **directory)
-        print(f"wrote {path}")
     # peers that are wrong or crash are results; only fusedrl's own rows decide the exit code
-    bad = [r for r in rows if r["provider"] == "fusedrl" and r["status"] != "ok"]
-    return 1 if bad else 0
+    return finish("logprobs", rows, args, extra={"matmul_ceiling_tflops": ceiling}, after_table=summary(rows, ceiling),
+                  is_failure=lambda r: r["provider"] == "fusedrl" and r["status"] != "ok")
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ the bench code (CPU timings say nothing about kernel speed).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import math
@@ -20,7 +21,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -252,3 +253,78 @@ def write_results(name: str, rows: Sequence[dict], extra: Optional[dict] = None,
     with open(path, "w") as f:
         json.dump({"bench": name, **info, **(extra or {}), "rows": list(rows)}, f, indent=1)
     return path
+
+
+# --- the command line every kernel bench shares (see bench/run_all.py for the convention) ---
+
+SMOKE_HELP = "tiny fp32 shapes, CPU-friendly, no result file"
+
+
+def bench_arg_parser(prog: str, doc: str, case_ids: Sequence[str], smoke_help: str = SMOKE_HELP) -> argparse.ArgumentParser:
+    """The shared flags: --smoke, --cases (subset of `case_ids`), --modes, --results-dir.
+
+    Args:
+        prog: program name, e.g. "bench_grpo" (also prefixes `cuda_device_or_none`'s message).
+        doc: the bench module's docstring; its first line is the description.
+        case_ids: every case id the bench knows, in order; the default of --cases.
+        smoke_help: help text of --smoke.
+    Returns:
+        an `argparse.ArgumentParser`; a bench may add its own flags before `parse_bench_args`.
+    """
+    case_ids = tuple(case_ids)
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help=smoke_help)
+    parser.add_argument("--cases", default=",".join(case_ids), help=f"comma-separated subset of {case_ids}")
+    parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
+    parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
+    return parser
+
+
+def parse_bench_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]],
+                     case_ids: Sequence[str]) -> Tuple[argparse.Namespace, List[str]]:
+    """Parse `argv`; returns (args, the requested case ids). An unknown case is a parser error (exit 2)."""
+    case_ids = tuple(case_ids)
+    args = parser.parse_args(argv)
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+    unknown = [c for c in cases if c not in case_ids]
+    if unknown:
+        parser.error(f"unknown case(s) {unknown}; choose from {case_ids}")
+    return args, cases
+
+
+def bench_device(prog: str, smoke: bool) -> Optional[str]:
+    """"cuda" (canonical shapes need a GPU), "cpu" in smoke mode, or None (printed why) without CUDA."""
+    if smoke:
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    print(f"{prog}: no CUDA device; run with --smoke on CPU (CPU timings say nothing)")
+    return None
+
+
+def _peer_tolerant_failure(row: dict) -> bool:
+    return row["status"] != "ok" and not row["status"].startswith("skipped")
+
+
+def finish(name: str, rows: Sequence[dict], args: argparse.Namespace, extra: Optional[dict] = None,
+           after_table: str = "", is_failure: Callable[[dict], bool] = _peer_tolerant_failure) -> int:
+    """Print the table (then `after_table`), write the JSON unless smoke without --results-dir; exit code.
+
+    Args:
+        name: result-file stem, e.g. "grpo".
+        rows: `run_case` rows of every case.
+        args: from `parse_bench_args` (uses .smoke and .results_dir).
+        extra: more top-level JSON fields, after {"smoke": args.smoke}.
+        after_table: text printed after the table (e.g. a summary); nothing when empty.
+        is_failure: which rows make the exit code 1; by default any row neither ok nor skipped.
+    Returns:
+        0 when no row is a failure, else 1.
+    """
+    print(format_table(rows))
+    if after_table:
+        print(after_table)
+    if not args.smoke or args.results_dir:
+        directory = {"directory": args.results_dir} if args.results_dir else {}
+        path = write_results(name, rows, extra={"smoke": args.smoke, **(extra or {})}, **directory)
+        print(f"wrote {path}")
+    return 1 if any(is_failure(r) for r in rows) else 0

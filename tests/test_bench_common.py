@@ -1,9 +1,12 @@
 """The shared bench runner on CPU: correctness gate, rows, table and JSON."""
 import json
+import os
 
+import pytest
 import torch
 
-from bench.common import Case, Provider, format_table, run_case, write_results
+from bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, format_table, parse_bench_args,
+                          run_case, write_results)
 
 
 def _case():
@@ -32,3 +35,32 @@ def test_run_case_times_good_and_flags_wrong_and_skipped(tmp_path):
     path = write_results("toy", rows, directory=str(tmp_path))
     data = json.load(open(path))
     assert data["bench"] == "toy" and data["torch"] == torch.__version__ and len(data["rows"]) == len(rows)
+
+
+def test_bench_cli_parses_cases_and_rejects_unknown(capsys):
+    parser = bench_arg_parser("bench_toy", "Toy bench.\nmore", ("A", "B"))
+    args, cases = parse_bench_args(parser, ["--smoke", "--cases", " B,"], ("A", "B"))
+    assert args.smoke and cases == ["B"] and args.modes == "forward,full" and args.results_dir is None
+    assert parse_bench_args(parser, [], ("A", "B"))[1] == ["A", "B"]
+    with pytest.raises(SystemExit) as exc:
+        parse_bench_args(parser, ["--cases", "A,C"], ("A", "B"))
+    assert exc.value.code == 2 and "unknown case(s) ['C']; choose from ('A', 'B')" in capsys.readouterr().err
+    assert bench_device("bench_toy", smoke=True) == "cpu"
+
+
+def test_finish_prints_writes_only_when_asked_and_sets_exit_code(tmp_path, capsys):
+    rows = [{"case": "toy", "provider": "ours", "mode": "-", "status": "skipped: absent"},
+            {"case": "toy", "provider": "peer", "mode": "-", "status": "wrong (rel err 1e+00 > 2e-02)"}]
+    parser = bench_arg_parser("bench_toy", "Toy bench.", ("toy",))
+    smoke, _ = parse_bench_args(parser, ["--smoke"], ("toy",))
+    assert finish("toy", rows[:1], smoke, after_table="SUMMARY") == 0
+    out = capsys.readouterr().out
+    assert out.index("provider") < out.index("SUMMARY") and "wrote" not in out
+    assert finish("toy", rows, smoke) == 1  # a wrong peer fails by default
+    assert finish("toy", rows, smoke, is_failure=lambda r: r["provider"] == "ours" and r["status"] != "ok") == 1
+    assert finish("toy", rows[1:], smoke, is_failure=lambda r: r["provider"] == "ours") == 0
+    written, _ = parse_bench_args(parser, ["--smoke", "--results-dir", str(tmp_path)], ("toy",))
+    finish("toy", rows, written, extra={"k": 3})
+    (name,) = os.listdir(tmp_path)
+    data = json.load(open(tmp_path / name))
+    assert data["smoke"] is True and data["k"] == 3 and len(data["rows"]) == 2
