@@ -25,7 +25,6 @@ override any field of these stages' configs.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import logging
 import random
@@ -34,7 +33,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from fusedrl.engine.config import apply_override
+from fusedrl.engine.demo_common import demo_stage_config
 from fusedrl.engine.loop import train
 from fusedrl.engine.metrics import read_metrics, write_plots
 from fusedrl.engine.model import save_model
@@ -140,18 +139,7 @@ def ensure_preference_data(ctx) -> Dict[str, Path]:
 
 def stage_config(ctx, stage: str) -> AlignmentTrainConfig:
     """An AlignmentTrainConfig for ``stage``: the demo's tables, this module's defaults, [demo] stage_overrides."""
-    cfg = AlignmentTrainConfig()
-    for f in dataclasses.fields(AlignmentTrainConfig):
-        if hasattr(ctx.cfg, f.name):
-            setattr(cfg, f.name, copy.deepcopy(getattr(ctx.cfg, f.name)))
-    defaults = STAGE_DEFAULTS[stage]
-    cfg.run.stage, cfg.run.out_dir = stage, str(ctx.out_dir / stage)
-    cfg.loop.max_steps = max(defaults["min_steps"], int(ctx.cfg.loop.max_steps * defaults["share"]))
-    cfg.loop.eval_every = 0
-    cfg.logging.console_every = max(1, cfg.loop.max_steps // 4)
-    overrides = {**defaults["overrides"], **ctx.cfg.demo.stage_overrides.get(stage, {})}
-    for key, value in overrides.items():
-        apply_override(cfg, key, value, from_cli=False)
+    cfg = demo_stage_config(ctx, stage, AlignmentTrainConfig, STAGE_DEFAULTS)
     check_section(getattr(cfg, stage), stage, require_scorer=False)  # the steps set the scorer themselves
     return cfg
 

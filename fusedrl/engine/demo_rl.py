@@ -18,12 +18,11 @@ them); ``[demo] stage_overrides`` (e.g. ``{grpo = {"loop.max_steps" = 20,
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Dict, List
 
-from fusedrl.engine.config import apply_override
+from fusedrl.engine.demo_common import demo_stage_config
 from fusedrl.engine.loop import train
 from fusedrl.engine.metrics import read_metrics, write_plots
 from fusedrl.engine.model import save_model
@@ -52,21 +51,13 @@ STAGE_DEFAULTS: Dict[str, Dict[str, Any]] = {
 
 def stage_config(ctx, stage: str) -> RLTrainConfig:
     """An RLTrainConfig for ``stage``: the demo's tables, this module's defaults, [demo] stage_overrides."""
-    cfg = RLTrainConfig()
-    for f in dataclasses.fields(RLTrainConfig):
-        if hasattr(ctx.cfg, f.name):
-            setattr(cfg, f.name, copy.deepcopy(getattr(ctx.cfg, f.name)))
-    defaults = STAGE_DEFAULTS[stage]
-    cfg.run.stage, cfg.run.out_dir = stage, str(ctx.out_dir / stage)
-    cfg.loop.max_steps = max(defaults["min_steps"], int(ctx.cfg.loop.max_steps * defaults["share"]))
-    cfg.loop.eval_every = 0
-    cfg.logging.console_every = max(1, cfg.loop.max_steps // 4)
+    return demo_stage_config(ctx, stage, RLTrainConfig, STAGE_DEFAULTS, prepare=_rl_settings)
+
+
+def _rl_settings(cfg: RLTrainConfig, ctx) -> None:
+    """The demo's generation length and data files (before the overrides, which may change them)."""
     cfg.rollout.max_new_tokens = ctx.cfg.demo.max_new_tokens
     cfg.data.train, cfg.data.eval = str(ctx.data["train"]), str(ctx.data["eval"])
-    overrides = {**defaults["overrides"], **ctx.cfg.demo.stage_overrides.get(stage, {})}
-    for key, value in overrides.items():
-        apply_override(cfg, key, value, from_cli=False)
-    return cfg
 
 
 def _train(cfg: RLTrainConfig, model, stage, tokenizer) -> Dict[str, Any]:
