@@ -142,41 +142,24 @@ def _check_extras(extras, count: int, token_keys: Sequence[str]) -> None:
         raise ValueError(f"token_keys: {missing} are not keys of extras")
 
 
-class PackedDataset:
-    """An ordered, resumable source of packed micro-batches over epochs.
+class EpochBins:
+    """Resumable epochs of packed bins, shared by ``PackedDataset`` and ``GroupedDataset``.
 
-    Every epoch, examples are shuffled with a generator seeded by ``seed + epoch``
-    (never the global RNG), packed best-fit-decreasing into ``token_budget``
-    bins, and the bins are shuffled; batches are built lazily as they are
-    asked for. ``state_dict()`` is (epoch, position), so a run resumed from it
-    sees exactly the batches an uninterrupted run would have seen.
-
-    Args:
-        examples: the documents (each at most ``token_budget`` tokens).
-        token_budget: tokens per micro-batch.
-        seed: shuffling seed.
-        shuffle: shuffle examples and batch order each epoch; if False, every
-            epoch yields the same batches in packing order.
-        extras, token_keys: per-example extras, as in ``pack_examples``.
+    The units (examples, or whole groups) of lengths ``self._unit_lengths`` are shuffled
+    every epoch with a generator seeded by ``seed + epoch`` (never the global RNG), packed
+    best-fit-decreasing into ``token_budget`` bins, and the bins shuffled. A subclass sets
+    ``seed``, ``shuffle``, ``token_budget`` and ``_unit_lengths``, calls ``_start_epochs()``,
+    names its unit count in ``_count_key`` and builds one batch from a bin in ``_bin_batch``.
     """
 
-    def __init__(self, examples: List[Example], token_budget: int, *, seed: int, shuffle: bool = True,
-                 extras: Optional[List[dict]] = None, token_keys: Sequence[str] = ()):
-        _check_examples(examples)
-        if extras is not None:
-            _check_extras(extras, len(examples), token_keys)
-        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
-        self.examples = list(examples)
-        self.token_budget = token_budget
-        self.seed = int(seed)
-        self.shuffle = bool(shuffle)
-        self.extras = extras
-        self.token_keys = tuple(token_keys)
-        self._lengths = [len(e) for e in self.examples]
-        self._epoch = 0
-        self._position = 0
+    _count_key = "num_units"
+
+    def _start_epochs(self) -> None:
+        self._epoch, self._position = 0, 0
         self._bins = self._epoch_bins(0)  # validates the budget against every length
+
+    def _bin_batch(self, members: List[int]) -> PackedBatch:
+        raise NotImplementedError
 
     @property
     def epoch(self) -> int:
@@ -194,10 +177,10 @@ class PackedDataset:
 
     def _epoch_bins(self, epoch: int) -> List[List[int]]:
         if not self.shuffle:
-            return pack_by_budget(self._lengths, self.token_budget)
+            return pack_by_budget(self._unit_lengths, self.token_budget)
         generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.examples), generator=generator).tolist()
-        bins = pack_by_budget([self._lengths[i] for i in order], self.token_budget)
+        order = torch.randperm(len(self._unit_lengths), generator=generator).tolist()
+        bins = pack_by_budget([self._unit_lengths[i] for i in order], self.token_budget)
         bin_order = torch.randperm(len(bins), generator=generator).tolist()
         return [[order[j] for j in bins[b]] for b in bin_order]
 
@@ -213,17 +196,17 @@ class PackedDataset:
                 self._bins = self._epoch_bins(self._epoch)
             members = self._bins[self._position]
             self._position += 1
-            batches.append(build_batch(self.examples, members, extras=self.extras, token_keys=self.token_keys))
+            batches.append(self._bin_batch(members))
         return batches
 
     def state_dict(self) -> dict:
         """Where the dataset is: {"epoch", "position"} plus what must match on resume."""
         return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
-                "num_examples": len(self.examples), "token_budget": self.token_budget}
+                self._count_key: len(self._unit_lengths), "token_budget": self.token_budget}
 
     def load_state_dict(self, state: dict) -> None:
-        """Continue from ``state_dict()``; the seed, example count and budget must match."""
-        for key in ("seed", "num_examples", "token_budget"):
+        """Continue from ``state_dict()``; the seed, unit count and budget must match."""
+        for key in ("seed", self._count_key, "token_budget"):
             if key in state and state[key] != self.state_dict()[key]:
                 raise ValueError(f"state['{key}']: the checkpoint has {state[key]!r}, this dataset has "
                                  f"{self.state_dict()[key]!r}; resume with the same data and settings")
@@ -234,3 +217,43 @@ class PackedDataset:
         if position > len(bins):
             raise ValueError(f"state['position']: {position} is past the {len(bins)} batches of an epoch")
         self._epoch, self._position, self._bins = epoch, position, bins
+
+
+class PackedDataset(EpochBins):
+    """An ordered, resumable source of packed micro-batches over epochs.
+
+    Every epoch, examples are shuffled with a generator seeded by ``seed + epoch``
+    (never the global RNG), packed best-fit-decreasing into ``token_budget``
+    bins, and the bins are shuffled; batches are built lazily as they are
+    asked for. ``state_dict()`` is (epoch, position), so a run resumed from it
+    sees exactly the batches an uninterrupted run would have seen.
+
+    Args:
+        examples: the documents (each at most ``token_budget`` tokens).
+        token_budget: tokens per micro-batch.
+        seed: shuffling seed.
+        shuffle: shuffle examples and batch order each epoch; if False, every
+            epoch yields the same batches in packing order.
+        extras, token_keys: per-example extras, as in ``pack_examples``.
+    """
+
+    _count_key = "num_examples"
+
+    def __init__(self, examples: List[Example], token_budget: int, *, seed: int, shuffle: bool = True,
+                 extras: Optional[List[dict]] = None, token_keys: Sequence[str] = ()):
+        _check_examples(examples)
+        if extras is not None:
+            _check_extras(extras, len(examples), token_keys)
+        if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+            raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
+        self.examples = list(examples)
+        self.token_budget = token_budget
+        self.seed = int(seed)
+        self.shuffle = bool(shuffle)
+        self.extras = extras
+        self.token_keys = tuple(token_keys)
+        self._unit_lengths = [len(e) for e in self.examples]
+        self._start_epochs()
+
+    def _bin_batch(self, members: List[int]) -> PackedBatch:
+        return build_batch(self.examples, members, extras=self.extras, token_keys=self.token_keys)

@@ -17,13 +17,13 @@ Sequences of a batch are laid out group by group, members in group order, so
 from __future__ import annotations
 
 import numbers
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 
 from fusedrl.engine.batch import PackedBatch
 from fusedrl.engine.data import Example
-from fusedrl.engine.packed_data import build_batch
+from fusedrl.engine.packed_data import EpochBins, build_batch
 from fusedrl.packing import pack_by_budget
 
 
@@ -69,7 +69,7 @@ def _check_groups(groups, count: int) -> int:
     return size
 
 
-class GroupedDataset:
+class GroupedDataset(EpochBins):
     """A resumable source of micro-batches that keep each group whole.
 
     Every epoch the groups are shuffled (generator seeded by ``seed + epoch``),
@@ -83,6 +83,8 @@ class GroupedDataset:
         seed, shuffle: as in ``PackedDataset``.
         extras: optional, one dict of per-sequence scalars per example (stacked per batch).
     """
+
+    _count_key = "num_groups"
 
     def __init__(self, examples: List[Example], groups: Sequence[Sequence[int]], token_budget: int, *,
                  seed: int, shuffle: bool = True, extras: Optional[List[dict]] = None):
@@ -101,24 +103,11 @@ class GroupedDataset:
         self.seed, self.shuffle = int(seed), bool(shuffle)
         completion = [{"completion_len": float(max(e.num_trained, 1))} for e in self.examples]
         self.extras = [{**c, **(extras[i] if extras else {})} for i, c in enumerate(completion)]
-        self._epoch, self._position = 0, 0
-        self._bins = self._epoch_bins(0)
+        self._unit_lengths = self.lengths  # EpochBins packs whole groups
+        self._start_epochs()
 
-    def __len__(self) -> int:
-        return len(self._bins)
-
-    @property
-    def epoch(self) -> int:
-        return self._epoch
-
-    def _epoch_bins(self, epoch: int) -> List[List[int]]:
-        if not self.shuffle:
-            return pack_by_budget(self.lengths, self.token_budget)
-        generator = torch.Generator().manual_seed(self.seed + epoch)
-        order = torch.randperm(len(self.groups), generator=generator).tolist()
-        bins = pack_by_budget([self.lengths[g] for g in order], self.token_budget)
-        bin_order = torch.randperm(len(bins), generator=generator).tolist()
-        return [[order[j] for j in bins[b]] for b in bin_order]
+    def _bin_batch(self, members: List[int]) -> PackedBatch:
+        return self.batch(members)
 
     def batch(self, group_ids: Sequence[int]) -> PackedBatch:
         """One micro-batch of these groups, with ``extras["ranking"]`` and ``extras["group_index"]``."""
@@ -130,37 +119,10 @@ class GroupedDataset:
         batch.extras["completion_len"] = batch.extras["completion_len"].to(torch.float32)
         return batch
 
-    def next_batches(self, n: int) -> List[PackedBatch]:
-        """The next ``n`` micro-batches, continuing into the next epoch when one ends."""
-        if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-            raise ValueError(f"n: expected an int >= 1, got {n!r}")
-        out = []
-        for _ in range(n):
-            if self._position == len(self._bins):
-                self._epoch, self._position = self._epoch + 1, 0
-                self._bins = self._epoch_bins(self._epoch)
-            out.append(self.batch(self._bins[self._position]))
-            self._position += 1
-        return out
-
     def all_batches(self, limit: int = 0) -> List[PackedBatch]:
         """Every group once, in packing order (evaluation); ``limit`` > 0 keeps the first ``limit`` batches."""
         bins = pack_by_budget(self.lengths, self.token_budget)
         return [self.batch(b) for b in (bins[:limit] if limit else bins)]
-
-    def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self._epoch, "position": self._position, "seed": self.seed,
-                "num_groups": len(self.groups), "token_budget": self.token_budget}
-
-    def load_state_dict(self, state: dict) -> None:
-        for key in ("seed", "num_groups", "token_budget"):
-            if key in state and state[key] != self.state_dict()[key]:
-                raise ValueError(f"state['{key}']: the checkpoint has {state[key]!r}, this dataset has "
-                                 f"{self.state_dict()[key]!r}; resume with the same data and settings")
-        epoch, position = state.get("epoch"), state.get("position")
-        if not isinstance(epoch, int) or epoch < 0 or not isinstance(position, int) or position < 0:
-            raise ValueError(f"state: expected int 'epoch' >= 0 and 'position' >= 0, got {epoch!r}, {position!r}")
-        self._epoch, self._position, self._bins = epoch, position, self._epoch_bins(epoch)
 
 
 def tokenize_groups(records: List[dict], tokenizer, *, max_len: int, overlong: str = "truncate"):
