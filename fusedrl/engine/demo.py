@@ -9,7 +9,8 @@ it a chat template, and a synthetic task with a checkable answer (reverse a
 short word) is generated. The pipeline is a list of stage steps run in order
 (`[demo] stages`); each trains the current policy with the one loop and is
 scored by greedy exact-match accuracy on held-out prompts, before the first
-step and after every step. Later stages add an entry to `DEMO_STEPS`.
+step and after every step: SFT, reward model, rejection sampling, DPO, GRPO
+(verifier reward) and PPO (reward-model reward). A new stage adds an entry to `DEMO_STEPS`.
 """
 from __future__ import annotations
 
@@ -33,9 +34,13 @@ from fusedrl.engine.tasks import TaskConfig, make_split, sample_completions, sco
 logger = logging.getLogger("fusedrl")
 
 
+# The whole RLHF pipeline, in the book's order.
+DEFAULT_STAGES = ("sft", "reward_model", "rejection", "dpo", "grpo", "ppo")
+
+
 @dataclass
 class DemoSection:
-    stages: List[str] = field(default_factory=lambda: ["sft"])
+    stages: List[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
     """Stage steps run in order, each on the policy the previous one produced (names in DEMO_STEPS)."""
     quick: List[str] = field(default_factory=lambda: ["loop.max_steps=250", "loop.eval_every=50", "optim.lr=5e-3",
                                                       "task.max_len=3", "task.eval_size=48"])
@@ -196,9 +201,7 @@ def _write_summary(ctx: DemoContext, examples, before: List[str], after: List[st
             handle.write(json.dumps({"kind": "score", "step": i, "stage": stage, "task_score": score}) + "\n")
     xs = list(range(len(ctx.scores)))
     line_plot({"task score": (xs, [s for _, s in ctx.scores])}, out / "plots" / "task_score.png",
-              title="task score by stage (0 = init, " + ", ".join(f"{i + 1} = {s}" for i, (s, _) in
-                                                                  enumerate(ctx.scores[1:])) + ")",
-              xlabel="stage")
+              title="task score by stage", xlabel=" ".join(f"{i}={s}" for i, (s, _) in enumerate(ctx.scores)))
     cfg = ctx.cfg
     n_params = sum(p.numel() for p in ctx.model.parameters())
     lines = [

@@ -110,7 +110,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
     Returns:
         The loop's TrainResult.
     """
-    from fusedrl.engine.stages import STAGES
+    from fusedrl.engine.stages import STAGE_MODELS, STAGES
 
     if cfg.run.stage not in STAGES:
         raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
@@ -123,7 +123,9 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
         torch.set_num_threads(cfg.run.num_threads)
     device = resolve_device(cfg.run.device)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
-    model = model if model is not None else build_policy(cfg.model, tokenizer, device)
+    if model is None:
+        build = STAGE_MODELS.get(cfg.run.stage)
+        model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
     stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)

@@ -4,7 +4,7 @@ Backend selection lives in `fusedrl.kernels._dispatch` (HAS_TRITON, HAS_FLASH_AT
 HAS_CSRC, force_backend).
 """
 from ._dispatch import HAS_CSRC, HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
-from .attention import varlen_attention
+from .attention import check_cu_seqlens, varlen_attention
 from .logprobs import linear_logprobs, logprobs_from_logits
 from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
 from .advantages import (RunningMeanBaseline, dr_grpo_advantages, fold_kl_into_rewards, gae, grpo_advantages,
@@ -24,6 +24,7 @@ __all__ = [
     "linear_logprobs",
     "logprobs_from_logits",
     "varlen_attention",
+    "check_cu_seqlens",
     "KL_KINDS",
     "AdaptiveKLController",
     "kl_penalty",

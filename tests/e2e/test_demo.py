@@ -7,18 +7,22 @@ import pytest
 
 from fusedrl.engine.cli import main
 from fusedrl.engine.config import load_config
-from fusedrl.engine.demo import DemoConfig, default_demo_config
+from fusedrl.engine.demo import DEFAULT_STAGES, DemoConfig, default_demo_config
 from fusedrl.engine.plot import read_png
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_demo_quick_raises_the_task_score(tmp_path):
+def test_demo_quick_runs_the_pipeline_and_raises_the_task_score(tmp_path):
     out = tmp_path / "demo"
     assert main(["demo", "--quick", "--out", str(out), "--logging.progress=false"]) == 0
     scores = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [s["stage"] for s in scores] == ["init", "sft"]
+    assert [s["stage"] for s in scores] == ["init", *DEFAULT_STAGES]
     assert scores[1]["task_score"] > scores[0]["task_score"] + 0.05, scores
+    assert scores[-1]["task_score"] > scores[0]["task_score"] + 0.3, scores
+    for stage in DEFAULT_STAGES[1:]:
+        assert f"| {stage} |" in (out / "report.md").read_text(), stage
+        assert (out / stage / "metrics.jsonl").exists(), stage
 
     report = (out / "report.md").read_text()
     assert "## Task score by stage" in report

@@ -155,3 +155,17 @@ def test_run_training_saves_a_loadable_scorer_and_resumes(tmp_path):
     cfg.loop.max_steps = 3  # resume from the step-2 checkpoint into a fresh model
     result = run_training(cfg, model=ScalarHeadModel.from_causal_lm(tiny_lm(5)), tokenizer=TOKENIZER, resume=True)
     assert result.state.step == 3
+
+
+def test_run_training_builds_the_scalar_head_model_itself(tmp_path):
+    """`fusedrl train` with stage reward_model and no model given: STAGE_MODELS builds a ScalarHeadModel."""
+    from fusedrl.engine.run import run_training
+
+    cfg = config(data={"train": write_jsonl(tmp_path / "t.jsonl", preference_records(8)), "token_budget": 128,
+                       "max_len": 32}, loop={"max_steps": 1}, checkpoint={"save_final": True},
+                 run={"stage": "reward_model", "out_dir": str(tmp_path / "r")}, model={"tokenizer": "char"})
+    cfg.model.arch = {"model_type": "qwen2", "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                      "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}
+    run_training(cfg)
+    loaded = ScalarHeadModel.from_pretrained(tmp_path / "r" / "final", device="cpu")
+    assert loaded.config.hidden_size == 16
