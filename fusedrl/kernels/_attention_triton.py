@@ -122,6 +122,20 @@ def _fwd_inner(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, o
 
 
 @triton.jit
+def _program_slot(CU_SEQLENS, num_heads):
+    """(head, block, start, seqlen) of this program in the grid (num_seqs * num_heads, blocks)."""
+    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
+    # before any stride arithmetic. Reverse block order: the last blocks do the most work.
+    pid = tl.program_id(0)
+    seq = (pid // num_heads).to(tl.int64)
+    head = (pid % num_heads).to(tl.int64)
+    block = tl.num_programs(1) - 1 - tl.program_id(1)
+    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
+    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
+    return head, block, start, seqlen
+
+
+@triton.jit
 def _varlen_attention_fwd_kernel(
     Q, K, V,  # (total, Hq, D), (total, Hkv, D), (total, Hkv, D)
     O,  # (total, Hq, D) output
@@ -132,16 +146,8 @@ def _varlen_attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
-    # before any stride arithmetic.
-    pid = tl.program_id(0)
-    seq = (pid // num_heads).to(tl.int64)
-    head = (pid % num_heads).to(tl.int64)
+    head, m_block, start, seqlen = _program_slot(CU_SEQLENS, num_heads)
     kv_head = head // GROUP
-    # Reverse order: the last query blocks see the most keys; launch them first.
-    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
     if m_block * BLOCK_M < seqlen:
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n0 = tl.arange(0, BLOCK_N)
@@ -239,14 +245,7 @@ def _varlen_attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
-    # before any stride arithmetic.
-    pid = tl.program_id(0)
-    seq = (pid // num_kv_heads).to(tl.int64)
-    kv_head = (pid % num_kv_heads).to(tl.int64)
-    n_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
+    kv_head, n_block, start, seqlen = _program_slot(CU_SEQLENS, num_kv_heads)
     if n_block * BLOCK_N < seqlen:
         offs_n = n_block * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
@@ -329,15 +328,8 @@ def _varlen_attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
     GROUP: tl.constexpr, INTERPRET: tl.constexpr,
 ):
-    # 32-bit div/mod (a 64-bit one is a subroutine call that spills registers), then int64
-    # before any stride arithmetic.
-    pid = tl.program_id(0)
-    seq = (pid // num_heads).to(tl.int64)
-    head = (pid % num_heads).to(tl.int64)
+    head, m_block, start, seqlen = _program_slot(CU_SEQLENS, num_heads)
     kv_head = head // GROUP
-    m_block = tl.num_programs(1) - 1 - tl.program_id(1)
-    start = tl.load(CU_SEQLENS + seq).to(tl.int64)  # global token offset: int64 for the strides
-    seqlen = tl.load(CU_SEQLENS + seq + 1) - tl.load(CU_SEQLENS + seq)  # positions inside a document: int32
     if m_block * BLOCK_M < seqlen:
         offs_m = m_block * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
