@@ -38,7 +38,7 @@ from fusedrl.engine.config_io import (  # noqa: F401  (public API of this module
 @dataclass
 class RunConfig:
     stage: str = "sft"
-    """Stage to run: a name in `fusedrl.engine.stages.STAGES` ("sft")."""
+    """Stage to run: a name in `fusedrl.engine.stages.STAGES` (sft, reward_model, rejection, dpo, grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce, ppo)."""
     out_dir: str = "runs/default"
     """Run folder: resolved config, metrics.jsonl, checkpoints/, final/, plots/, report.md."""
     seed: int = 0
