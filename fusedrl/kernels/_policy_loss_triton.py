@@ -103,6 +103,24 @@ def _load(ptr, offs, valid):
 
 
 @triton.jit
+def _load_inputs(logp_ptr, old_ptr, adv_ptr, ref_ptr, sampler_ptr, offs, valid,
+                 HAS_REF: tl.constexpr, HAS_SAMPLER: tl.constexpr):
+    """(logp, old, adv, ref, sampler) float32 at `offs`, 0 where not valid: what `_token_terms` takes.
+
+    One loader for the forward and the backward, which must see the same per-token terms.
+    """
+    logp = _load(logp_ptr, offs, valid)
+    old = _load(old_ptr, offs, valid)
+    ref = logp  # placeholder, unused unless HAS_REF
+    if HAS_REF:
+        ref = _load(ref_ptr, offs, valid)
+    sampler = old  # placeholder, unused unless HAS_SAMPLER
+    if HAS_SAMPLER:
+        sampler = _load(sampler_ptr, offs, valid)
+    return logp, old, _load(adv_ptr, offs, valid), ref, sampler
+
+
+@triton.jit
 def _policy_loss_fwd_kernel(
     logp_ptr, old_ptr, adv_ptr, mask_ptr,  # (N,) float, float, float32, float32 (0/1)
     ref_ptr, ent_ptr, sampler_ptr,  # (N,) float each, or a dummy when absent
@@ -143,16 +161,10 @@ def _policy_loss_fwd_kernel(
     while off < end:
         offs = off + cols
         valid = (offs < end) & (_load(mask_ptr, offs, offs < end) != 0)
-        logp = _load(logp_ptr, offs, valid)
-        old = _load(old_ptr, offs, valid)
-        ref = logp  # placeholder, unused unless HAS_REF
-        if HAS_REF:
-            ref = _load(ref_ptr, offs, valid)
-        sampler = old  # placeholder, unused unless HAS_SAMPLER
-        if HAS_SAMPLER:
-            sampler = _load(sampler_ptr, offs, valid)
+        logp, old, adv, ref, sampler = _load_inputs(logp_ptr, old_ptr, adv_ptr, ref_ptr, sampler_ptr, offs, valid,
+                                                    HAS_REF, HAS_SAMPLER)
         loss, dpg, dkl, clipped, ratio, approx, kl, w = _token_terms(
-            logp, old, _load(adv_ptr, offs, valid), ref, sampler, seq_ratio, eps_low, eps_high, dual_clip,
+            logp, old, adv, ref, sampler, seq_ratio, eps_low, eps_high, dual_clip,
             tau_pos, tau_neg, beta, kl_clamp, is_cap, ALGO, KL_KIND, HAS_REF, HAS_SAMPLER, USE_DUAL, USE_CLAMP)
         if HAS_ENT:
             ent = _load(ent_ptr, offs, valid)
@@ -211,16 +223,10 @@ def _policy_loss_bwd_kernel(
         offs = off + cols
         inb = offs < end
         valid = inb & (_load(mask_ptr, offs, inb) != 0)
-        logp = _load(logp_ptr, offs, valid)
-        old = _load(old_ptr, offs, valid)
-        ref = logp  # placeholder, unused unless HAS_REF
-        if HAS_REF:
-            ref = _load(ref_ptr, offs, valid)
-        sampler = old  # placeholder, unused unless HAS_SAMPLER
-        if HAS_SAMPLER:
-            sampler = _load(sampler_ptr, offs, valid)
+        logp, old, adv, ref, sampler = _load_inputs(logp_ptr, old_ptr, adv_ptr, ref_ptr, sampler_ptr, offs, valid,
+                                                    HAS_REF, HAS_SAMPLER)
         _, dpg, dkl, _c, _r, _a, _k, w = _token_terms(
-            logp, old, _load(adv_ptr, offs, valid), ref, sampler, seq_ratio, eps_low, eps_high, dual_clip,
+            logp, old, adv, ref, sampler, seq_ratio, eps_low, eps_high, dual_clip,
             tau_pos, tau_neg, beta, kl_clamp, is_cap, ALGO, KL_KIND, HAS_REF, HAS_SAMPLER, USE_DUAL, USE_CLAMP)
         if ALGO == 1:
             d = w * dkl + gspo_term
