@@ -5,6 +5,7 @@ The data are small fixtures of the demo's "reverse a word" task (tests/e2e/data)
 ({"prompt", "chosen", "rejected"}, chosen = the reversed word, rejected = it with one letter changed)
 for reward_model / dpo, and prompts with answers ({"prompt", "answer"}) for rejection / grpo / ppo.
 """
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -15,7 +16,11 @@ from fusedrl.engine.cli import main
 from fusedrl.engine.config import load_config
 from fusedrl.engine.config_io import read_toml
 from fusedrl.engine.rewards import load_verifier
+from fusedrl.engine.stage_configs_alignment import check_section
+from fusedrl.engine.stage_configs_rl import check_rollout, resolve_pg_options
 from fusedrl.engine.stages import STAGE_CONFIGS, STAGES
+from fusedrl.engine.stages.policy_gradient import PG_STAGES
+from fusedrl.engine.stages.ppo import resolve_ppo_options
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.toml") if p.name != "demo.toml")  # demo.toml: DemoConfig
@@ -48,6 +53,18 @@ def _train_rows(records: list, steps: int) -> list:
     return rows
 
 
+def _check_stage_tables(cfg, stage: str) -> None:
+    """The checks the stage's builder runs on its own tables (they need no model): raise ValueError on a bad value."""
+    if stage in ("reward_model", "rejection", "dpo"):
+        check_section(getattr(cfg, stage), stage)
+    elif stage in PG_STAGES:
+        check_rollout(cfg.rollout)
+        resolve_pg_options(dataclasses.replace(cfg.pg, algo=stage), cfg.rollout)
+    elif stage == "ppo":
+        check_rollout(cfg.rollout)
+        resolve_ppo_options(cfg.ppo)
+
+
 @pytest.fixture(autouse=True)
 def _elsewhere(tmp_path, monkeypatch):
     """Run every test from a folder that is not the repository root: no path may depend on the cwd."""
@@ -67,6 +84,7 @@ def test_every_example_parses_with_the_config_class_of_its_stage(path):
     assert stage in STAGES, (path.name, stage)
     cfg = load_config(path, cls=STAGE_CONFIGS[stage])
     assert isinstance(cfg, STAGE_CONFIGS[stage]) and cfg.run.stage == stage
+    _check_stage_tables(cfg, stage)
     header = path.read_text().split("\n[", 1)[0]
     assert f"fusedrl train examples/{path.name}" in header, f"{path.name}: the header shows no command line"
     for spec in (getattr(getattr(cfg, "rollout", None), "verifier", None),
@@ -87,6 +105,22 @@ def test_every_stage_has_a_real_model_recipe_and_a_tiny_config():
     for stage in RECIPE_STAGES:
         assert f"{stage}_qwen2_0.5b" in names and f"{stage}_tiny" in names, stage
         assert read_toml(ROOT / "examples" / f"{stage}_qwen2_0.5b.toml")["run"]["stage"] == stage
+    # the recipes chain: rejection and PPO score with the reward model the reward-model recipe writes
+    recipe = lambda stage: read_toml(ROOT / "examples" / f"{stage}_qwen2_0.5b.toml")  # noqa: E731
+    rm_final = recipe("reward_model")["run"]["out_dir"] + "/final"
+    assert recipe("rejection")["rejection"]["reward_model"] == rm_final
+    assert recipe("ppo")["rollout"]["reward_model"] == rm_final
+
+
+def test_stage_table_checks_catch_a_bad_example_value():
+    path = ROOT / "examples" / "grpo_tiny.toml"
+    with pytest.raises(ValueError, match="rollout.group_size"):
+        _check_stage_tables(load_config(path, [("rollout.group_size", "1")], cls=STAGE_CONFIGS["grpo"]), "grpo")
+    path = ROOT / "examples" / "rejection_qwen2_0.5b.toml"
+    both = [("rejection.verifier", "fusedrl.engine.rewards:exact_match")]  # and the recipe's reward_model
+    bad = load_config(path, both, cls=STAGE_CONFIGS["rejection"])
+    with pytest.raises(ValueError, match="set exactly one"):
+        _check_stage_tables(bad, "rejection")
 
 
 def test_reward_model_tiny_trains(reward_model_run):
