@@ -15,6 +15,11 @@
 #   INSTALL_S, TEST_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 120)
 #   BENCHES       comma-separated bench names, in order (default: all, packing last)
 # Wheels in .whl/ (if any) are installed to /tmp/site and put on PYTHONPATH first.
+# The pure-Python peers travel that way (.whl/ is git-ignored; name it in the device
+# run's `carry`). Fetch them on a machine with the network, from the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_17_x86_64 -d .whl liger-kernel cut-cross-entropy
+# (seen 2026-11-27: liger_kernel-0.8.5, cut_cross_entropy-25.1.1, both py3-none-any).
 set -u
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)

@@ -159,7 +159,7 @@ class EpochBins:
         self._bins = self._epoch_bins(0)  # validates the budget against every length
 
     def _bin_batch(self, members: List[int]) -> PackedBatch:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement _bin_batch(members)")
 
     @property
     def epoch(self) -> int:
