@@ -26,7 +26,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case
+from bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
+                          parse_bench_args, run_case)
 
 CASE_IDS = ("ATTN-LONG", "ATTN-RL")
 
@@ -194,7 +195,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             lengths = recipes[case_id]
             case = make_case(case_id, lengths, heads, kv_heads, head_dim, dtype, device)
             print(f"{case_id}: {len(lengths)} documents, {sum(lengths)} tokens, max {max(lengths)}", file=sys.stderr)
-            rows += run_case(case, providers(lengths, device), modes=args.modes.split(","))
+            rows += run_case(case, providers(lengths, device), modes=args.modes.split(","),
+                             ceiling_tflops=matmul_ceiling_tflops(device))
     finally:
         torch.set_num_threads(threads)
     return finish("attention", rows, args)

@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case
+from bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
+                          parse_bench_args, run_case)
 
 CASE_SHAPES = {"GRPO-7B": (8, 2048, 4096, 151936), "GRPO-0.5B": (32, 1024, 896, 151936)}
 CASE_IDS = tuple(CASE_SHAPES)
@@ -145,7 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for case_id in cases:
         shape = SMOKE_SHAPE if args.smoke else CASE_SHAPES[case_id]
         print(f"{case_id}: B, T, H, V = {shape}, {dtype}, {device}", file=sys.stderr)
-        rows += run_case(make_case(case_id, shape, dtype, device), providers(device), modes=args.modes.split(","))
+        rows += run_case(make_case(case_id, shape, dtype, device), providers(device), modes=args.modes.split(","),
+                         ceiling_tflops=matmul_ceiling_tflops(device))
     return finish("grpo", rows, args)
 
 

@@ -29,7 +29,8 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import Case, Provider, bench_arg_parser, bench_device, finish, parse_bench_args, run_case, time_ms
+from bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
+                          parse_bench_args, run_case)
 
 CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
 SMOKE = {"LP-7B": (40, 24, 1000), "LP-0.5B": (48, 16, 257)}
@@ -125,15 +126,6 @@ def providers(device: str) -> List[Provider]:
     ] + peers(device)
 
 
-def matmul_ceiling(device: str) -> float:
-    """Measured matmul TFLOP/s: bf16 8192^3 on the GPU (a small fp32 one on CPU, smoke only)."""
-    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (256, torch.float32)
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    p50, _, _ = time_ms(lambda: a @ b)
-    return 2 * size ** 3 / (p50 * 1e-3) / 1e12
-
-
 def annotate(rows: List[dict], case_id: str, n: int, hdim: int, vocab: int, ceiling: float, grad_bytes: int):
     """Subtract the gradients from full-mode memory, add the roofline time and ratio."""
     flops = {"forward": 2.0 * n * hdim * vocab, "full": 6.0 * n * hdim * vocab}
@@ -173,14 +165,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if device is None:
         return 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    ceiling = matmul_ceiling(device)
+    ceiling = matmul_ceiling_tflops(device)
     rows: List[dict] = []
     for case_id in cases:
         n, hdim, vocab = (SMOKE if args.smoke else CASES)[case_id]
         print(f"{case_id}: N={n} H={hdim} V={vocab} {dtype} on {device}", file=sys.stderr)
         case = Case(id=case_id, make_inputs=lambda: make_inputs(n, hdim, vocab, device, dtype), reference=reference,
                     flops={"forward": 2.0 * n * hdim * vocab, "full": 6.0 * n * hdim * vocab})
-        case_rows = run_case(case, providers(device), modes=args.modes.split(","))
+        case_rows = run_case(case, providers(device), modes=args.modes.split(","), ceiling_tflops=ceiling)
         grad_bytes = (n * hdim + vocab * hdim) * torch.empty(0, dtype=dtype).element_size()
         annotate(case_rows, case_id, n, hdim, vocab, ceiling, grad_bytes)
         rows += case_rows

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -147,6 +148,26 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
     return torch.cuda.max_memory_allocated() - base
 
 
+@functools.lru_cache(maxsize=None)
+def matmul_ceiling_tflops(device: str) -> float:
+    """Measured matmul TFLOP/s: bf16 8192^3 on the GPU (a small fp32 one on CPU, smoke only)."""
+    size, dtype = (8192, torch.bfloat16) if device == "cuda" else (256, torch.float32)
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    p50, _, _ = time_ms(lambda: a @ b)
+    return 2 * size ** 3 / (p50 * 1e-3) / 1e12
+
+
+@functools.lru_cache(maxsize=None)
+def copy_ceiling_gbps(device: str) -> float:
+    """Measured device copy GB/s, bytes read plus bytes written (1 GiB on the GPU, 16 MiB on CPU)."""
+    numel = (1 << 29) if device == "cuda" else (1 << 23)
+    src = torch.randn(numel, device=device, dtype=torch.float16)
+    dst = torch.empty_like(src)
+    p50, _, _ = time_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / (p50 * 1e-3) / 1e9
+
+
 def _mode_fn(provider: Provider, inputs, mode: str) -> Callable[[], Any]:
     leaves = _grad_leaves(inputs)
     if mode == "forward":
@@ -184,8 +205,13 @@ class _null:
         return False
 
 
-def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str] = ("forward", "full")) -> List[dict]:
-    """Check then time every provider on one case; returns one row per (provider, mode)."""
+def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str] = ("forward", "full"), *,
+             ceiling_tflops: Optional[float] = None, ceiling_gbps: Optional[float] = None) -> List[dict]:
+    """Check then time every provider on one case; returns one row per (provider, mode).
+
+    With a measured ceiling (`matmul_ceiling_tflops`, `copy_ceiling_gbps`), rows carry
+    `pct_ceiling`: achieved TFLOP/s (or GB/s when the case counts no FLOPs) as a percentage of it.
+    """
     for m in modes:
         if m not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {m!r}")
@@ -224,13 +250,17 @@ def run_case(case: Case, providers: Sequence[Provider], modes: Sequence[str] = (
                 row["tflops"] = case.flops[mode] / (p50 * 1e-3) / 1e12
             if mode in case.bytes:
                 row["gbps"] = case.bytes[mode] / (p50 * 1e-3) / 1e9
+            if "tflops" in row and ceiling_tflops:
+                row["pct_ceiling"] = 100.0 * row["tflops"] / ceiling_tflops
+            elif "gbps" in row and ceiling_gbps:
+                row["pct_ceiling"] = 100.0 * row["gbps"] / ceiling_gbps
             rows.append(row)
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     return rows
 
 
 def format_table(rows: Sequence[dict]) -> str:
-    header = f"{'case':<12} {'provider':<28} {'mode':<8} {'ms p50 [p20-p80]':<24} {'TFLOP/s':>8} {'GB/s':>8} {'peak MiB':>9} {'rel err':>8}  status"
+    header = f"{'case':<12} {'provider':<38} {'mode':<8} {'ms p50 [p20-p80]':<24} {'TFLOP/s':>8} {'GB/s':>8} {'%ceil':>6} {'peak MiB':>9} {'rel err':>8}  status"
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.get("status") == "ok":
@@ -238,9 +268,11 @@ def format_table(rows: Sequence[dict]) -> str:
             tf = f"{r['tflops']:.1f}" if "tflops" in r else "-"
             gb = f"{r['gbps']:.0f}" if "gbps" in r else "-"
             mem = f"{r['peak_extra_bytes'] / 2**20:.0f}" if r.get("peak_extra_bytes") is not None else "-"
-            lines.append(f"{r['case']:<12} {r['provider']:<28} {r['mode']:<8} {t:<24} {tf:>8} {gb:>8} {mem:>9} {r['max_rel_err']:>8.1e}  ok")
+            pct = f"{r['pct_ceiling']:.0f}" if "pct_ceiling" in r else "-"
+            lines.append(f"{r['case']:<12} {r['provider']:<38} {r['mode']:<8} {t:<24} {tf:>8} {gb:>8} {pct:>6} {mem:>9} "
+                         f"{r['max_rel_err']:>8.1e}  ok")
         else:
-            lines.append(f"{r['case']:<12} {r['provider']:<28} {r.get('mode', '-'):<8} {'':<24} {'':>8} {'':>8} {'':>9} {'':>8}  {r['status']}")
+            lines.append(f"{r['case']:<12} {r['provider']:<38} {r.get('mode', '-'):<8} {'':<24} {'':>8} {'':>8} {'':>6} {'':>9} {'':>8}  {r['status']}")
     return "\n".join(lines)
 
 

@@ -64,3 +64,15 @@ def test_finish_prints_writes_only_when_asked_and_sets_exit_code(tmp_path, capsy
     (name,) = os.listdir(tmp_path)
     data = json.load(open(tmp_path / name))
     assert data["smoke"] is True and data["k"] == 3 and len(data["rows"]) == 2
+
+
+def test_ceilings_give_percentage_column():
+    from bench.common import copy_ceiling_gbps, matmul_ceiling_tflops
+
+    tflops, gbps = matmul_ceiling_tflops("cpu"), copy_ceiling_gbps("cpu")
+    assert tflops > 0 and gbps > 0
+    rows = run_case(_case(), [Provider("good", lambda i: (i["x"] ** 2).sum(-1))], modes=("full",),
+                    ceiling_tflops=1e-9)
+    (row,) = rows
+    assert row["pct_ceiling"] == 100.0 * row["tflops"] / 1e-9
+    assert "%ceil" in format_table(rows)
