@@ -24,6 +24,8 @@ Cost: 4 matmuls (the forward logits, their recomputation, dh, dW) = 8 N H V FLOP
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -233,18 +235,29 @@ _VC_ALIGN = 32 if TRITON_INTERPRET else 256  # backward V-chunk width multiple (
 
 
 SMEM_BYTES = 200 << 10  # shared memory a config's pipelined tiles may use (H100/H200 allow 227 KiB)
+_SMEM_RESERVE = 27 << 10  # left for the epilogue and Triton's own scratch
+
+
+@functools.lru_cache(maxsize=None)
+def smem_budget(device_index: int) -> int:
+    """SMEM_BYTES, or less on a chip with less opt-in shared memory per block (A100: 163 KiB)."""
+    optin = getattr(torch.cuda.get_device_properties(device_index), "shared_memory_per_block_optin", 0)
+    return min(SMEM_BYTES, optin - _SMEM_RESERVE) if optin > _SMEM_RESERVE else SMEM_BYTES
 
 
 def smem_prune(a_name: str, m_key: str, n_key: str, k_key: str):
-    """Autotune pruner: drop configs whose num_stages x (M + N) x K input tiles overflow shared
-    memory for this call's dtype (fp32 inputs need twice the bf16 room); keep at least one."""
+    """Autotune pruner: drop configs whose num_stages x (M + N) x K input tiles overflow the
+    device's shared memory for this call's dtype (fp32 inputs need twice the bf16 room);
+    keep at least one."""
     def prune(configs, named_args, **kwargs):
-        elem = named_args[a_name].element_size()
+        tensor = named_args[a_name]
+        elem = tensor.element_size()
+        budget = smem_budget(tensor.device.index or 0) if tensor.is_cuda else SMEM_BYTES
 
         def need(cfg):
             size = {k: cfg.kwargs.get(k, kwargs.get(k)) for k in (m_key, n_key, k_key)}
             return cfg.num_stages * (size[m_key] + size[n_key]) * size[k_key] * elem
-        fitting = [c for c in configs if need(c) <= SMEM_BYTES]
+        fitting = [c for c in configs if need(c) <= budget]
         return fitting or [min(configs, key=need)]
     return prune
 

@@ -335,3 +335,25 @@ def test_autotune_prune_drops_configs_that_overflow_shared_memory():
     assert prune(configs, {"h_ptr": torch.empty(0, dtype=torch.bfloat16)}, BLOCK_V=128) == configs
     assert prune(configs, {"h_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_V=128) == configs[1:]
     assert prune(configs[:1], {"h_ptr": torch.empty(0, dtype=torch.float32)}, BLOCK_V=128) == configs[:1]
+
+
+@pytest.mark.skipif(not _dispatch.HAS_TRITON, reason="triton not importable")
+def test_autotune_prune_follows_the_device_shared_memory(monkeypatch):
+    """On a chip with less shared memory per block (A100: 163 KiB opt-in) the pruner keeps less."""
+    import types
+
+    import triton
+
+    from fusedrl.kernels import _logprobs_triton as T
+
+    for optin, budget in ((232448, 200 << 10), (166912, 166912 - (27 << 10))):
+        props = types.SimpleNamespace(shared_memory_per_block_optin=optin)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index, p=props: p)
+        T.smem_budget.cache_clear()
+        assert T.smem_budget(0) == budget
+    configs = [triton.Config(dict(BLOCK_N=256, BLOCK_H=64), num_stages=3),  # bf16 144 KiB
+               triton.Config(dict(BLOCK_N=64, BLOCK_H=64), num_stages=4)]  # bf16 64 KiB
+    fake_a100_tensor = types.SimpleNamespace(element_size=lambda: 2, is_cuda=True, device=torch.device("cuda", 0))
+    prune = T.smem_prune("h_ptr", "BLOCK_N", "BLOCK_V", "BLOCK_H")
+    assert prune(configs, {"h_ptr": fake_a100_tensor}, BLOCK_V=128) == configs[1:]
+    T.smem_budget.cache_clear()
