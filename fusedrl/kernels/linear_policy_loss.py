@@ -39,7 +39,7 @@ def linear_policy_loss(
         hidden: (B, T, H) padded or (total, H) packed final hidden states (bf16/fp16/fp32).
         weight: (V, H) LM-head weight; bias: None or (V,).
         labels: (B, T) or (total,) int token ids; `ignore_index` positions are not trained.
-        old_logp: per-token log-probs of labels' shape (None for algo "reinforce"/"rloo").
+        old_logp: per-token log-probs of labels' shape, or None for on-policy (old = sg(logp)).
         advantages: per token (labels' shape) or per sequence (B,).
         mask: None or labels' shape; combined with labels != ignore_index.
         temperature: logits are divided by it (the sampling temperature).

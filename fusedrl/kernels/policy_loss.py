@@ -200,9 +200,7 @@ def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, 
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     layout = make_layout(logp, cu_seqlens)
     if old_logp is None:
-        if cfg.algo_code != 4:
-            raise ValueError(f"old_logp may be None only for algo 'reinforce'/'rloo', got algo={cfg.algo!r}")
-        old_logp = logp.detach()  # on-policy: ratio 1, old = sg(logp)
+        old_logp = logp.detach()  # on-policy (one update per rollout): old = sg(logp), ratio 1, gradient of the surrogate
     check_token_tensor("old_logp", old_logp, layout)
     adv = per_token_or_seq("advantages", advantages, layout)
     optional = {}
@@ -253,7 +251,8 @@ def policy_loss(
     Args:
         logp: (B, T) padded or (total,) packed float log pi_theta(y_t) (differentiable).
         old_logp: same shape, log-probs of the policy before this round of updates
-            (the learner's, recomputed); None allowed for algo "reinforce"/"rloo".
+            (the learner's, recomputed); None means on-policy, old = sg(logp) (ratio 1,
+            the surrogate's gradient is A * grad logp), for any algo.
         advantages: per token (logp's shape) or per sequence (B,), float.
         mask: None (every token counts) or logp's shape; nonzero = completion token.
         cu_seqlens: (B + 1,) int32 boundaries when logp is packed (values checked on CPU only).

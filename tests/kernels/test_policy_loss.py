@@ -310,8 +310,6 @@ def test_bad_input():
         policy_loss(x, x, adv, cu_seqlens=cu, dual_clip=0.5)
     with pytest.raises(ValueError, match="dual_clip applies to algo ppo/grpo/gspo only"):
         policy_loss(x, x, adv, cu_seqlens=cu, algo="cispo", dual_clip=3.0)
-    with pytest.raises(ValueError, match="old_logp may be None only for algo"):
-        policy_loss(x, None, adv, cu_seqlens=cu)
     with pytest.raises(ValueError, match="num_tokens must be > 0"):
         policy_loss(x, x, adv, cu_seqlens=cu, num_tokens=0)
     with pytest.raises(ValueError, match="mask must have the per-token shape"):
@@ -349,3 +347,24 @@ def test_gpu_realistic_shape(algo):
     assert_close(g1[1], g0[1], atol=1e-7, rtol=1e-4)
     for key in m0:
         assert_close(m1[key], m0[key], atol=1e-5, rtol=1e-4, name=key)
+
+
+@pytest.mark.parametrize("algo", ["grpo", "ppo", "gspo", "cispo", "sapo", "reinforce"])
+def test_old_logp_none_is_on_policy(algo):
+    """old_logp=None means old = sg(logp): same loss and gradient as passing logp.detach()."""
+    torch.manual_seed(0)
+    cu = torch.tensor([0, 3, 3, 4, 9], dtype=torch.int32)
+    base = torch.randn(9, dtype=torch.float64)
+    adv = torch.randn(4, dtype=torch.float64)
+    ref = base + 0.1 * torch.randn(9, dtype=torch.float64)
+    grads, losses = [], []
+    for old in (None, "detached"):
+        logp = base.clone().requires_grad_(True)
+        loss, _ = policy_loss(logp, None if old is None else logp.detach(), adv, cu_seqlens=cu, algo=algo,
+                              ref_logp=ref, beta=0.04)
+        loss.backward(torch.tensor(1.7, dtype=torch.float64))
+        losses.append(loss.detach())
+        grads.append(logp.grad)
+    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().sum() > 0
