@@ -1,0 +1,1 @@
+"""Rollouts: the one Sampler interface (`fusedrl.rollout.sampling`) and its backends."""

@@ -1,0 +1,1 @@
+"""Training: the one loop, optimizers, parallelism, checkpoints, metrics sinks."""
