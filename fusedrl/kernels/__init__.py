@@ -1,9 +1,9 @@
 """Fused ops for RLHF. Imports and works with torch alone (reference path).
 
 Backend selection lives in `fusedrl.kernels._dispatch` (HAS_TRITON, HAS_FLASH_ATTN,
-HAS_CSRC, force_backend).
+force_backend); whether the C++ packing core is built is `fusedrl.packing.HAS_CSRC`.
 """
-from ._dispatch import HAS_CSRC, HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
+from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
 from .attention import check_cu_seqlens, varlen_attention
 from .logprobs import linear_logprobs, logprobs_from_logits
 from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
@@ -15,7 +15,6 @@ from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
 
 __all__ = [
-    "HAS_CSRC",
     "HAS_FLASH_ATTN",
     "HAS_TRITON",
     "force_backend",

@@ -250,7 +250,7 @@ def test_gpu_flash_attn_backend_agrees(seed):
 
 
 def test_bench_smoke_runs(capsys):
-    from bench import bench_attention
+    from fusedrl.bench import bench_attention
 
     assert bench_attention.main(["--smoke"]) == 0
     table = capsys.readouterr().out

@@ -311,7 +311,7 @@ def test_bench_smoke(tmp_path, capsys):
     """The bench runs end to end at tiny shapes on CPU: providers checked, rows written."""
     import json
 
-    from bench import bench_logprobs
+    from fusedrl.bench import bench_logprobs
 
     code = bench_logprobs.main(["--smoke", "--cases", "LP-0.5B", "--modes", "full", "--results-dir", str(tmp_path)])
     assert code == 0
