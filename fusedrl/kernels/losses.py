@@ -183,6 +183,7 @@ def outcome_rm_loss(
     mask: Optional[torch.Tensor] = None,
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
+    labels_layout: Optional[str] = None,
     num_tokens: Optional[Number] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """Outcome reward model: per-token BCE against the sequence's 0/1 label, masked token mean.
@@ -192,6 +193,9 @@ def outcome_rm_loss(
         labels: (B,) per-sequence 0/1 labels (float or int), or per-token of logits' shape.
         mask: None or per-token mask of logits' shape (completion tokens nonzero).
         cu_seqlens: (B + 1,) int32 when packed.
+        labels_layout: "sequence" (labels (B,)), "token" (labels per token) or None: read from
+            labels' shape, which raises ValueError when both fit (a packed batch with as many
+            tokens as sequences); pass it explicitly then.
         num_tokens: global token count for gradient accumulation.
     Returns: loss (0-d), metrics {"accuracy" (token sign agrees with label), "prob_mean"}.
     """
@@ -200,7 +204,7 @@ def outcome_rm_loss(
     check_tensor("labels", labels)
     check_normaliser("num_tokens", num_tokens)
     dtype = _dtype(logits)
-    target = per_token_or_seq("labels", labels.to(dtype), layout)
+    target = per_token_or_seq("labels", labels.to(dtype), layout, labels_layout, "labels_layout")
     m = flat_mask(mask, layout)
     z = logits.reshape(-1).to(dtype)
     bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")

@@ -195,14 +195,14 @@ def summarise(stats: torch.Tensor, cfg: PolicyLossConfig, has_ref: bool, has_ent
     return out
 
 
-def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg):
+def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg, adv_layout=None):
     """Validate every input and bring it to the flat normal form."""
     check_tensor("logp", logp, dtypes=FLOAT_DTYPES)
     layout = make_layout(logp, cu_seqlens)
     if old_logp is None:
         old_logp = logp.detach()  # on-policy (one update per rollout): old = sg(logp), ratio 1, gradient of the surrogate
     check_token_tensor("old_logp", old_logp, layout)
-    adv = per_token_or_seq("advantages", advantages, layout)
+    adv = per_token_or_seq("advantages", advantages, layout, adv_layout)
     optional = {}
     for name, value in (("ref_logp", ref_logp), ("entropy", entropy), ("sampler_logp", sampler_logp)):
         optional[name] = None if value is None else check_token_tensor(name, value, layout).reshape(-1)
@@ -227,6 +227,7 @@ def policy_loss(
     mask: Optional[torch.Tensor] = None,
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
+    advantages_layout: Optional[str] = None,
     algo: str = "ppo",
     eps_low: float = 0.2,
     eps_high: float = 0.2,
@@ -254,6 +255,8 @@ def policy_loss(
             (the learner's, recomputed); None means on-policy, old = sg(logp) (ratio 1,
             the surrogate's gradient is A * grad logp), for any algo.
         advantages: per token (logp's shape) or per sequence (B,), float.
+        advantages_layout: "token" | "sequence" | None. None reads the layout from the shape,
+            and raises ValueError when both readings fit (packed, as many tokens as sequences).
         mask: None (every token counts) or logp's shape; nonzero = completion token.
         cu_seqlens: (B + 1,) int32 boundaries when logp is packed (values checked on CPU only).
         algo: "ppo" | "grpo" (clipped surrogate) | "gspo" | "cispo" | "sapo" | "reinforce" | "rloo".
@@ -288,7 +291,8 @@ def policy_loss(
                            is_cap=is_cap, aggregation=aggregation, max_len=max_len)
     check_normaliser("num_tokens", num_tokens)
     check_normaliser("num_seqs", num_seqs)
-    x, layout = _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg)
+    x, layout = _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg,
+                         advantages_layout)
     if x.logp.dtype != torch.float64 and _dispatch.use_triton(x.logp, x.old, x.adv):
         from ._policy_loss_triton import policy_loss_triton
 

@@ -174,3 +174,17 @@ def test_bad_input():
         dpo_loss(**PAIR, num_pairs=0)
     with pytest.raises(ValueError, match="desirable must have policy_logp's shape"):
         kto_loss(t(0.0), t(0.0), torch.tensor([1, 0]))
+
+
+def test_outcome_rm_layout_is_explicit_when_ambiguous():
+    # 2 tokens in 2 sequences (the first empty): labels (2,) fit both readings
+    cu = torch.tensor([0, 0, 2], dtype=torch.int32)
+    logits, labels = t(0.0, 2.0), t(0.0, 1.0)
+    per_seq, _ = outcome_rm_loss(logits, labels, cu_seqlens=cu, labels_layout="sequence")
+    assert_close(per_seq, t((math.log(2) + softplus(-2.0)) / 2)[0])  # both tokens take sequence 1's label 1
+    per_seq0, _ = outcome_rm_loss(logits, t(1.0, 0.0), cu_seqlens=cu, labels_layout="sequence")
+    assert_close(per_seq0, t((math.log(2) + softplus(2.0)) / 2)[0])  # sequence 1's label is 0
+    per_tok, _ = outcome_rm_loss(logits, t(1.0, 0.0), cu_seqlens=cu, labels_layout="token")
+    assert_close(per_tok, t((math.log(2) + softplus(2.0)) / 2)[0])  # token labels 1, 0: log 2 + log(1 + e^2)
+    with pytest.raises(ValueError, match="ambiguous.*labels_layout='token' or labels_layout='sequence'"):
+        outcome_rm_loss(logits, labels, cu_seqlens=cu)

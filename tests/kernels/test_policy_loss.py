@@ -368,3 +368,27 @@ def test_old_logp_none_is_on_policy(algo):
     assert torch.equal(losses[0], losses[1])
     assert torch.equal(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layout_regression_tokens_equal_sequences(backend):
+    """Issue 13: 2 tokens in 2 sequences (one empty): per-sequence advantages must not be read per token."""
+    cu = torch.tensor([0, 0, 2], dtype=torch.int32)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    logp = torch.tensor([-1.0, -2.0], dtype=dtype, requires_grad=True)
+    adv = torch.tensor([5.0, 1.0], dtype=dtype)
+    loss, _ = call(backend, logp, None, adv, cu_seqlens=cu, algo="reinforce", advantages_layout="sequence")
+    assert_close(loss, torch.tensor(1.5, dtype=dtype))  # seq 1's A = 1 on both tokens: -(1 * -1 + 1 * -2) / 2
+    assert_close(torch.autograd.grad(loss, logp)[0], torch.tensor([-0.5, -0.5], dtype=dtype))
+    loss, _ = call(backend, logp, None, adv, cu_seqlens=cu, algo="reinforce", advantages_layout="token")
+    assert_close(loss, torch.tensor(3.5, dtype=dtype))  # -(5 * -1 + 1 * -2) / 2
+    with pytest.raises(ValueError, match="ambiguous.*advantages_layout='token' or advantages_layout='sequence'"):
+        policy_loss(logp, None, adv, cu_seqlens=cu, algo="reinforce")
+    with pytest.raises(ValueError, match=r"advantages must be per sequence \(2,\), got \(3,\)"):
+        policy_loss(logp, None, torch.zeros(3, dtype=dtype), cu_seqlens=cu, advantages_layout="sequence")
+    with pytest.raises(ValueError, match="advantages_layout must be None, 'token' or 'sequence'"):
+        policy_loss(logp, None, adv, cu_seqlens=cu, advantages_layout="seq")
+    # unambiguous shapes keep working without the argument (padded (B, T) vs (B,); packed total != B)
+    pad, _ = policy_loss(torch.tensor([[-1.0, -2.0]], dtype=dtype), None, torch.tensor([1.0], dtype=dtype),
+                         algo="reinforce")
+    assert_close(pad, torch.tensor(1.5, dtype=dtype))
