@@ -44,6 +44,16 @@ def _expm1(x):
 
 
 @triton.jit
+def _k3(delta):
+    """exp(-delta) - 1 + delta: the Taylor series for |delta| < 0.1, expm1 beyond (kl.k3_value)."""
+    small = tl.abs(delta) < 0.1
+    d = tl.where(small, delta, 0.0)
+    series = d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0 - d * (
+        1.0 / 5040.0 - d / 40320.0))))))
+    return tl.where(small, series, _expm1(-delta) + delta)
+
+
+@triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
 
@@ -69,10 +79,9 @@ def _kl_terms(delta, kl_clamp, kl_vclamp, KL_KIND: tl.constexpr, USE_CLAMP: tl.c
         kl = delta
         dkl = delta
     else:
-        em = _expm1(-delta)
-        kl = em + delta
+        kl = _k3(delta)
         if KL_KIND == 2:
-            dkl = -em
+            dkl = -_expm1(-delta)
         else:  # k3+: value of k3, gradient of k2
             dkl = delta
     if USE_VCLAMP:
@@ -254,7 +263,7 @@ def _policy_loss_fwd_kernel(
         clip_acc += tl.where(valid & clipped, 1.0, 0.0)
         ratio_acc += tl.where(valid, ratio, 0.0)
         approx_acc += tl.where(valid, -d, 0.0)
-        k3_acc += tl.where(valid, _expm1(-d) + d, 0.0)
+        k3_acc += tl.where(valid, _k3(d), 0.0)
         w_acc += tl.where(valid, w, 0.0)
         drop_acc += tl.where(valid & (w == 0.0), 1.0, 0.0)
         g_acc += tl.where(valid, w * dpg, 0.0)

@@ -9,8 +9,10 @@ With delta = logp - ref_logp (samples drawn from the policy):
     abs = |delta|                       (verl "abs"; gradient sign(delta))
     k1+ = value of k1, gradient of k2   (verl "k1+": k2 + sg(k1 - k2))
 
-k3 is computed as expm1(-delta) + delta, exact near delta = 0 where
-exp(-delta) - 1 loses every digit. Optionally delta is clamped to
+k3 is computed as expm1(-delta) + delta, and for |delta| < 0.1 as its Taylor
+series sum_{k=2..8} (-delta)^k / k! (truncation below 1e-12 relative, the
+gradient's below 1e-10): near delta = 0, exp(-delta) - 1 + delta loses
+every digit and even expm1(-delta) + delta cancels to float32 noise. Optionally delta is clamped to
 [-clamp, clamp] before the estimator, and the estimate itself to
 [-value_clamp, value_clamp] after it (verl's low_var_kl: delta clamped to
 +-20, k3 to +-10); each clamp stops the gradient outside its range, as
@@ -98,10 +100,21 @@ def _estimate(delta: torch.Tensor, kind: str) -> torch.Tensor:
         return k2
     if kind == "k1+":
         return k2 + (delta - k2).detach()
-    k3 = torch.expm1(-delta) + delta
+    k3 = k3_value(delta)
     if kind == "k3":
         return k3
     return k2 + (k3 - k2).detach()  # k3+
+
+
+K3_SERIES_BELOW = 0.1
+
+
+def k3_value(delta: torch.Tensor) -> torch.Tensor:
+    """exp(-delta) - 1 + delta, precise near 0 (module docstring); differentiable."""
+    small = delta.abs() < K3_SERIES_BELOW
+    d = torch.where(small, delta, torch.zeros_like(delta))  # keeps the series' gradient finite everywhere
+    series = d * d * (0.5 - d * (1.0 / 6 - d * (1.0 / 24 - d * (1.0 / 120 - d * (1.0 / 720 - d * (1.0 / 5040 - d / 40320))))))
+    return torch.where(small, series, torch.expm1(-delta) + delta)
 
 
 class AdaptiveKLController:

@@ -58,7 +58,7 @@ from ._policy_config import (AGGREGATIONS, ALGOS, CLIPPED_ALGOS, DUAL_CLIP_DEFAU
 from ._rl_layout import (Layout, Number, check_normaliser, check_token_tensor, flat_mask, make_layout,
                          per_token_or_seq, segment_sum)
 from ._validate import FLOAT_DTYPES, check_tensor
-from .kl import kl_from_delta
+from .kl import k3_value, kl_from_delta
 
 __all__ = ["ALGOS", "AGGREGATIONS", "DUAL_CLIP_DEFAULT", "IS_LEVELS", "IS_MODES", "IS_SCOPES", "PolicyLossConfig",
            "policy_loss", "policy_loss_reference", "cov_selection"]
@@ -161,7 +161,7 @@ def policy_loss_reference(x: FlatInputs, layout: Layout, cfg: PolicyLossConfig) 
     with torch.no_grad():
         d_old = logp - old
         dropped = (weight == 0).to(dtype) if sampler is not None else torch.zeros_like(pg)
-        columns = [clipped.to(dtype), ratio, -d_old, kl_ref, ent_t, weight, torch.expm1(-d_old) + d_old, dropped]
+        columns = [clipped.to(dtype), ratio, -d_old, kl_ref, ent_t, weight, k3_value(d_old), dropped]
         stats = torch.stack([tokens] + [segment_sum(torch.where(m, c, zero), layout) for c in columns])
     return terms, stats.float()
 
