@@ -218,3 +218,20 @@ def test_bench_smoke(tmp_path):
 
     code = bench_distill.main(["--smoke", "--modes", "full", "--results-dir", str(tmp_path)])
     assert code == 0
+
+
+def test_triton_bf16_student_fp32_teacher_within_bf16_tolerance():
+    """Low-precision inputs on the Triton path: bf16 student (bf16 logits buffer, bf16 gradients), fp32 teacher."""
+    t, labels, weights = make(dtype=torch.float32)
+    t = {k: (v.bfloat16() if k.startswith("student") else v) for k, v in t.items()}
+    ref_leaves = leaves({k: v.double() for k, v in t.items()})
+    expected, _ = oracle(ref_leaves, labels, weights, "jsd", 0.5, 0.7)
+    exp_grads = torch.autograd.grad(expected, [ref_leaves["student_hidden"], ref_leaves["student_weight"]])
+    ours = leaves(t)
+    loss, _, _ = run("triton", ours, labels, weights, chunked=True, kind="jsd", beta=0.5, temperature=0.7)
+    grads = torch.autograd.grad(loss, [ours["student_hidden"], ours["student_weight"]])
+    assert_close(loss, expected, name="bf16 loss", atol=2e-2, rtol=2e-2)
+    for got, exp in zip(grads, exp_grads):
+        assert got.dtype == torch.bfloat16
+        rel = float((got.double() - exp).norm() / exp.norm())
+        assert rel < 2e-2, rel
