@@ -74,8 +74,8 @@ class DistillConfig:
 class LinearDistillFunction(torch.autograd.Function):
     """2-D student (N, H_S) / (V, H_S) / (V,)|None, teacher (N, H_T) / (V, H_T) / (V,)|None, coef (N,).
 
-    Returns (loss = sum_t coef_t D_t, D (N,) detached). Gradients are formed in forward and kept
-    on ctx until the graph is freed.
+    Returns (loss = sum_t coef_t D_t, D (N,) detached). Gradients are formed in forward, kept on
+    ctx, and handed over (scaled in place) by the one backward.
     """
 
     @staticmethod
@@ -104,10 +104,13 @@ class LinearDistillFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss, g_div=None):
-        # The stored gradients are returned as they are when the upstream gradient is 1 (loss.backward(),
-        # one host sync): no copy of dW. Otherwise scaled copies, so the graph can be replayed.
-        unit = bool(g_loss == 1)
-        scaled = tuple(None if t is None else t if unit else t * g_loss.to(t.dtype) for t in ctx.grads)
+        # The stored gradients are scaled in place and handed over (no gradient-sized copy, and
+        # autograd can take them as .grad): so a graph through this op backpropagates once.
+        if ctx.grads is None:
+            raise RuntimeError("linear_distill_loss supports one backward per forward (its gradient is formed "
+                               "in forward and handed over); recompute the loss to backpropagate again")
+        grads, ctx.grads = ctx.grads, None
+        scaled = tuple(None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads)
         return scaled + (None,) * 6
 
 

@@ -235,3 +235,13 @@ def test_triton_bf16_student_fp32_teacher_within_bf16_tolerance():
         assert got.dtype == torch.bfloat16
         rel = float((got.double() - exp).norm() / exp.norm())
         assert rel < 2e-2, rel
+
+
+def test_second_backward_through_one_graph_is_refused():
+    t, labels, weights = make()
+    ours = leaves(t)
+    loss, _ = linear_distill_loss(ours["student_hidden"], ours["student_weight"], ours["teacher_hidden"],
+                                  ours["teacher_weight"])
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward per forward"):
+        loss.backward()
