@@ -79,8 +79,9 @@ class LinearDistillFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, coef, cfg: DistillConfig, use_triton: bool):
-        needs = tuple(bool(x) for x in ctx.needs_input_grad[:3])
+    def forward(ctx, hs, ws, bs, ht, wt, bt, coef, cfg: DistillConfig, use_triton: bool, grad_enabled: bool):
+        # needs_input_grad ignores torch.no_grad(): the caller's grad mode comes in as grad_enabled
+        needs = tuple(bool(x) and grad_enabled for x in ctx.needs_input_grad[:3])
         grad = any(needs)
         mode, beta, tau = cfg.mode, float(cfg.beta), float(cfg.temperature)
         if use_triton:
@@ -111,7 +112,7 @@ class LinearDistillFunction(torch.autograd.Function):
                                "in forward and handed over); recompute the loss to backpropagate again")
         grads, ctx.grads = ctx.grads, None
         scaled = tuple(None if t is None else t.mul_(g_loss.to(t.dtype)) for t in grads)
-        return scaled + (None,) * 6
+        return scaled + (None,) * 7
 
 
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, student_bias, teacher_bias,
@@ -236,7 +237,8 @@ def linear_distill_loss(
     bt = None if teacher_bias is None else teacher_bias.detach()
     tensors = (hs, student_weight, ht, wt, student_bias, bt)
     use_triton = cd != torch.float64 and _dispatch.use_triton(*tensors)
-    loss, div = LinearDistillFunction.apply(hs, student_weight, student_bias, ht, wt, bt, coef, cfg, use_triton)
+    loss, div = LinearDistillFunction.apply(hs, student_weight, student_bias, ht, wt, bt, coef, cfg, use_triton,
+                                            torch.is_grad_enabled())
     with torch.no_grad():
         count = trained.sum()
         metrics = {"divergence": (div.sum() / count.clamp(min=1)).float(), "tokens": count.float()}

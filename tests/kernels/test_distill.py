@@ -160,9 +160,18 @@ def test_teacher_gets_no_gradient_and_no_grad_mode():
     loss.backward()
     assert x["teacher_hidden"].grad is None and x["teacher_weight"].grad is None and x["teacher_bias"].grad is None
     assert x["student_weight"].grad is not None
-    with torch.no_grad():
+    seen = []
+    import fusedrl.kernels.distill as distill_module
+
+    def spy(*args):
+        seen.append(args[6] is None)  # coef is None: no gradient work
+        return real_step(*args)
+    real_step = distill_module.ref_step
+    with torch.no_grad(), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(distill_module, "ref_step", spy)
         again, metrics = linear_distill_loss(x["student_hidden"], x["student_weight"], x["teacher_hidden"],
                                              x["teacher_weight"], teacher_bias=x["teacher_bias"], labels=labels)
+    assert seen and all(seen)
     assert_close(again, loss.detach(), name="no-grad loss")
     assert int(metrics["tokens"]) == int((labels != -100).sum())
 
