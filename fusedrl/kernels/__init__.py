@@ -14,6 +14,7 @@ from .policy_loss import ALGOS, AGGREGATIONS, DUAL_CLIP_DEFAULT, PolicyLossConfi
 from .linear_policy_loss import linear_policy_loss
 from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
+from .distill import DistillConfig, linear_distill_loss
 
 __all__ = [
     "HAS_FLASH_ATTN",
@@ -60,4 +61,6 @@ __all__ = [
     "PolicyLossConfig",
     "policy_loss",
     "linear_policy_loss",
+    "DistillConfig",
+    "linear_distill_loss",
 ]
