@@ -48,15 +48,15 @@ def make_inputs(n: int, hdim: int, vocab: int, device: str, dtype: torch.dtype) 
 
 def reference(inputs) -> torch.Tensor:
     """fusedrl's exact reference (float32, token-chunked), with large chunks for speed."""
-    from fusedrl.kernels import _logprobs_ref
+    from fusedrl.kernels import _tiles
     from fusedrl.kernels.reference import linear_logprobs_reference
 
-    saved = _logprobs_ref.CHUNK_ELEMS
-    _logprobs_ref.CHUNK_ELEMS = 1 << 28
+    saved = dict(_tiles.TILE_BYTES)
+    _tiles.TILE_BYTES.update({kind: max(size, 1 << 30) for kind, size in saved.items()})
     try:
         return linear_logprobs_reference(inputs["hidden"], inputs["weight"], inputs["labels"])
     finally:
-        _logprobs_ref.CHUNK_ELEMS = saved
+        _tiles.TILE_BYTES.update(saved)
 
 
 def ours(inputs) -> torch.Tensor:
