@@ -10,7 +10,7 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
 
     kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, rms_norm_eps=1e-6)
-    cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=True)),
+    cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(tie_word_embeddings=False)),
            "llama": ("LlamaConfig", "LlamaForCausalLM", dict(tie_word_embeddings=False)),
            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", dict(head_dim=8, tie_word_embeddings=True)),
            "mistral": ("MistralConfig", "MistralForCausalLM", dict(sliding_window=None))}[family]
@@ -19,10 +19,13 @@ def tiny_model(family: str = "qwen2", seed: int = 0, **overrides):
     config = getattr(transformers, cls[0])(**kw)
     torch.manual_seed(seed)
     model = getattr(transformers, cls[1])(config).eval()
-    with torch.no_grad():  # larger weights than the init: sharper, less tie-prone next-token distributions
-        for p in model.parameters():
+    # Larger matrices than the init give sharper, varied next-token distributions; a tied model
+    # (qwen3 here) also needs a small embedding, or it keeps repeating its last token.
+    tied = config.tie_word_embeddings
+    with torch.no_grad():
+        for name, p in model.named_parameters():
             if p.dim() == 2:
-                p.mul_(4.0)
+                p.mul_(0.1 if tied and "embed" in name else 4.0 if tied else 2.0)
     return model
 
 
