@@ -74,7 +74,7 @@ class NativeEngine(Sampler):
         self.sync_every = self.config.sync_every or (8 if on_cuda else 1)
         self.asleep = False
         self.stats: dict = {}
-        self.last_block_manager: Optional[BlockManager] = None
+        self.block_manager: Optional[BlockManager] = None  # the pool bookkeeping of the latest generate
 
     # --- KV pool sizing -----------------------------------------------------------------------
     def _pool_blocks(self, prompts: List[List[int]], params: SamplingParams) -> int:
@@ -140,6 +140,7 @@ class NativeEngine(Sampler):
             raise ValueError(f"the KV pool ({blocks.num_blocks} blocks of {cfg.block_size}) cannot hold one sequence "
                              f"of {longest} tokens (prompt + max_new_tokens); raise num_blocks / max_num_tokens")
         self._ensure_pool(blocks.num_blocks)
+        self.block_manager = blocks
         self.asleep = False
         seed = params.seed
 
@@ -163,7 +164,6 @@ class NativeEngine(Sampler):
                 sched.postprocess(batch, decode_out, prefill_out, check_stop)
                 steps += 1
                 forwards += batch.steps
-        self.last_block_manager = blocks
         self.stats = {"seconds": time.perf_counter() - start, "steps": steps, "forwards": forwards,
                       "preemptions": sched.num_preemptions, "peak_blocks": blocks.peak_used,
                       "num_blocks": blocks.num_blocks,
