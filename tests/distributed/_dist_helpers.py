@@ -15,7 +15,9 @@ from fusedrl.packing import pack_by_budget
 from fusedrl.train.dp_balance import agree_micro_batches, global_counts, loss_divisor, split_for_ranks
 from fusedrl.train.parallel import run_forward
 
-VOCAB, BUDGET, IGNORE = 97, 48, -100
+VOCAB, IGNORE = 97, -100
+# Per-rank token budgets chosen so that ranks get different micro-batch counts (sft step 2, the grpo step).
+BUDGET = {"sft": 24, "grpo": 40}
 
 
 def tiny_model(seed: int = 0):
@@ -73,17 +75,29 @@ def grpo_loss(model, batch, advantages, divisor):
     return loss
 
 
+def step_batch(step: int, algo: str):
+    group_size = 2 if algo == "grpo" else 1
+    return global_batch(step, n=8 if algo == "grpo" else 7, group_size=group_size) + (group_size,)
+
+
+def micro_batch_counts(step: int, algo: str, world: int) -> List[int]:
+    """Micro-batches each rank packs its share into (before agree_micro_batches)."""
+    seqs, _, groups, _, _ = step_batch(step, algo)
+    lengths = [s.numel() for s in seqs]
+    parts = split_for_ranks(lengths, world, group_ids=groups)
+    return [len(pack_by_budget([lengths[i] for i in part], BUDGET[algo])) for part in parts]
+
+
 def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int) -> dict:
     """One global-batch step on this rank's balanced share; returns the global loss and grad norm."""
-    group_size = 2 if algo == "grpo" else 1
-    seqs, prompts, groups, rewards = global_batch(step, n=8 if algo == "grpo" else 7, group_size=group_size)
+    seqs, prompts, groups, rewards, group_size = step_batch(step, algo)
     lengths = [s.numel() for s in seqs]
     mine = split_for_ranks(lengths, world, group_ids=groups)[rank] if world > 1 else list(range(len(seqs)))
     # Each rank normalises only its own groups' rewards: right because whole groups stay on one rank.
     advantages = torch.zeros(len(seqs))
     if algo == "grpo":
         advantages[mine] = grpo_advantages(rewards[mine], group_size)
-    micro = [[mine[i] for i in part] for part in pack_by_budget([lengths[i] for i in mine], BUDGET)]
+    micro = [[mine[i] for i in part] for part in pack_by_budget([lengths[i] for i in mine], BUDGET[algo])]
     trained = sum(lengths[i] - prompts[i] for i in mine)
     tokens, _ = global_counts(trained, len(mine))
     divisor = loss_divisor(tokens, world)
@@ -136,7 +150,10 @@ def spawn(fn, world: int, *args) -> None:
 
 
 def optimizer_for(model):
-    return torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    # AdamW's update lr * g / (|g| + eps) has slope lr / eps at g ~ 0: with the default eps (1e-8) a
+    # near-zero gradient's float32 summation-order noise (~1e-10) moves a weight by ~1e-5 and any
+    # two reduction orders disagree beyond 1e-6. eps = 1e-4 bounds that gain to 10.
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
 
 
 def reference_run(steps: List[str]):

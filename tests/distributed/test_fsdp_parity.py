@@ -66,6 +66,12 @@ def _assert_weights(actual, expected, label):
         torch.testing.assert_close(value, expected[name], **TOL, msg=lambda m: f"{label} {name}: {m}")
 
 
+def test_split_is_uneven():
+    # The parity below covers ranks with different micro-batch counts (the padding path).
+    counts = [h.micro_batch_counts(step, algo, 2) for step, algo in enumerate(STEPS)]
+    assert counts[1][0] != counts[1][1] and counts[2][0] != counts[2][1], counts
+
+
 def test_process_group_is_gloo_world_2(runs):
     assert runs["ws2"]["world"] == 2 and runs["ws2"]["backend"] == "gloo"
 
