@@ -26,6 +26,8 @@ import os
 import random
 import re
 import shutil
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -58,6 +60,15 @@ def _world() -> int:
 def _barrier() -> None:
     if _dist():
         dist.barrier()
+
+
+@contextmanager
+def _single_process_quiet():
+    """Without a process group DCP warns that it assumes one process: that is the intended use here."""
+    with warnings.catch_warnings():
+        if not _dist():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _sha256(path: Path) -> str:
@@ -134,7 +145,8 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
         shutil.rmtree(tmp, ignore_errors=True)
         (tmp / "ranks").mkdir(parents=True)
     _barrier()
-    dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+    with _single_process_quiet():
+        dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
     torch.save({"rng": rng_state(), "state": rank_state or {}}, tmp / "ranks" / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(shared_state or {}, tmp / "shared.pt")
@@ -226,6 +238,7 @@ def load_dist_checkpoint(path: str | Path, *, model: torch.nn.Module,
          "world_size": the writer's world size, "resharded": bool}.
     """
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
 
     path = Path(path)
@@ -233,10 +246,12 @@ def load_dist_checkpoint(path: str | Path, *, model: torch.nn.Module,
     meta = json.loads((path / "trainer.json").read_text())
     state = _train_state(model, optimizer)
     try:
-        dcp.load(state, checkpoint_id=str(path / "dcp"))
-    except Exception as err:
+        with _single_process_quiet():
+            dcp.load(state, checkpoint_id=str(path / "dcp"))
+    except (Exception, CheckpointException) as err:  # CheckpointException derives from BaseException
+        last = (str(err).strip().splitlines() or [""])[-1][:500]
         raise DistCheckpointError(f"checkpoint {path}: does not fit this model/optimizer: "
-                                  f"{type(err).__name__}: {err}") from err
+                                  f"{type(err).__name__}: {last}") from err
     if optimizer is None:
         set_model_state_dict(model, state["model"])
     else:

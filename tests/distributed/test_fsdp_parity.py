@@ -12,6 +12,7 @@ import torch.distributed as dist
 from tests.distributed import _dist_helpers as h
 
 STEPS = ["sft", "sft", "grpo"]
+RESUME_AT = 2  # the checkpoint is written before this step
 TOL = dict(atol=1e-6, rtol=0)
 
 
@@ -34,15 +35,31 @@ def _worker(rank, world, port, out_dir):
         optimizer = h.optimizer_for(model)
         records, snapshots = [], []
         for step, algo in enumerate(STEPS):
+            if step == RESUME_AT:
+                save_dist_checkpoint(out_dir / "ckpt", step, model=model, optimizer=optimizer,
+                                     trainer_state={"step": step}, rank_state={"rank": rank})
             records.append(h.train_step(model, optimizer, step, algo=algo, rank=rank, world=world))
             snapshots.append(h.full_weights(model))
-        save_dist_checkpoint(out_dir / "ckpt", len(STEPS), model=model, optimizer=optimizer,
-                             trainer_state={"step": len(STEPS)}, rank_state={"rank": rank})
+        resumed = _resume_same_world(out_dir, rank, world)
         save_final_hf(model, out_dir / "hf")
         if rank == 0:
-            torch.save({"records": records, "snapshots": snapshots, "gathered": gathered,
+            torch.save({"records": records, "snapshots": snapshots, "gathered": gathered, "resumed": resumed,
                         "world": info.world_size, "backend": info.backend}, out_dir / "ws2.pt")
     dist.destroy_process_group()
+
+
+def _resume_same_world(out_dir, rank, world):
+    """A fresh sharded model + optimizer loads the step-2 checkpoint and redoes the last step."""
+    from fusedrl.train.dist_checkpoint import load_dist_checkpoint
+    from fusedrl.train.parallel import ParallelConfig, apply_fsdp
+
+    model = apply_fsdp(h.tiny_model(seed=7), ParallelConfig())
+    optimizer = h.optimizer_for(model)
+    restored = load_dist_checkpoint(out_dir / "ckpt" / "step_00000002", model=model, optimizer=optimizer)
+    for step in range(RESUME_AT, len(STEPS)):
+        h.train_step(model, optimizer, step, algo=STEPS[step], rank=rank, world=world)
+    return {"weights": h.full_weights(model), "rank_state": restored["rank_state"],
+            "resharded": restored["resharded"]}
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +67,7 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     h.spawn(_worker, 2, out)
     ws2 = torch.load(out / "ws2.pt", weights_only=False)
-    model, optimizer = h.tiny_model(), None
+    model = h.tiny_model()
     optimizer = h.optimizer_for(model)
     records, snapshots = [], []
     for step, algo in enumerate(STEPS):
@@ -110,24 +127,31 @@ def test_gathered_params_for_rollout(runs):
     torch.testing.assert_close(g["logits"], want, atol=1e-6, rtol=0)
 
 
+def test_resume_at_same_world_size_is_bit_identical(runs):
+    resumed = runs["ws2"]["resumed"]
+    assert resumed["rank_state"] == {"rank": 0} and not resumed["resharded"]
+    final = runs["ws2"]["snapshots"][-1]
+    for name, value in resumed["weights"].items():
+        assert torch.equal(value, final[name]), name
+
+
 def test_dcp_checkpoint_ws2_loads_at_ws1(runs):
     from fusedrl.train.dist_checkpoint import latest_dist_checkpoint, load_dist_checkpoint
 
     path = latest_dist_checkpoint(runs["out"] / "ckpt")
-    assert path is not None and path.name == "step_00000003"
+    assert path is not None and path.name == "step_00000002"
     model = h.tiny_model(seed=123)  # different weights: the load must overwrite all of them
     optimizer = h.optimizer_for(model)
     restored = load_dist_checkpoint(path, model=model, optimizer=optimizer)
-    assert restored["trainer"] == {"step": 3} and restored["world_size"] == 2 and restored["resharded"]
+    assert restored["trainer"] == {"step": 2} and restored["world_size"] == 2 and restored["resharded"]
     assert restored["rank_state"] is None
-    final = runs["ws2"]["snapshots"][-1]
+    saved = runs["ws2"]["snapshots"][RESUME_AT - 1]
     for name, value in model.state_dict().items():
-        assert torch.equal(value, final[name]), name  # loading is a copy: bit for bit
-    # The optimizer state came along: one more step continues the one-process run.
-    record = h.train_step(model, optimizer, 3, algo="sft", rank=0, world=1)
-    want = h.train_step(runs["model"], runs["optimizer"], 3, algo="sft", rank=0, world=1)
-    assert abs(record["loss"] - want["loss"]) <= 1e-6
-    _assert_weights(model.state_dict(), runs["model"].state_dict(), "step 4 after the ws2 -> ws1 resume")
+        assert torch.equal(value, saved[name]), name  # loading is a copy: bit for bit
+    # The optimizer state came along: the grpo step at world size 1 gives the one-process run's weights.
+    record = h.train_step(model, optimizer, RESUME_AT, algo=STEPS[RESUME_AT], rank=0, world=1)
+    assert abs(record["loss"] - runs["records"][RESUME_AT]["loss"]) <= 1e-6
+    _assert_weights(model.state_dict(), runs["snapshots"][RESUME_AT], "grpo step after the ws2 -> ws1 load")
 
 
 def test_final_model_is_hf_loadable(runs):
