@@ -9,7 +9,7 @@ from typing import List, Sequence
 import torch
 import torch.distributed as dist
 
-from fusedrl.engine.packed_attention import packed_forward
+from fusedrl.models.packed_attention import packed_forward
 from fusedrl.kernels import grpo_advantages, linear_logprobs, policy_loss
 from fusedrl.packing import pack_by_budget
 from fusedrl.train.dp_balance import agree_micro_batches, global_counts, loss_divisor, split_for_ranks

@@ -223,7 +223,7 @@ def test_bad_inputs_are_named(change, error, name):
 
 
 def test_bench_smoke(tmp_path):
-    from bench import bench_distill
+    from fusedrl.bench import bench_distill
 
     code = bench_distill.main(["--smoke", "--modes", "full", "--results-dir", str(tmp_path)])
     assert code == 0

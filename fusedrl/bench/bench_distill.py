@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
+from fusedrl.bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
                           parse_bench_args, run_case)
 
 CASES = {"DISTILL-7B": (16384, 4096, 151936)}

@@ -30,7 +30,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bench.common import bench_arg_parser, finish, parse_bench_args
+from fusedrl.bench.common import bench_arg_parser, finish, parse_bench_args
 
 CASES = {  # id: (device, dtype, model shape, prompts, prompt length, n, new tokens)
     "ROLLOUT-0.5B": ("cuda", torch.bfloat16, "0.5B", 64, 128, 1, 256),
