@@ -29,6 +29,8 @@ class PackedBatch:
                   computed when packing, so the loop needs no device sync.
     extras:       stage-specific per-token or per-sequence tensors (reference
                   log-probs, advantages, pair indices, ...).
+    num_groups:   preference pairs / rankings in the batch (a host int), or 0 when the
+                  sequences are not grouped (then each sequence counts as its own group).
     """
 
     input_ids: torch.Tensor
@@ -38,10 +40,16 @@ class PackedBatch:
     max_seqlen: int
     num_tokens: int
     extras: Dict[str, torch.Tensor] = field(default_factory=dict)
+    num_groups: int = 0
 
     @property
     def num_seqs(self) -> int:
         return self.cu_seqlens.numel() - 1
+
+    @property
+    def groups(self) -> int:
+        """Groups for the step totals: num_groups, or one per sequence when ungrouped."""
+        return self.num_groups or self.num_seqs
 
     @property
     def total(self) -> int:
@@ -57,4 +65,5 @@ class PackedBatch:
             max_seqlen=self.max_seqlen,
             num_tokens=self.num_tokens,
             extras={k: move(v) for k, v in self.extras.items()},
+            num_groups=self.num_groups,
         )

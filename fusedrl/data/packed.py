@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
-from fusedrl.packing import cu_seqlens_and_positions, pack_by_budget
+from fusedrl.packing import balanced_partition, cu_seqlens_and_positions, pack_by_budget
 
 
 @dataclass
@@ -257,3 +257,23 @@ class PackedDataset(EpochBins):
 
     def _bin_batch(self, members: List[int]) -> PackedBatch:
         return build_batch(self.examples, members, extras=self.extras, token_keys=self.token_keys)
+
+
+def pack_balanced(examples: List[Example], token_budget: int, *, extras: Optional[List[dict]] = None,
+                  token_keys: Sequence[str] = (), attention_cost: float = 0.0) -> List[PackedBatch]:
+    """Pack into as few micro-batches as best-fit decreasing needs, balanced by cost a*L + b*L^2.
+
+    The count k comes from `pack_by_budget`; `balanced_partition` then spreads the
+    sequences over k groups of near-equal cost (so micro-batches, and ranks given
+    one each, take similar time). If a balanced group overflows the budget the
+    best-fit bins are used instead: the budget is a hard limit.
+
+    Returns:
+        k PackedBatches (extras as in `fusedrl.data.packed.build_batch`).
+    """
+    lengths = [len(e) for e in examples]
+    bins = pack_by_budget(lengths, token_budget)
+    groups = balanced_partition(lengths, len(bins), a=1.0, b=attention_cost)
+    if any(sum(lengths[i] for i in g) > token_budget for g in groups) or any(not g for g in groups):
+        groups = bins
+    return [build_batch(examples, g, extras=extras, token_keys=token_keys) for g in groups]

@@ -27,7 +27,7 @@ from fusedrl.data.batch import IGNORE_INDEX
 from fusedrl.data.packed import Example, PackedDataset, pack_examples
 
 __all__ = [
-    "Example", "PackedDataset", "detect_format", "load_records", "pack_examples", "tokenize_preference",
+    "Example", "PackedDataset", "detect_format", "load_records", "pack_examples",
     "tokenize_prompt", "tokenize_records", "tokenize_sft", "validate_record",
 ]
 
@@ -224,27 +224,6 @@ def tokenize_sft(record: dict, tokenizer, *, max_len: int, train_on: str = "all_
         train_from = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
     example = _chat_example(messages, tokenizer, train_from)
     return _apply_overlong(example, max_len, overlong)
-
-
-def tokenize_preference(record: dict, tokenizer, *, max_len: int,
-                        overlong: str = "truncate") -> Optional[Tuple[Example, Example]]:
-    """Tokenize a ``preference`` record into (chosen, rejected) examples.
-
-    Only the completion's assistant tokens are trained; the prompt (including
-    any assistant turns inside it) is masked. Returns ``None`` when either side
-    is dropped by the overlong policy (both are dropped together).
-    """
-    if validate_record(record) != "preference":
-        raise ValueError(f"record: tokenize_preference needs prompt/chosen/rejected keys, got {sorted(record)}")
-    prompt = _as_messages(record["prompt"], "user")
-    pair = []
-    for key in ("chosen", "rejected"):
-        example = _chat_example(prompt + _as_messages(record[key], "assistant"), tokenizer, len(prompt))
-        example = _apply_overlong(example, max_len, overlong)
-        if example is None:
-            return None
-        pair.append(example)
-    return pair[0], pair[1]
 
 
 def tokenize_prompt(record: dict, tokenizer) -> List[int]:

@@ -64,8 +64,6 @@ def _train(cfg: RLTrainConfig, model, stage, tokenizer) -> Dict[str, Any]:
     """The loop, then the final model and plots in the stage's run folder; returns rollout numbers."""
     run_dir = Path(cfg.run.out_dir)
     result = train(model, stage, cfg, run_dir=run_dir)
-    if hasattr(stage, "finish"):
-        stage.finish()
     if cfg.checkpoint.save_final:
         save_model(model, run_dir / "final", tokenizer=tokenizer)
     records = read_metrics(run_dir / "metrics.jsonl")
@@ -92,6 +90,7 @@ def grpo_step(ctx) -> Dict[str, Any]:
 
 def ppo_step(ctx) -> Dict[str, Any]:
     """PPO with the reward model of the `reward_model` step as reward and as the critic's start."""
+    from fusedrl.models.causal_lm import load_reference
     from fusedrl.rollout.experience import RewardSource
     from fusedrl.stages.policy_gradient import load_prompt_records
     from fusedrl.stages.ppo import PPOStage, resolve_ppo_options
@@ -105,9 +104,11 @@ def ppo_step(ctx) -> Dict[str, Any]:
     value_model = copy.deepcopy(rm).train().requires_grad_(True)
     rewards = RewardSource(reward_model=scorer, token_budget=cfg.rollout.token_budget,
                            accuracy_verifier=cfg.rollout.accuracy_verifier)
-    stage = PPOStage(value_model=value_model, ppo=cfg.ppo, max_grad_norm=cfg.optim.max_grad_norm, records=records,
-                     tokenizer=ctx.tokenizer, rollout=cfg.rollout, options=resolve_ppo_options(cfg.ppo),
-                     rewards=rewards, eval_records=eval_records, seed=cfg.run.seed, name="ppo")
+    options = resolve_ppo_options(cfg.ppo)
+    ref = load_reference(cfg.model, cfg.ppo.ref_model, ctx.model) if options.beta > 0 else None
+    stage = PPOStage(value_model=value_model, ppo=cfg.ppo, records=records, tokenizer=ctx.tokenizer,
+                     rollout=cfg.rollout, options=options, rewards=rewards, eval_records=eval_records,
+                     ref_model=ref, seed=cfg.run.seed, name="ppo")
     numbers, result = _train(cfg, ctx.model, stage, ctx.tokenizer)
     numbers["value loss"] = result.last_metrics.get("value_loss")
     return numbers

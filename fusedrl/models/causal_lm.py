@@ -11,6 +11,7 @@ implementation (``fusedrl.models.packed_attention``) with explicit ``cu_seqlens`
 """
 from __future__ import annotations
 
+import copy
 import os
 from typing import Optional, Tuple
 
@@ -138,3 +139,42 @@ def build_policy(cfg, tokenizer, device: torch.device):
     if arch["vocab_size"] < len(tokenizer):
         raise ValueError(f"model.arch.vocab_size: {arch['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
     return build_model(config=arch, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
+
+
+def load_reference(cfg, path: Optional[str], policy: torch.nn.Module) -> torch.nn.Module:
+    """The frozen reference model, built from the config (never saved in a checkpoint).
+
+    Args:
+        cfg: the [model] table (name_or_path, dtype).
+        path: an explicit reference (pg.ref_model, ppo.ref_model, dpo.reference), or None.
+        policy: the policy, on its device, before any training.
+    Returns:
+        `path` loaded, else model.name_or_path loaded (the run's initial weights, so a resumed run
+        gets the same reference), else a frozen copy of `policy` as it is now (a policy built from
+        model.arch is rebuilt identically from the seed on resume, so the copy is too). Eval mode
+        for loaded models, no gradients.
+    """
+    source = path or cfg.name_or_path
+    if source is None:
+        return copy.deepcopy(policy).requires_grad_(False)
+    device = next(policy.parameters()).device
+    ref = build_model(name_or_path=source, dtype=None if cfg.dtype == "auto" else cfg.dtype, device=device)
+    return ref.eval().requires_grad_(False)
+
+
+def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0, return_entropy: bool = False):
+    """Per-position log p(label) of a packed batch (and the entropy) through the fused LM-head kernel.
+
+    The one packed log-prob function of the engine (SFT, DPO, RL old/reference log-probs):
+    the final hidden states go straight into `fusedrl.kernels.linear_logprobs`, so the
+    (tokens, vocab) logits are never materialised.
+
+    Returns:
+        (total,) float32, 0 where the label is ignored [, (total,) float32 entropy].
+    """
+    from fusedrl.kernels import linear_logprobs
+
+    hidden = hidden_states(model, batch)  # (total, H)
+    weight, bias = lm_head(model)  # (V, H), (V,) or None
+    return linear_logprobs(hidden, weight, batch.labels, bias=bias, temperature=temperature,
+                           return_entropy=return_entropy)

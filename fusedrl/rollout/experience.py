@@ -8,7 +8,7 @@ and `.ppo` drive it):
     rewards = score_rollout(rollout, records, reward_source)   # verifier or reward model (N,)
     rewards = shape_rewards(...)                               # format + DAPO overlong shaping
     exp = Experience.from_rollout(rollout, rewards)            # per-sequence + per-token storage
-    exp.tok["old_logp"] = token_forward(exp, fn=policy_logprobs(model, tau))   # fused kernel, no logits
+    exp.tok["old_logp"] = token_forward(exp, fn=lambda b: token_logprobs(model, b, tau))   # fused kernel, no logits
     batches = exp.pack(indices, token_budget)                  # balanced token-budget micro-batches
 
 Per-token layout. `exp.tok[key][i]` is a float32 tensor aligned with
@@ -28,9 +28,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
-from fusedrl.data.packed import Example, build_batch
-from fusedrl.rollout.rewards import load_verifier, score_completions
-from fusedrl.packing import balanced_partition, pack_by_budget
+from fusedrl.data.packed import Example, pack_balanced
+from fusedrl.rollout.rewards import load_verifier, reward_model_scores, score_completions
 
 # ----------------------------------------------------------------------------- prompts
 
@@ -196,21 +195,6 @@ class RewardSource:
                                  name="rollout.accuracy_verifier")
 
 
-@torch.no_grad()
-def reward_model_scores(reward_model, examples: List[Example], token_budget: int) -> torch.Tensor:
-    """Score prompt + completion sequences with a scalar-head model (`scores(batch)` at the last token).
-
-    Returns:
-        (N,) float32 host tensor, in the order of `examples`.
-    """
-    device = next(reward_model.parameters()).device
-    out = torch.zeros(len(examples), dtype=torch.float32)
-    for batch in pack_balanced(examples, token_budget):
-        scores = reward_model.scores(batch.to(device)).float().cpu()  # (num_seqs,)
-        out[batch.extras["example_index"]] = scores
-    return out
-
-
 def shape_rewards(rewards: torch.Tensor, lengths: Sequence[int], *, max_new_tokens: int,
                   overlong_cache_len: int) -> torch.Tensor:
     """DAPO soft overlong punishment (a no-op when overlong_cache_len is 0), via the kernels' shaping op."""
@@ -235,26 +219,6 @@ def rollout_examples(rollout: Rollout) -> List[Example]:
     """prompt + completion documents; labels (unshifted) mark the completion tokens only."""
     return [Example(list(p) + list(c), [IGNORE_INDEX] * len(p) + list(c))
             for p, c in zip(rollout.prompt_ids, rollout.completion_ids)]
-
-
-def pack_balanced(examples: List[Example], token_budget: int, *, extras: Optional[List[dict]] = None,
-                  token_keys: Sequence[str] = (), attention_cost: float = 0.0) -> List[PackedBatch]:
-    """Pack into as few micro-batches as best-fit decreasing needs, balanced by cost a*L + b*L^2.
-
-    The count k comes from `pack_by_budget`; `balanced_partition` then spreads the
-    sequences over k groups of near-equal cost (so micro-batches, and ranks given
-    one each, take similar time). If a balanced group overflows the budget the
-    best-fit bins are used instead: the budget is a hard limit.
-
-    Returns:
-        k PackedBatches (extras as in `fusedrl.data.packed.build_batch`).
-    """
-    lengths = [len(e) for e in examples]
-    bins = pack_by_budget(lengths, token_budget)
-    groups = balanced_partition(lengths, len(bins), a=1.0, b=attention_cost)
-    if any(sum(lengths[i] for i in g) > token_budget for g in groups) or any(not g for g in groups):
-        groups = bins
-    return [build_batch(examples, g, extras=extras, token_keys=token_keys) for g in groups]
 
 
 # ----------------------------------------------------------------------------- experience
@@ -352,21 +316,6 @@ def token_forward(exp: Experience, fn: Callable[[PackedBatch], torch.Tensor], to
                 row[:exp.prompt_lens[i]] = 0.0
                 out[i] = row
     return out
-
-
-def policy_logprobs(model, batch: PackedBatch, temperature: float, return_entropy: bool = False):
-    """Per-position log p(label) (and entropy) of the policy at `temperature` via the fused LM-head kernel.
-
-    Returns:
-        (total,) float32 (0 where the label is ignored) [, (total,) entropy].
-    """
-    from fusedrl.models.causal_lm import hidden_states, lm_head
-    from fusedrl.kernels import linear_logprobs
-
-    hidden = hidden_states(model, batch)  # (total, H)
-    weight, bias = lm_head(model)  # (V, H), (V,) or None
-    return linear_logprobs(hidden, weight, batch.labels, bias=bias, temperature=temperature,
-                           return_entropy=return_entropy)
 
 
 class Timer:

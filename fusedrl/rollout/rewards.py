@@ -18,7 +18,7 @@ Built-ins (for records that carry an `answer`, e.g. the demo tasks of `fusedrl.d
     shaped_match       char_accuracy, plus 1 for an exact match (dense and still prefers exact answers)
     ends_cleanly       format check: 1 when the completion has no whitespace padding and is not empty
 
-Reward models are scored through `fusedrl.rollout.experience.reward_model_scores`.
+Reward models (a `ScalarHeadModel`) are scored by `reward_model_scores`.
 """
 from __future__ import annotations
 
@@ -30,7 +30,9 @@ from typing import Callable, Dict, List, Sequence
 
 import torch
 
-__all__ = ["load_verifier", "score_completions", "exact_match", "char_accuracy", "shaped_match", "ends_cleanly"]
+from fusedrl.data.packed import Example, pack_balanced
+
+__all__ = ["load_verifier", "score_completions", "reward_model_scores", "exact_match", "char_accuracy", "shaped_match", "ends_cleanly"]
 
 Verifier = Callable[..., float]
 _POSITIONAL = ("prompt", "completion")  # record fields never passed as keywords
@@ -134,6 +136,28 @@ def _accepted_fields(fn: Verifier):
     if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params):
         return None
     return {p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)}
+
+
+@torch.no_grad()
+def reward_model_scores(reward_model, examples: List[Example], token_budget: int) -> torch.Tensor:
+    """Score prompt + completion sequences with a scalar-head model (`scores(batch)` at the last token).
+
+    The one reward-model scoring function (RL rewards, rejection sampling, the demo), in eval mode.
+
+    Returns:
+        (N,) float32 host tensor, in the order of `examples`.
+    """
+    device = next(reward_model.parameters()).device
+    out = torch.zeros(len(examples), dtype=torch.float32)
+    was_training = reward_model.training
+    reward_model.eval()
+    try:
+        for batch in pack_balanced(examples, token_budget):
+            scores = reward_model.scores(batch.to(device)).float().cpu()  # (num_seqs,)
+            out[batch.extras["example_index"]] = scores
+    finally:
+        reward_model.train(was_training)
+    return out
 
 
 # ----------------------------------------------------------------------------- built-in verifiers

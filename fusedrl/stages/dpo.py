@@ -32,10 +32,10 @@ import torch
 from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import Example, load_records, pack_examples, tokenize_sft
 from fusedrl.stages.configs_alignment import DPO_LOSSES, REFERENCE_FREE, DPOConfig, check_section
-from fusedrl.stages.base import BaseStage
+from fusedrl.models.causal_lm import load_reference, token_logprobs
+from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.cache import content_key, load_tensors, model_fingerprint, path_fingerprint, save_tensors
 from fusedrl.stages.groups import GroupedDataset, sequence_sums, tokenize_groups
-from fusedrl.stages.sft import sequence_logprobs
 from fusedrl import kernels
 
 logger = logging.getLogger("fusedrl")
@@ -102,7 +102,6 @@ class DPOStage(BaseStage):
     """
 
     name = "dpo"
-    normalize_by = "sequences"
 
     def __init__(self, dataset: GroupedDataset, *, loss: str = "dpo", options: Optional[dict] = None,
                  micro_batches_per_step: int = 1, eval_batches: Optional[List[PackedBatch]] = None):
@@ -126,13 +125,12 @@ class DPOStage(BaseStage):
     def micro_batches(self, model, step: int) -> List[PackedBatch]:
         return self.dataset.next_batches(self.micro_batches_per_step)
 
-    def loss(self, model, batch: PackedBatch, normalizer: float):
-        """(loss, metrics); the normaliser counts sequences, so the step has normalizer / K groups."""
-        token_logp = sequence_logprobs(model, batch)  # (total,) float32, 0 off the completion
+    def loss(self, model, batch: PackedBatch, totals: StepTotals):
+        """(loss, metrics): sums over this micro-batch's pairs divided by the step's pairs (groups)."""
+        token_logp = token_logprobs(model, batch)  # (total,) float32, 0 off the completion
         logp = sequence_sums(token_logp, batch.cu_seqlens, batch.total)  # (num_seqs,)
-        k = batch.extras["ranking"].shape[1]
-        loss, metrics = preference_loss(self.loss_name, logp, batch, self.options, normalizer / k)
-        share = batch.num_seqs / normalizer  # metrics are this micro-batch's means: make them additive
+        loss, metrics = preference_loss(self.loss_name, logp, batch, self.options, totals.groups)
+        share = batch.groups / totals.groups  # metrics are this micro-batch's means: make them additive
         return loss, {_RENAME.get(n, n): v * share for n, v in metrics.items()}
 
     def evaluate(self, model) -> Dict[str, float]:
@@ -140,10 +138,12 @@ class DPOStage(BaseStage):
         if not self.eval_batches:
             return {}
         device = next(model.parameters()).device
-        total = sum(b.num_seqs for b in self.eval_batches)
+        totals = StepTotals(tokens=float(sum(b.num_tokens for b in self.eval_batches)),
+                            sequences=float(sum(b.num_seqs for b in self.eval_batches)),
+                            groups=float(sum(b.groups for b in self.eval_batches)))
         sums: Dict[str, torch.Tensor] = {}
         for batch in self.eval_batches:
-            loss, metrics = self.loss(model, batch.to(device), float(total))
+            loss, metrics = self.loss(model, batch.to(device), totals)
             for name, value in {"loss": loss, **metrics}.items():
                 sums[name] = sums.get(name, 0.0) + value.detach().float()
         names = list(sums)
@@ -183,7 +183,7 @@ def reference_logprobs(model, examples: List[Example], token_budget: int, *, cac
     try:
         for batch in pack_examples(examples, token_budget):
             batch = batch.to(device)
-            sums = sequence_sums(sequence_logprobs(model, batch), batch.cu_seqlens, batch.total)
+            sums = sequence_sums(token_logprobs(model, batch), batch.cu_seqlens, batch.total)
             out[batch.extras["example_index"]] = sums.float()
     finally:
         model.train(was_training)
@@ -218,8 +218,8 @@ def kto_data(records: List[dict], tokenizer, *, max_len: int, overlong: str, mis
                 raise ValueError("dpo.kto_kl: every example has the same prompt, so no mismatched pair exists; "
                                  "set dpo.kto_kl = false")
             texts.append((prompt, items[j % len(items)][1]))
-        members = [tokenize_sft({"prompt": p, "completion": c}, tokenizer, max_len=max_len, overlong=overlong)
-                   for p, c in texts]
+        members = [tokenize_sft({"prompt": p, "completion": c}, tokenizer, max_len=max_len, overlong=overlong,
+                                train_on="last_assistant") for p, c in texts]
         if any(m is None for m in members):
             continue
         groups.append(list(range(len(examples), len(examples) + len(members))))
@@ -273,28 +273,28 @@ def build_dpo_stage(cfg, model, tokenizer) -> DPOStage:
         cache_dir = dpo_cfg.ref_cache_dir or str(Path(cfg.run.out_dir) / "ref_cache")
         examples = [e for d in datasets for e in d.examples]
         attach_reference(datasets, compute_reference(dpo_cfg, model, examples, data.token_budget, cache_dir,
-                                                     cfg.model.dtype))
+                                                     cfg.model))
     eval_batches = datasets[1].all_batches(dpo_cfg.eval_micro_batches) if len(datasets) > 1 else None
     return DPOStage(datasets[0], loss=dpo_cfg.loss, options=loss_options(dpo_cfg),
                     micro_batches_per_step=data.micro_batches_per_step, eval_batches=eval_batches)
 
 
 def compute_reference(dpo_cfg: DPOConfig, policy, examples: List[Example], token_budget: int, cache_dir,
-                      dtype: str = "auto") -> torch.Tensor:
-    """Reference sums from ``dpo_cfg.reference`` (loaded, used, released) or from ``policy``'s current weights."""
+                      model_cfg) -> torch.Tensor:
+    """Reference sums from ``dpo_cfg.reference`` (loaded, used, released) or from ``policy``'s current weights.
+
+    model_cfg: the [model] table (the reference is loaded with its dtype).
+    """
     if dpo_cfg.reference is None:
         return reference_logprobs(policy, examples, token_budget, cache_dir=cache_dir)
     identity = path_fingerprint(dpo_cfg.reference)
-    from fusedrl.models.causal_lm import build_model
-
     device = next(policy.parameters()).device
     reference = None
     try:
         cached = None if cache_dir is None else _read_cache(_cache_path(cache_dir, identity, examples), len(examples))
         if cached is not None:  # the reference is never loaded
             return cached
-        reference = build_model(name_or_path=dpo_cfg.reference, dtype=None if dtype == "auto" else dtype,
-                                device=device)
+        reference = load_reference(model_cfg, dpo_cfg.reference, policy)
         return reference_logprobs(reference, examples, token_budget, cache_dir=cache_dir, identity=identity)
     finally:
         del reference  # released before training: no reference model is held while the policy trains

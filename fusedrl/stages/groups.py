@@ -117,6 +117,7 @@ class GroupedDataset(EpochBins):
         batch.extras["ranking"] = torch.arange(len(group_ids) * k, dtype=torch.int64).view(len(group_ids), k)
         batch.extras["group_index"] = torch.tensor(list(group_ids), dtype=torch.int64)
         batch.extras["completion_len"] = batch.extras["completion_len"].to(torch.float32)
+        batch.num_groups = len(group_ids)
         return batch
 
     def all_batches(self, limit: int = 0) -> List[PackedBatch]:
@@ -155,7 +156,7 @@ def tokenize_groups(records: List[dict], tokenizer, *, max_len: int, overlong: s
         members = []
         for completion in completions:
             example = tokenize_sft({"prompt": record["prompt"], "completion": completion}, tokenizer,
-                                   max_len=max_len, overlong=overlong)
+                                   max_len=max_len, overlong=overlong, train_on="last_assistant")
             if example is None:
                 break
             members.append(example)

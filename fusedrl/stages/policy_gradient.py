@@ -31,9 +31,15 @@ for one on-policy step) and reference log-probs (only when beta > 0: with
 beta = 0 no reference model is ever built) with the fused `linear_logprobs`,
 fold the KL into the reward when kl_in = "reward", compute advantages.
 
-The loss: `linear_logprobs` on the final hidden states (no logits) then
-`policy_loss` with the step's global normaliser (the composition
-`fusedrl.kernels.linear_policy_loss` packages; composed here so that old = sg(logp)).
+The loss: `fusedrl.kernels.linear_policy_loss` on the final hidden states (the
+LM head runs inside the fused log-prob kernel, no logits), normalised by the
+step's totals the loop passes in (tokens for token_mean, sequences otherwise);
+without stored old log-probs it is on-policy (old = sg(logp)). This is the path
+`fusedrl bench --only grpo` measures.
+
+The reference model (beta > 0) is built with the stage, from the config
+(`load_reference`: pg.ref_model, else model.name_or_path, else a frozen copy of
+the policy before any training), and is never saved in checkpoints.
 
 Run it (docs/rl_stages.md has a full config):
 
@@ -43,21 +49,21 @@ Run it (docs/rl_stages.md has a full config):
 """
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from typing import Dict, List, Optional
 
 import torch
 
-from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
+from fusedrl.data.batch import PackedBatch
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
-                                    policy_logprobs, rollout_metrics, sample_rollout, shape_rewards, token_forward)
+                                    rollout_metrics, sample_rollout, shape_rewards, token_forward)
 from fusedrl.stages.configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
-from fusedrl.stages.base import BaseStage
-from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty, policy_loss,
-                             rloo_advantages, whiten)
+from fusedrl.stages.base import BaseStage, StepTotals
+from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
+                             linear_policy_loss, rloo_advantages, whiten)
+from fusedrl.models.causal_lm import hidden_states, lm_head, load_reference, token_logprobs
 
 logger = logging.getLogger("fusedrl")
 
@@ -79,8 +85,7 @@ class PolicyGradientStage(BaseStage):
         options: resolved algorithm options (`resolve_pg_options`).
         rewards: the reward source (verifier or reward model).
         eval_records: held-out prompt records for `evaluate` (greedy), or None.
-        ref_model: a frozen reference model, or None to copy the policy on first use
-            (only when beta > 0; with beta = 0 no reference exists).
+        ref_model: the frozen reference model (required when beta > 0; with beta = 0 none is kept).
         seed: prompt order and sampling seed.
         baseline_decay: REINFORCE's baseline (None: running mean).
     """
@@ -98,8 +103,9 @@ class PolicyGradientStage(BaseStage):
         self.records, self.tokenizer, self.rollout, self.opt = list(records), tokenizer, rollout, options
         self.rewards, self.eval_records = rewards, list(eval_records or [])
         self.normalize_by = "tokens" if options.aggregation == "token_mean" else "sequences"
+        if options.beta > 0 and ref_model is None:
+            raise ValueError("ref_model: beta > 0 needs a frozen reference model (see load_reference)")
         self.ref_model = ref_model if options.beta > 0 else None
-        self._ref_is_copy, self._ref_state = False, None
         self.prompts = PromptSampler(len(self.records), seed)
         self.seed = seed
         self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
@@ -108,7 +114,7 @@ class PolicyGradientStage(BaseStage):
         self.exp: Optional[Experience] = None
         self.rollouts_done = 0
         self._host: Dict[str, float] = {}
-        self._step_tokens, self._step_seqs, self._batches_ready_at = 1, 1, None
+        self._update_tokens, self._batches_ready_at = 0, None  # host metrics of the step
 
     # ------------------------------------------------------------------ the step's batches
 
@@ -120,13 +126,11 @@ class PolicyGradientStage(BaseStage):
             if phase != 0:
                 raise RuntimeError(f"{self.name}: step {step} reuses a rollout batch that is not in memory; "
                                    "resume from the checkpoint's stage state")
-            self._before_rollout(model)
             self.exp = self._make_experience(model, timer)
             self.rollouts_done += 1
         indices = self._mini_batch_indices(phase)
         batches = self.exp.pack(indices, self.rollout.token_budget)
-        self._step_tokens = max(1, sum(b.num_tokens for b in batches))
-        self._step_seqs = max(1, sum(b.num_seqs for b in batches))
+        self._update_tokens = sum(b.num_tokens for b in batches)
         self._host.update(self._timing_metrics(timer))
         self._host["rollout_phase"] = float(phase)
         self._batches_ready_at = time.perf_counter()
@@ -142,9 +146,6 @@ class PolicyGradientStage(BaseStage):
         chunks = [c for c in torch.tensor(order).chunk(min(parts, n))]
         return chunks[part % len(chunks)].tolist()
 
-    def _before_rollout(self, model) -> None:
-        """Hook run before each new rollout (PPO applies its pending value update here)."""
-
     def _make_experience(self, model, timer: Timer) -> Experience:
         rollout, everything, kept, dropped = self._sample_and_score(model, timer)
         exp = Experience.from_rollout(rollout)
@@ -155,11 +156,11 @@ class PolicyGradientStage(BaseStage):
         if need_old or self.opt.beta > 0 or self.value_forward:
             with timer("logprobs"):
                 if need_old or self.opt.beta > 0:
-                    exp.tok["old_logp"] = token_forward(exp, lambda b: policy_logprobs(model, b, tau), budget, device)
+                    exp.tok["old_logp"] = token_forward(exp, lambda b: token_logprobs(model, b, tau), budget, device)
                     forwards += 1
                 if self.opt.beta > 0:
-                    ref = self._reference(model)
-                    exp.tok["ref_logp"] = token_forward(exp, lambda b: policy_logprobs(ref, b, tau), budget, device)
+                    ref = self.ref_model
+                    exp.tok["ref_logp"] = token_forward(exp, lambda b: token_logprobs(ref, b, tau), budget, device)
                     forwards += 1
                 forwards += self._extra_forwards(exp, device)
         with timer("advantages"):
@@ -227,21 +228,6 @@ class PolicyGradientStage(BaseStage):
 
     # ------------------------------------------------------------------ advantages
 
-    def _reference(self, model):
-        """The frozen reference: given, or a copy of the policy made the first time it is needed.
-
-        A copy is saved in `state_dict()` (a resumed run must not copy the trained policy); pass
-        ref_model (or set model.name_or_path in a config) to keep it out of checkpoints.
-        """
-        if self.ref_model is None:
-            self.ref_model = copy.deepcopy(model)
-            self.ref_model.requires_grad_(False)
-            self._ref_is_copy = True
-            if self._ref_state is not None:
-                self.ref_model.load_state_dict(self._ref_state)
-                self._ref_state = None
-        return self.ref_model
-
     def _sequence_kl(self, exp: Experience) -> torch.Tensor:
         """(N,) sum over completion tokens of KL_t(old || ref) with the configured estimator."""
         kl = kl_penalty(exp.completion_view("old_logp"), exp.completion_view("ref_logp"), self.opt.kl_kind,
@@ -274,28 +260,28 @@ class PolicyGradientStage(BaseStage):
 
     # ------------------------------------------------------------------ the loss
 
-    def _policy_terms(self, model, batch: PackedBatch, normalizer: float):
+    def _policy_terms(self, model, batch: PackedBatch, totals: StepTotals):
         """(loss, metrics) of the policy part of one micro-batch (additive metrics)."""
-        logp, entropy = policy_logprobs(model, batch, self.rollout.temperature, return_entropy=True)
-        mask = batch.labels != IGNORE_INDEX
         ex = batch.extras
-        old = ex["old_logp"] if "old_logp" in ex else logp.detach()
         token_mean = self.opt.aggregation == "token_mean"
-        loss, metrics = policy_loss(
-            logp, old, ex["advantages"], mask, cu_seqlens=batch.cu_seqlens, algo=self.opt.loss_algo,
+        weight, bias = lm_head(model)  # (V, H), (V,) or None
+        loss, metrics = linear_policy_loss(
+            hidden_states(model, batch), weight, batch.labels, ex.get("old_logp"), ex["advantages"], bias=bias,
+            temperature=self.rollout.temperature, compute_entropy=True,
+            cu_seqlens=batch.cu_seqlens, algo=self.opt.loss_algo,
             eps_low=self.opt.eps_low, eps_high=self.opt.eps_high, dual_clip=self.opt.dual_clip,
             tau_pos=self.opt.tau_pos, tau_neg=self.opt.tau_neg, ref_logp=ex.get("ref_logp"),
             beta=self.opt.beta if self.opt.kl_in == "loss" else 0.0, kl_kind=self.opt.kl_kind,
-            kl_clamp=self.opt.kl_clamp, entropy=entropy, c_ent=self.opt.c_ent,
+            kl_clamp=self.opt.kl_clamp, c_ent=self.opt.c_ent,
             sampler_logp=ex["sampler_logp"] if self.opt.tis_cap is not None else None,
             is_cap=self.opt.tis_cap or 2.0, aggregation=self.opt.aggregation, max_len=self.rollout.max_new_tokens,
-            num_tokens=normalizer if token_mean else None, num_seqs=None if token_mean else normalizer)
-        share = batch.num_tokens / self._step_tokens  # token means over this micro-batch -> additive
+            num_tokens=totals.tokens if token_mean else None, num_seqs=None if token_mean else totals.sequences)
+        share = batch.num_tokens / totals.tokens  # token means over this micro-batch -> additive
         out = {k: v * share for k, v in metrics.items() if k != "response_len"}
         return loss, out
 
-    def loss(self, model, batch: PackedBatch, normalizer: float):
-        return self._policy_terms(model, batch, normalizer)
+    def loss(self, model, batch: PackedBatch, totals: StepTotals):
+        return self._policy_terms(model, batch, totals)
 
     # ------------------------------------------------------------------ host side
 
@@ -316,7 +302,7 @@ class PolicyGradientStage(BaseStage):
         if self._batches_ready_at is not None:
             seconds = time.perf_counter() - self._batches_ready_at
             out["time_update"] = seconds
-            out["update_tokens_per_s"] = self._step_tokens / max(seconds, 1e-9)
+            out["update_tokens_per_s"] = self._update_tokens / max(seconds, 1e-9)
         return out
 
     def evaluate(self, model) -> Dict[str, float]:
@@ -346,8 +332,6 @@ class PolicyGradientStage(BaseStage):
                  "experience": self.exp.state_dict() if self.exp is not None else {}}
         if self.baseline is not None and self.baseline.mean is not None:
             state["baseline"] = {"mean": self.baseline.mean, "count": self.baseline.count}
-        if self._ref_is_copy or self._ref_state is not None:
-            state["reference"] = self.ref_model.state_dict() if self._ref_is_copy else self._ref_state
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -357,11 +341,6 @@ class PolicyGradientStage(BaseStage):
         self.exp = Experience.from_state_dict(state["experience"]) if state["experience"] else None
         if "baseline" in state and self.baseline is not None:
             self.baseline.mean, self.baseline.count = state["baseline"]["mean"], state["baseline"]["count"]
-        if "reference" in state:
-            if self.ref_model is not None and self._ref_is_copy:
-                self.ref_model.load_state_dict(state["reference"])
-            elif self.ref_model is None:
-                self._ref_state = state["reference"]  # applied when the copy is made
 
 
 # ----------------------------------------------------------------------------- builders
@@ -384,19 +363,6 @@ def load_prompt_records(cfg) -> tuple:
     return out[0], out[1]
 
 
-def load_reference(cfg, path: Optional[str], device):
-    """The frozen reference: `path`, else model.name_or_path (the run's initial weights, so a resumed
-    run gets the same reference), else None (the stage copies the policy when first needed)."""
-    source = path or cfg.model.name_or_path
-    if source is None:
-        return None
-    from fusedrl.models.causal_lm import build_model
-
-    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
-    ref = build_model(name_or_path=source, dtype=dtype, device=device)
-    return ref.eval().requires_grad_(False)
-
-
 def build_policy_gradient_stage(cfg, model, tokenizer, *, algo: Optional[str] = None) -> PolicyGradientStage:
     """The stage of an `RLTrainConfig`: [rollout], [pg] (algo overridden by `algo`), data.train / data.eval."""
     import dataclasses
@@ -408,7 +374,7 @@ def build_policy_gradient_stage(cfg, model, tokenizer, *, algo: Optional[str] = 
     check_rollout(cfg.rollout)
     records, eval_records = load_prompt_records(cfg)
     device = next(model.parameters()).device
-    ref = load_reference(cfg, pg.ref_model, device) if options.beta > 0 else None
+    ref = load_reference(cfg.model, pg.ref_model, model) if options.beta > 0 else None
     return PolicyGradientStage(records=records, tokenizer=tokenizer, rollout=cfg.rollout, options=options,
                                rewards=build_reward_source(cfg.rollout, device), eval_records=eval_records,
                                ref_model=ref, seed=cfg.run.seed, baseline_decay=pg.baseline_decay, name=pg.algo)

@@ -13,13 +13,12 @@ Several optimizer steps per rollout: `epochs` passes, each split into
 `mini_batches` steps; the stage draws a new rollout every epochs * mini_batches
 steps (the buffer is in `state_dict()`).
 
-The critic has its own AdamW (`ppo.value_lr`), as OpenRLHF and TRL's PPO do: the
-loop's optimizer holds the policy only. The loop's backward fills the value
-model's gradients too (the value loss is part of the returned loss); the
-stage clips and applies them at the start of the next step (`micro_batches`),
-before anything reads the value model, which is the same update as applying
-it right after the backward. `state_dict()` applies a pending update first so
-checkpoints hold it; `finish()` applies the last step's.
+The critic has its own AdamW (`ppo.value_lr`, constant, no weight decay, AdamW's
+default betas and eps), as OpenRLHF and TRL's PPO do. The stage declares it with
+`trainables()`; the loop owns it like the policy's: the backward fills both
+models' gradients (the value loss is part of the returned loss), the loop clips
+each by optim.max_grad_norm and steps both, and checkpoints the critic's weights
+as safetensors (value/) beside the policy's. The stage's state holds no weights.
 
 The value model: `ppo.value_model` if given, else a copy of the reward model
 (`rollout.reward_model`), else the policy's backbone (copied) with a zero head.
@@ -28,16 +27,16 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from typing import Optional
+from typing import Dict
 
 import torch
 
 from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.rollout.experience import Experience, Rollout, token_forward
 from fusedrl.stages.configs_rl import PPOConfig, check_policy_options, check_rollout
-from fusedrl.stages.policy_gradient import (PolicyGradientStage, ResolvedOptions, load_prompt_records,
-                                                   load_reference)
+from fusedrl.stages.base import POLICY, StepTotals, Trainable
+from fusedrl.stages.policy_gradient import PolicyGradientStage, ResolvedOptions, load_prompt_records
+from fusedrl.models.causal_lm import load_reference
 from fusedrl.kernels import fold_kl_into_rewards, gae, value_loss, whiten
 
 
@@ -68,48 +67,24 @@ class PPOStage(PolicyGradientStage):
     Args:
         value_model: a `ScalarHeadModel` (token_values(batch) -> (total,)) on the policy's device.
         ppo: the [ppo] table (gamma, lam, eps_v, vf_coef, value_lr).
-        max_grad_norm: clip of the value model's gradient norm (0/None: none).
         **kwargs: as `PolicyGradientStage` (options from `resolve_ppo_options`).
     """
 
     name = "ppo"
     value_forward = True
 
-    def __init__(self, *, value_model, ppo: PPOConfig, max_grad_norm: Optional[float] = 1.0, **kwargs):
+    def __init__(self, *, value_model, ppo: PPOConfig, **kwargs):
         super().__init__(**kwargs)
+        if not any(p.requires_grad for p in value_model.parameters()):
+            raise ValueError("value_model: has no trainable parameter")
         self.value_model = value_model
         self.ppo = ppo
-        self.max_grad_norm = max_grad_norm
-        params = [p for p in value_model.parameters() if p.requires_grad]
-        if not params:
-            raise ValueError("value_model: has no trainable parameter")
-        self.value_optimizer = torch.optim.AdamW(params, lr=ppo.value_lr, weight_decay=0.0)
-        self._value_pending = False
 
-    # ------------------------------------------------------------------ the critic's update
-
-    def finish(self) -> None:
-        """Apply the value gradients of the last step (call after the loop ends)."""
-        self._apply_value_update()
-
-    def _apply_value_update(self) -> None:
-        if not self._value_pending:
-            return
-        params = [p for g in self.value_optimizer.param_groups for p in g["params"]]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
-        finite = math.isfinite(float(norm))  # host side, once per step
-        if finite:
-            self.value_optimizer.step()
-        self.value_optimizer.zero_grad(set_to_none=True)
-        self._value_pending = False
-        self._host_value = {"value_grad_norm": float(norm), "value_step_skipped": float(not finite)}
-
-    def micro_batches(self, model, step: int):
-        self._host_value = {}
-        self._apply_value_update()
-        batches = super().micro_batches(model, step)
-        self._host.update(self._host_value)
-        return batches
+    def trainables(self, model) -> Dict[str, Trainable]:
+        """The policy, and the critic with its own constant learning rate."""
+        return {POLICY: Trainable(model),
+                "value": Trainable(self.value_model, lr=self.ppo.value_lr, weight_decay=0.0, betas=(0.9, 0.999),
+                                   eps=1e-8)}
 
     # ------------------------------------------------------------------ rollout-time values and GAE
 
@@ -138,30 +113,16 @@ class PPOStage(PolicyGradientStage):
 
     # ------------------------------------------------------------------ the loss
 
-    def loss(self, model, batch: PackedBatch, normalizer: float):
-        loss, metrics = self._policy_terms(model, batch, normalizer)
+    def loss(self, model, batch: PackedBatch, totals: StepTotals):
+        loss, metrics = self._policy_terms(model, batch, totals)
         values = self.value_model.token_values(batch)  # (total,) position t: the state before label t
         mask = batch.labels != IGNORE_INDEX
         v_loss, v_metrics = value_loss(values, batch.extras["old_values"], batch.extras["returns"], mask,
-                                       eps_v=self.ppo.eps_v, num_tokens=self._step_tokens)
-        self._value_pending = True
-        share = batch.num_tokens / self._step_tokens
+                                       eps_v=self.ppo.eps_v, num_tokens=totals.tokens)
+        share = batch.num_tokens / totals.tokens
         metrics.update({k: v * share for k, v in v_metrics.items()})
         metrics["value_loss"] = v_loss.detach()
         return loss + self.ppo.vf_coef * v_loss, metrics
-
-    # ------------------------------------------------------------------ state
-
-    def state_dict(self) -> dict:
-        self._apply_value_update()  # the update the next step would apply first: the same weights
-        return {**super().state_dict(), "value_model": self.value_model.state_dict(),
-                "value_optimizer": self.value_optimizer.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        super().load_state_dict(state)
-        self.value_model.load_state_dict(state["value_model"])
-        self.value_optimizer.load_state_dict(state["value_optimizer"])
-
 
 def build_value_model(cfg, policy, device):
     """ppo.value_model, else a copy of rollout.reward_model, else the policy's backbone (copied) with a zero head."""
@@ -181,8 +142,8 @@ def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
     check_rollout(cfg.rollout)
     records, eval_records = load_prompt_records(cfg)
     device = next(model.parameters()).device
-    ref = load_reference(cfg, cfg.ppo.ref_model, device) if options.beta > 0 else None
+    ref = load_reference(cfg.model, cfg.ppo.ref_model, model) if options.beta > 0 else None
     return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
-                    max_grad_norm=cfg.optim.max_grad_norm, records=records, tokenizer=tokenizer,
+                    records=records, tokenizer=tokenizer,
                     rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device),
                     eval_records=eval_records, ref_model=ref, seed=cfg.run.seed)

@@ -20,7 +20,6 @@ scorer), so a resumed or repeated run samples nothing twice.
 from __future__ import annotations
 
 import gc
-import importlib
 import logging
 import time
 from dataclasses import dataclass
@@ -29,8 +28,10 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
-from fusedrl.data.records import Example, PackedDataset, load_records, pack_examples, tokenize_prompt, tokenize_sft
+from fusedrl.data.records import Example, PackedDataset, load_records, tokenize_prompt, tokenize_sft
 from fusedrl.rollout.hf import generate
+from fusedrl.rollout.rewards import load_verifier, reward_model_scores
+from fusedrl.rollout.rewards import score_completions as verifier_scores
 from fusedrl.models.scalar_head import ScalarHeadModel
 from fusedrl.stages.configs_alignment import RejectionConfig, SELECTIONS, check_section
 from fusedrl.stages.cache import content_key, load_json, model_fingerprint, path_fingerprint, save_json
@@ -87,53 +88,28 @@ def select(rewards: torch.Tensor, selection: str, *, top_k: int = 0, seed: int =
 
 # ----------------------------------------------------------------------------- scoring
 
-def load_verifier(spec: str) -> Callable[..., float]:
-    """Import ``"module:function"``; the function is called as fn(prompt, completion, **record_fields)."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ValueError(f"verifier: expected 'module:function', got {spec!r}")
-    module_name, function_name = spec.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise ValueError(f"verifier: cannot import module {module_name!r} ({err})") from None
-    fn = getattr(module, function_name, None)
-    if not callable(fn):
-        raise ValueError(f"verifier: module {module_name!r} has no function {function_name!r}")
-    return fn
-
-
-def _fields(record: dict) -> dict:
-    return {k: v for k, v in record.items() if k not in ("prompt", "completion")}
-
-
 @torch.no_grad()
 def score_completions(scorer: Scorer, tokenizer, records: List[dict], completions: List[List[str]], *,
                       max_len: int = 1024, token_budget: int = 4096) -> torch.Tensor:
     """R (M, N) float32 on the CPU: the score of completion j of prompt i.
 
-    A ``ScalarHeadModel`` scores each prompt + completion rendered with the chat
-    template (as its training pairs were), packed ``token_budget`` tokens at a time;
-    a callable gets fn(prompt, completion, **the record's other fields).
+    A ``ScalarHeadModel`` scores each prompt + completion rendered with the chat template (as
+    its training pairs were) through `fusedrl.rollout.rewards.reward_model_scores`; a verifier
+    is called through `fusedrl.rollout.rewards.score_completions` as fn(prompt, completion,
+    **the record's other fields).
     """
     m, n = len(completions), len(completions[0]) if completions else 0
     if not isinstance(scorer, ScalarHeadModel):
         if not callable(scorer):
             raise TypeError(f"scorer: expected a ScalarHeadModel or a callable, got {type(scorer).__name__}")
-        values = [[float(scorer(r["prompt"], c, **_fields(r))) for c in row] for r, row in zip(records, completions)]
-        return torch.tensor(values, dtype=torch.float32).reshape(m, n)
+        flat_records = [r for r, row in zip(records, completions) for _ in row]
+        flat = [c for row in completions for c in row]
+        scores = verifier_scores(scorer, [str(r["prompt"]) for r in flat_records], flat, flat_records,
+                                 name="rejection.verifier")
+        return scores.reshape(m, n)
     examples = [_scoring_example(r["prompt"], c, tokenizer, max_len) for r, row in zip(records, completions)
                 for c in row]
-    device = scorer.score.weight.device
-    out = torch.zeros(m * n, dtype=torch.float32, device=device)
-    was_training = scorer.training
-    scorer.eval()
-    try:
-        for batch in pack_examples(examples, token_budget):
-            batch = batch.to(device)
-            out[batch.extras["example_index"]] = scorer.scores(batch)
-    finally:
-        scorer.train(was_training)
-    return out.cpu().reshape(m, n)
+    return reward_model_scores(scorer, examples, token_budget).reshape(m, n)
 
 
 def _scoring_example(prompt, completion: str, tokenizer, max_len: int) -> Example:
@@ -216,7 +192,7 @@ def rejection_sample(model, tokenizer, records: List[dict], scorer: Scorer, cfg:
     if scorer_identity is None:
         scorer_identity = (model_fingerprint(scorer) if isinstance(scorer, ScalarHeadModel)
                            else f"{getattr(scorer, '__module__', '?')}:{getattr(scorer, '__qualname__', repr(scorer))}")
-    score_key = content_key({"samples": key, "scorer": scorer_identity, "fields": [_fields(r) for r in records]})
+    score_key = content_key({"samples": key, "scorer": scorer_identity, "fields": [{k: v for k, v in r.items() if k not in ("prompt", "completion")} for r in records]})
     scores = load_json(folder / f"scores_{score_key}.json") if folder else None
     if scores is None:
         rewards = score_completions(scorer, tokenizer, records, samples, max_len=max_len, token_budget=token_budget)
@@ -262,7 +238,7 @@ class RejectionSamplingStage(SFTStage):
 def build_scorer(cfg: RejectionConfig, device) -> Scorer:
     """The reward model (loaded as a ScalarHeadModel, eval mode) or the verifier function of the config."""
     if cfg.verifier is not None:
-        return load_verifier(cfg.verifier)
+        return load_verifier(cfg.verifier, what="rejection.verifier")
     return ScalarHeadModel.from_pretrained(cfg.reward_model, device=device).eval()
 
 

@@ -26,7 +26,7 @@ from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import PackedDataset, load_records, tokenize_sft
 from fusedrl.models.scalar_head import ScalarHeadModel
 from fusedrl.stages.configs_alignment import RM_LOSSES, RewardModelConfig, check_section
-from fusedrl.stages.base import BaseStage
+from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.groups import GroupedDataset, completion_token_mask, tokenize_groups
 from fusedrl.kernels import bradley_terry_loss, outcome_rm_loss, plackett_luce_loss
 
@@ -75,13 +75,12 @@ class RewardModelStage(BaseStage):
             raise ValueError(f"micro_batches_per_step: expected an int >= 1, got {micro_batches_per_step!r}")
         self.dataset, self.loss_name = dataset, loss
         self.micro_batches_per_step = micro_batches_per_step
-        self.normalize_by = "tokens" if loss == "outcome" else "sequences"
         self.eval_batches = eval_batches or []
 
     def micro_batches(self, model, step: int) -> List[PackedBatch]:
         return self.dataset.next_batches(self.micro_batches_per_step)
 
-    def loss(self, model, batch: PackedBatch, normalizer: float):
+    def loss(self, model, batch: PackedBatch, totals: StepTotals):
         """(loss, metrics): a sum over this micro-batch's groups (or tokens) divided by the step's count."""
         if not hasattr(model, "scores"):  # duck-typed: compiled or sharded wrappers keep the methods
             raise TypeError(f"model: the reward-model stage trains a ScalarHeadModel, got {type(model).__name__}")
@@ -89,21 +88,20 @@ class RewardModelStage(BaseStage):
             logits = model.token_values(batch)  # (total,) float32
             mask = completion_token_mask(batch.labels)
             loss, metrics = outcome_rm_loss(logits, batch.extras["label"], mask, cu_seqlens=batch.cu_seqlens,
-                                            num_tokens=normalizer)
-            share = batch.num_tokens / normalizer
+                                            num_tokens=totals.tokens)
+            share = batch.num_tokens / totals.tokens
         else:
             scores = model.scores(batch)  # (num_seqs,) float32
             ranking = batch.extras["ranking"]  # (G, K)
             k = ranking.shape[1]
-            # normalizer counts sequences: G * K per micro-batch, so groups = normalizer / K.
             if self.loss_name == "plackett_luce":
-                loss, metrics = plackett_luce_loss(scores[ranking], num_rankings=normalizer / k)
+                loss, metrics = plackett_luce_loss(scores[ranking], num_rankings=totals.groups)
             else:
                 chosen, rejected = pair_scores(scores, ranking)
                 margin = batch.extras["margin"][ranking[:, 0]] if self.loss_name == "margin" else None
                 loss, metrics = bradley_terry_loss(chosen, rejected, margin=margin,
-                                                   num_pairs=normalizer * (k - 1) / 2)
-            share = batch.num_seqs / normalizer
+                                                   num_pairs=totals.groups * k * (k - 1) / 2)
+            share = batch.groups / totals.groups
         # Loss metrics are means over this micro-batch; the loop sums contributions over the step.
         return loss, {name: value * share for name, value in metrics.items()}
 

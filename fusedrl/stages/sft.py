@@ -22,22 +22,10 @@ import torch
 
 from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import PackedDataset, load_records, tokenize_records
-from fusedrl.models.causal_lm import hidden_states, lm_head
-from fusedrl.stages.base import NORMALIZE_BY, BaseStage
-from fusedrl.kernels import linear_logprobs
+from fusedrl.models.causal_lm import token_logprobs
+from fusedrl.stages.base import NORMALIZE_BY, BaseStage, StepTotals
 
 logger = logging.getLogger("fusedrl")
-
-
-def sequence_logprobs(model, batch: PackedBatch) -> torch.Tensor:
-    """Per-token log p(label) of a packed batch through the fused LM-head kernel.
-
-    Returns:
-        (total,) float32; 0 where the label is ignored.
-    """
-    hidden = hidden_states(model, batch)  # (total, H)
-    weight, bias = lm_head(model)  # (V, H), (V,) or None
-    return linear_logprobs(hidden, weight, batch.labels, bias=bias)
 
 
 class SFTStage(BaseStage):
@@ -70,9 +58,9 @@ class SFTStage(BaseStage):
                       "epoch": float(self.dataset.epoch)}
         return batches
 
-    def loss(self, model, batch: PackedBatch, normalizer: float):
-        logp = sequence_logprobs(model, batch)  # (total,)
-        loss = -logp.sum() / normalizer
+    def loss(self, model, batch: PackedBatch, totals: StepTotals):
+        logp = token_logprobs(model, batch)  # (total,)
+        loss = -logp.sum() / totals.of(self.normalize_by)
         return loss, {}
 
     def host_metrics(self) -> Dict[str, float]:
@@ -86,7 +74,7 @@ class SFTStage(BaseStage):
         total = torch.zeros((), device=device)
         tokens = 0
         for batch in self.eval_batches:
-            total += -sequence_logprobs(model, batch.to(device)).sum()
+            total += -token_logprobs(model, batch.to(device)).sum()
             tokens += batch.num_tokens
         return {"loss": total.item() / max(tokens, 1)}
 

@@ -6,6 +6,8 @@ Layout of OUT_DIR/checkpoints/step_00000040/:
                      model/model.safetensors for a plain nn.Module
     optimizer.pt     optimizer.state_dict()        (tensors and numbers only)
     scheduler.pt     scheduler.state_dict()
+    NAME/, optimizer_NAME.pt, scheduler_NAME.pt
+                     the same for every other module the stage trains (PPO: value/)
     rng.pt           torch / cuda / numpy / python RNG states, as tensors and ints
     stage.pt         the stage's state_dict() (data position, ...)
     trainer.json     step, skipped steps, ... (the loop's counters)
@@ -127,8 +129,11 @@ def save_checkpoint(
     stage_state: Dict[str, Any],
     trainer_state: Dict[str, Any],
     keep: int = 2,
+    others: Optional[Dict[str, tuple]] = None,
 ) -> Path:
     """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints.
+
+    `others`: {name: (module, optimizer, scheduler)} for the modules trained besides `model`.
 
     Returns:
         The final checkpoint folder, root/step_XXXXXXXX.
@@ -143,6 +148,11 @@ def save_checkpoint(
     save_weights(model, tmp / "model")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    for name, (module, other_optimizer, other_scheduler) in (others or {}).items():
+        _check_name(name)
+        save_weights(module, tmp / name)
+        torch.save(other_optimizer.state_dict(), tmp / f"optimizer_{name}.pt")
+        torch.save(other_scheduler.state_dict(), tmp / f"scheduler_{name}.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     torch.save(stage_state, tmp / "stage.pt")
     (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
@@ -159,6 +169,11 @@ def save_checkpoint(
         os.rename(tmp, final)
     _prune(root, keep)
     return final
+
+
+def _check_name(name: str) -> None:
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name == "model":
+        raise ValueError(f"others: module name {name!r} must be lower-case letters, digits and _ (not 'model')")
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -222,8 +237,9 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
+    others: Optional[Dict[str, tuple]] = None,
 ) -> Dict[str, Any]:
-    """Verify, then restore model, optimizer, scheduler and RNG states from `path`.
+    """Verify, then restore model, optimizer, scheduler (and `others`, as in save_checkpoint) and RNG states.
 
     Returns:
         {"stage": the stage's saved state, "trainer": the loop's counters (dict)}.
@@ -235,6 +251,14 @@ def load_checkpoint(
         load_weights(model, path / "model")
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        for name, (module, other_optimizer, other_scheduler) in (others or {}).items():
+            if not (path / f"optimizer_{name}.pt").is_file():
+                raise CheckpointError(f"checkpoint {path}: has no state of the trained module {name!r}")
+            load_weights(module, path / name)
+            device = next(iter(module.parameters())).device
+            other_optimizer.load_state_dict(torch.load(path / f"optimizer_{name}.pt", map_location=device,
+                                                       weights_only=True))
+            other_scheduler.load_state_dict(torch.load(path / f"scheduler_{name}.pt", weights_only=True))
         stage_state = torch.load(path / "stage.pt", weights_only=True)
         trainer_state = json.loads((path / "trainer.json").read_text())
         set_rng_state(torch.load(path / "rng.pt", weights_only=True))

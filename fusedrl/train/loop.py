@@ -3,12 +3,15 @@
     result = train(model, stage, cfg, run_dir="runs/x")             # fresh run
     result = train(model, stage, cfg, run_dir="runs/x", resume=True)  # continue from the last checkpoint
 
-A step: the stage produces the step's packed micro-batches; the loop computes
-the global normaliser on the host (trained tokens or sequences over all
-micro-batches, and over ranks when distributed), runs forward/backward on each
-micro-batch (so accumulation equals one big batch), clips by global norm,
-syncs once with the host (loss, grad norm, metrics in one transfer), skips the
-update when anything is non-finite, and steps AdamW and the schedule.
+A step: the stage produces the step's packed micro-batches; the loop counts the
+step's totals on the host (`StepTotals`: trained tokens, sequences, groups over
+all micro-batches, and over ranks when distributed) and passes them to every
+`stage.loss`, runs forward/backward on each micro-batch (so accumulation equals
+one big batch), clips each trainable module by its global norm, syncs once with
+the host (loss, grad norms, metrics in one transfer), skips the update when
+anything is non-finite, and steps every optimizer and its schedule. The loop
+owns one AdamW per module the stage declares (`stage.trainables(model)`: the
+policy, and PPO's critic).
 """
 from __future__ import annotations
 
@@ -27,9 +30,10 @@ import torch
 
 from fusedrl.data.batch import PackedBatch
 from fusedrl.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
-from fusedrl.config import OptimConfig, ScheduleConfig, TrainConfig
+from fusedrl.config import TrainConfig
 from fusedrl.train.metrics import MetricsLogger, is_rank0
-from fusedrl.stages.base import NORMALIZE_BY
+from fusedrl.stages.base import POLICY, StepTotals
+from fusedrl.train.optim import Trained, build_trained
 
 logger = logging.getLogger("fusedrl")
 
@@ -57,67 +61,27 @@ class TrainResult:
     checkpoint: Optional[Path] = None
 
 
-# ----------------------------------------------------------------------------- optimisation
-
-def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:
-    """Learning-rate multiplier of optimizer step `step` (0-based).
-
-    Warm-up: (step + 1) / warmup_steps, reaching 1 at the last warm-up step.
-    Then progress p = (step - warmup) / (total - warmup - 1) from 0 to 1 at the
-    last step, and the factor is 1 (constant), m + (1 - m)(1 - p) (linear) or
-    m + (1 - m)(1 + cos(pi p)) / 2 (cosine), with m = min_lr_ratio.
-    """
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if decay == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
-    if decay == "linear":
-        shape = 1.0 - progress
-    elif decay == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
-    else:
-        raise ValueError(f"schedule.decay: expected constant, linear or cosine, got {decay!r}")
-    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
-
-
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("model: has no parameter with requires_grad=True to train")
-    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
-    def factor(step: int) -> float:
-        return lr_factor(step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
-                         decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
+# ----------------------------------------------------------------------------- the step
 
 def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def global_normalizer(batches: Sequence[PackedBatch], normalize_by: str, device: torch.device) -> float:
-    """What the step's loss is divided by: trained tokens or sequences over all micro-batches.
+def step_totals(batches: Sequence[PackedBatch], device: torch.device) -> StepTotals:
+    """Trained tokens, sequences and groups over the step's micro-batches (each at least 1).
 
-    Host ints only on one device. Under torch.distributed the count is summed
+    Host ints only on one device. Under torch.distributed the counts are summed
     over ranks and divided by the world size, because data-parallel gradient
     reduction averages over ranks: sum_r (loss_r * W / N) / W = the global mean.
     """
-    if normalize_by not in NORMALIZE_BY:
-        raise ValueError(f"stage.normalize_by: expected one of {NORMALIZE_BY}, got {normalize_by!r}")
-    count = sum(b.num_tokens if normalize_by == "tokens" else b.num_seqs for b in batches)
+    counts = [float(sum(b.num_tokens for b in batches)), float(sum(b.num_seqs for b in batches)),
+              float(sum(b.groups for b in batches))]
     if _distributed():
-        total = torch.tensor([float(count)], device=device)
+        total = torch.tensor(counts, device=device)
         torch.distributed.all_reduce(total)
-        return max(total.item(), 1.0) / torch.distributed.get_world_size()
-    return float(max(count, 1))  # an all-masked step gives loss 0, not a division by zero
+        world = torch.distributed.get_world_size()
+        return StepTotals(*(max(c, 1.0) / world for c in total.tolist()))
+    return StepTotals(*(max(c, 1.0) for c in counts))  # an all-masked step gives loss 0, not a division by 0
 
 
 def peak_memory_gb(device: torch.device) -> float:
@@ -126,37 +90,45 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
-def train_step(model, stage, batches: List[PackedBatch], optimizer, max_grad_norm: Optional[float],
+def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], max_grad_norm: Optional[float],
                device: torch.device) -> Dict[str, float]:
-    """Forward/backward over the micro-batches, clip, and (if finite) step; returns host floats.
+    """Forward/backward over the micro-batches, clip each module, and (if finite) step; returns host floats.
 
-    The optimizer step is taken only when the summed loss and the gradient
-    norm are finite; `record["nonfinite"]` says whether it was skipped. This
-    function syncs with the host exactly once.
+    Every optimizer steps only when the summed loss and every gradient norm are
+    finite; `record["nonfinite"]` says whether the step was skipped. The policy's
+    norm is "grad_norm", another module's "<name>_grad_norm". This function syncs
+    with the host exactly once.
     """
-    normalizer = global_normalizer(batches, stage.normalize_by, device)
+    model = trained[POLICY].module
+    totals = step_totals(batches, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: Dict[str, torch.Tensor] = {}
     for batch in batches:
-        loss, metrics = stage.loss(model, batch.to(device), normalizer)
+        loss, metrics = stage.loss(model, batch.to(device), totals)
         loss.backward()
         loss_sum += loss.detach().float()
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=device).detach().float().reshape(())
             metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"),
-                                               foreach=None)
+    norms = []
+    for entry in trained.values():
+        params = [p for group in entry.optimizer.param_groups for p in group["params"]]
+        norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"),
+                                                    foreach=None).to(device, torch.float32))
     names = list(metric_sums)
-    stats = torch.stack([loss_sum, grad_norm.to(device, torch.float32)] + [metric_sums[n] for n in names])
+    stats = torch.stack([loss_sum, *norms] + [metric_sums[n] for n in names])
     if _distributed():
         torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
     values = stats.tolist()  # the one host sync of the step
-    finite = math.isfinite(values[0]) and math.isfinite(values[1])
-    if finite:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    record = {"loss": values[0], "grad_norm": values[1], **dict(zip(names, values[2:]))}
+    finite = all(math.isfinite(v) for v in values[:1 + len(norms)])
+    for entry in trained.values():
+        if finite:
+            entry.optimizer.step()
+        entry.optimizer.zero_grad(set_to_none=True)
+    record = {"loss": values[0]}
+    for name, norm in zip(trained, values[1:1 + len(norms)]):
+        record["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm
+    record.update(zip(names, values[1 + len(norms):]))
     record["nonfinite"] = not finite
     return record
 
@@ -244,9 +216,8 @@ def train(
     run_dir = Path(run_dir)
     device = next(model.parameters()).device
     total = cfg.loop.max_steps
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    state = _resume(run_dir, model, optimizer, scheduler, stage) if resume else TrainState()
+    trained = build_trained(model, stage, cfg)
+    state = _resume(run_dir, trained, stage) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every)
@@ -254,8 +225,10 @@ def train(
     def checkpoint() -> Optional[Path]:
         if not is_rank0():  # full state dicts, one writer
             return None
-        return save_checkpoint(run_dir / "checkpoints", state.step, model=model, optimizer=optimizer,
-                               scheduler=scheduler, stage_state=stage.state_dict(),
+        policy = trained[POLICY]
+        others = {name: tuple(entry) for name, entry in trained.items() if name != POLICY}
+        return save_checkpoint(run_dir / "checkpoints", state.step, model=model, optimizer=policy.optimizer,
+                               scheduler=policy.scheduler, others=others, stage_state=stage.state_dict(),
                                trainer_state=asdict(state), keep=cfg.checkpoint.keep)
 
     def evaluate_now() -> None:
@@ -268,7 +241,7 @@ def train(
             if cfg.loop.eval_at_start and state.step == 0:
                 evaluate_now()
             while state.step < total:
-                record = _run_step(model, stage, optimizer, scheduler, cfg, state, device)
+                record = _run_step(stage, trained, cfg, state, device)
                 metrics.log_step(state.step, record)
                 result.last_metrics = record
                 if on_step_end is not None:
@@ -293,7 +266,7 @@ def train(
 def _check_stage(stage) -> None:
     missing = [name for name in ("micro_batches", "loss", "state_dict", "load_state_dict")
                if not callable(getattr(stage, name, None))]
-    missing += [name for name in ("name", "normalize_by") if not isinstance(getattr(stage, name, None), str)]
+    missing += [name for name in ("name",) if not isinstance(getattr(stage, name, None), str)]
     if missing:
         raise TypeError(f"stage: {type(stage).__name__} lacks {missing}; a stage implements "
                         "fusedrl.stages.base.Stage (subclass BaseStage for the optional parts)")
@@ -307,18 +280,20 @@ def _check_nonfinite(state: TrainState, record: Dict[str, float], limit: int) ->
             "skipped in all). Lower optim.lr, check the data, or raise loop.max_nonfinite_in_a_row.")
 
 
-def _run_step(model, stage, optimizer, scheduler, cfg: TrainConfig, state: TrainState,
+def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: TrainState,
               device: torch.device) -> Dict[str, float]:
     """One optimizer step; updates `state` and returns the step's log record."""
     start = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    lr = scheduler.get_last_lr()[0]
+    model = trained[POLICY].module
+    lr = trained[POLICY].scheduler.get_last_lr()[0]
     batches = stage.micro_batches(model, state.step)
     if not batches:
         raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
-    record = train_step(model, stage, batches, optimizer, cfg.optim.max_grad_norm, device)
-    scheduler.step()  # skipped steps advance the schedule too: it follows the step count
+    record = train_step(stage, batches, trained, cfg.optim.max_grad_norm, device)
+    for entry in trained.values():
+        entry.scheduler.step()  # skipped steps advance the schedule too: it follows the step count
     state.step += 1
     tokens = sum(b.total for b in batches)
     state.tokens_seen += tokens
@@ -338,12 +313,15 @@ def _run_step(model, stage, optimizer, scheduler, cfg: TrainConfig, state: Train
     return record
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, stage) -> TrainState:
+def _resume(run_dir: Path, trained: Dict[str, Trained], stage) -> TrainState:
     path = latest_valid_checkpoint(run_dir / "checkpoints")
     if path is None:
         logger.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir / "checkpoints")
         return TrainState()
-    restored = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    policy = trained[POLICY]
+    others = {name: tuple(entry) for name, entry in trained.items() if name != POLICY}
+    restored = load_checkpoint(path, model=policy.module, optimizer=policy.optimizer, scheduler=policy.scheduler,
+                               others=others)
     stage.load_state_dict(restored["stage"])
     fields = {k: v for k, v in restored["trainer"].items() if k in TrainState.__dataclass_fields__}
     state = TrainState(**fields)

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fusedrl.data.batch import IGNORE_INDEX
+from fusedrl.stages.groups import tokenize_groups
 from fusedrl.data.records import (
-    Example, PackedDataset, detect_format, load_records, pack_examples, tokenize_preference,
+    Example, PackedDataset, detect_format, load_records, pack_examples,
     tokenize_prompt, tokenize_records, tokenize_sft,
 )
 from fusedrl.data.tokenizer import build_char_tokenizer
@@ -143,13 +144,17 @@ def test_template_without_generation_tags_gives_the_same_masks(tok):
             tokenize_sft(CHAT, tok, max_len=64, train_on=train_on)
     record = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
                          {"role": "user", "content": "r"}], "chosen": "yes", "rejected": "no"}
-    assert tokenize_preference(record, plain, max_len=64) == tokenize_preference(record, tok, max_len=64)
+    for side in ("chosen", "rejected"):  # a preference side is a prompt + completion record (tokenize_groups)
+        pair = {"prompt": record["prompt"], "completion": record[side]}
+        assert tokenize_sft(pair, plain, max_len=64, train_on="last_assistant") == \
+            tokenize_sft(pair, tok, max_len=64, train_on="last_assistant")
 
 
 def test_preference_trains_only_the_completions(tok):
     record = {"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"},
                          {"role": "user", "content": "r"}], "chosen": "yes", "rejected": "no"}
-    chosen, rejected = tokenize_preference(record, tok, max_len=64)
+    examples, groups, _ = tokenize_groups([record], tok, max_len=64)  # how DPO and the RM tokenize pairs
+    chosen, rejected = (examples[i] for i in groups[0])
     assert trained(tok, chosen) == ["y", "e", "s", "<eos>"]
     assert trained(tok, rejected) == ["n", "o", "<eos>"]  # the assistant turn "a" in the prompt is masked
     prompt = tokenize_prompt(record, tok)
@@ -176,8 +181,7 @@ def test_overlong_truncate_vs_drop(tok):
     assert trained(tok, tokenize_sft(record, tok, max_len=8, overlong="truncate")) == ["d"]
     examples, dropped = tokenize_records([record, {"prompt": "a", "completion": "b"}], tok, max_len=10, overlong="drop")
     assert dropped == 1 and len(examples) == 1
-    assert tokenize_preference({"prompt": "a", "chosen": "bbbbbbbb", "rejected": "c"}, tok,
-                               max_len=10, overlong="drop") is None
+    assert tokenize_sft({"prompt": "a", "completion": "bbbbbbbb"}, tok, max_len=10, overlong="drop") is None
 
 
 def test_bad_options(tok):

@@ -135,7 +135,7 @@ def test_reward_model_tiny_trains(reward_model_run):
 def test_sft_tiny_trains(tmp_path):
     """SFT on the shipped examples/data (no `fusedrl demo` needed first)."""
     rows = _train_rows(_train("sft_tiny", tmp_path / "sft", "--loop.max_steps=3", "--loop.eval_every=0"), 3)
-    assert rows[0]["tokens"] > 0
+    assert rows[0]["trained_tokens"] > 0
 
 
 def test_dpo_tiny_trains(tmp_path):

@@ -75,10 +75,10 @@ class FakeStage(BaseStage):
         self.position += self.per_step
         return batches
 
-    def loss(self, model, batch, normalizer):
+    def loss(self, model, batch, totals):
         logp = linear_logprobs(model.hidden(batch.input_ids), model.head.weight, batch.labels)
         # "tokens": the step's token mean; "sequences": per-sequence sums averaged over sequences.
-        loss = -logp.sum() / normalizer
+        loss = -logp.sum() / totals.of(self.normalize_by)
         if self.current_step in self.nan_steps:
             loss = loss * float("nan")
         trained = (batch.labels != IGNORE_INDEX).sum()

@@ -60,11 +60,22 @@ def train_cfg(steps: int, lr: float = 1e-2) -> TrainConfig:
     return cfg
 
 
-def pg_stage(tok, *, algo="grpo", rollout=None, verifier=REWARD, ref_model=None, evaluate=False, **pg):
+def frozen_reference(policy):
+    """The reference a config without model.name_or_path gets: a frozen copy of the policy before training."""
+    from fusedrl.config import ModelConfig
+    from fusedrl.models.causal_lm import load_reference
+
+    return load_reference(ModelConfig(), None, policy)
+
+
+def pg_stage(tok, *, algo="grpo", rollout=None, verifier=REWARD, ref_model=None, evaluate=False, policy=None, **pg):
+    """A policy-gradient stage on the tiny task; with beta > 0 pass `policy` (its frozen copy is the reference)."""
     from fusedrl.stages.policy_gradient import PolicyGradientStage, resolve_pg_options
 
     rollout = rollout or rollout_cfg()
     options = resolve_pg_options(PolicyGradientConfig(algo=algo, **pg), rollout)
+    if options.beta > 0 and ref_model is None:
+        ref_model = frozen_reference(policy)
     return PolicyGradientStage(records=records(), tokenizer=tok, rollout=rollout, options=options,
                                rewards=rewards(verifier), eval_records=records()[:4] if evaluate else None,
                                ref_model=ref_model, seed=0,
@@ -78,5 +89,7 @@ def ppo_stage(tok, model, *, rollout=None, **ppo):
     rollout = rollout or rollout_cfg()
     cfg = PPOConfig(**{"value_lr": 1e-2, **ppo})
     value = ScalarHeadModel.from_causal_lm(copy.deepcopy(model), init_std=0.0)
+    options = resolve_ppo_options(cfg)
     return PPOStage(value_model=value, ppo=cfg, records=records(), tokenizer=tok, rollout=rollout,
-                    options=resolve_ppo_options(cfg), rewards=rewards(), seed=0)
+                    options=options, rewards=rewards(), seed=0,
+                    ref_model=frozen_reference(model) if options.beta > 0 else None)

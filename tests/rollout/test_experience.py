@@ -5,9 +5,10 @@ import torch
 from fusedrl.rollout.rewards import (char_accuracy, ends_cleanly, exact_match, load_verifier, score_completions,
                                     shaped_match)
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
-                                    pack_balanced, policy_logprobs, rollout_examples, sample_rollout, shape_rewards,
+                                    pack_balanced, rollout_examples, sample_rollout, shape_rewards,
                                     token_forward)
 
+from fusedrl.models.causal_lm import token_logprobs
 from tests.helpers import rl_tiny as T
 
 NOT_CALLABLE = 3
@@ -86,7 +87,7 @@ def test_learner_logprobs_from_the_fused_kernel_equal_the_samplers():
     assert len(rollout) == 9 and rollout.record_index == [0, 0, 0, 4, 4, 4, 5, 5, 5]
     rollout.rewards = torch.zeros(9)
     exp = Experience.from_rollout(rollout)
-    learner = token_forward(exp, lambda b: policy_logprobs(model, b, 0.7), 40, torch.device("cpu"))
+    learner = token_forward(exp, lambda b: token_logprobs(model, b, 0.7), 40, torch.device("cpu"))
     for i in range(len(exp)):
         torch.testing.assert_close(learner[i], exp.tok["sampler_logp"][i], rtol=1e-4, atol=1e-4)
         assert torch.all(learner[i][: exp.prompt_lens[i]] == 0)

@@ -11,6 +11,7 @@ from fusedrl.stages import dpo as dpo_module
 from fusedrl.stages.dpo import (DPOStage, attach_reference, build_dpo_stage, dpo_dataset, loss_options,
                                       reference_logprobs)
 from fusedrl.stages.groups import GroupedDataset
+from fusedrl.train.loop import step_totals
 from tests.conftest import assert_close
 from tests.helpers.alignment import TOKENIZER, config, preference_records, tiny_lm
 from tests.helpers.alignment import one_thread  # noqa: F401 (autouse fixture)
@@ -43,7 +44,7 @@ def test_reference_logprobs_match_per_sequence_and_cache(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("recomputed instead of reading the cache")
 
-    monkeypatch.setattr(dpo_module, "sequence_logprobs", boom)
+    monkeypatch.setattr(dpo_module, "token_logprobs", boom)
     cached = reference_logprobs(model, dataset.examples, 50, cache_dir=tmp_path)
     assert torch.equal(cached, fresh)
     with torch.no_grad():  # other weights: another key, so the cache is not used
@@ -64,10 +65,11 @@ def test_every_loss_runs_and_accumulation_equals_one_batch(loss):
     stage = DPOStage(dataset, loss=loss, options=loss_options(cfg))
     whole = dataset.batch(list(range(len(dataset.groups))))
     halves = [dataset.batch(list(range(0, 3))), dataset.batch(list(range(3, len(dataset.groups))))]
-    normalizer = float(whole.num_seqs)
-    loss_whole, metrics_whole = stage.loss(model, whole, normalizer)
+    totals = step_totals([whole], torch.device("cpu"))  # the whole step: both halves together
+    assert totals.groups == len(dataset.groups) and totals.sequences == dataset.group_size * len(dataset.groups)
+    loss_whole, metrics_whole = stage.loss(model, whole, totals)
     grad_whole = torch.autograd.grad(loss_whole, [model.model.embed_tokens.weight])[0]
-    parts = [stage.loss(model, b, normalizer) for b in halves]
+    parts = [stage.loss(model, b, totals) for b in halves]
     loss_parts = sum(p[0] for p in parts)
     grad_parts = torch.autograd.grad(loss_parts, [model.model.embed_tokens.weight])[0]
     assert torch.isfinite(loss_whole) and grad_whole.abs().sum() > 0
@@ -131,7 +133,8 @@ def test_kto_groups_examples_with_mismatched_completions():
     assert desirable == [1.0, 0.0] * 3
     attach_reference([dataset], torch.linspace(-3.0, -1.0, len(dataset.examples)))
     stage = DPOStage(dataset, loss="kto", options={"beta": 0.1})
-    loss, metrics = stage.loss(tiny_lm(0), dataset.batch(list(range(6))), 12.0)
+    batch = dataset.batch(list(range(6)))
+    loss, metrics = stage.loss(tiny_lm(0), batch, step_totals([batch], torch.device("cpu")))
     assert torch.isfinite(loss) and metrics["kl"] >= 0
     no_kl = dpo_dataset(records, TOKENIZER, DPOConfig(loss="kto", kto_kl=False), max_len=32, token_budget=200, seed=0)
     assert no_kl.group_size == 1

@@ -54,15 +54,26 @@ def test_every_other_algorithm_runs_a_few_finite_steps(algo, tmp_path):
     assert stage.normalize_by == ("tokens" if ALGORITHMS[algo].aggregation == "token_mean" else "sequences")
 
 
+def _keys(state):
+    """Every key of a nested state dict."""
+    if isinstance(state, dict):
+        for key, value in state.items():
+            yield key
+            yield from _keys(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _keys(value)
+
+
 def test_beta_zero_builds_no_reference(monkeypatch, tmp_path):
     tok = T.tokenizer()
     model = T.tiny_policy(tok)
 
-    def no_reference(self, policy):
+    def no_reference(*args):
         raise AssertionError("a reference model was built with beta = 0")
 
-    monkeypatch.setattr(pg_module.PolicyGradientStage, "_reference", no_reference)
     monkeypatch.setattr(pg_module, "load_reference", no_reference)
+    monkeypatch.setattr(T, "frozen_reference", no_reference)
     stage = T.pg_stage(tok, beta=0.0, iterations=2, rollout=T.rollout_cfg(prompts_per_rollout=4))
     _, records = run(stage, model, 2, tmp_path)
     assert stage.ref_model is None
@@ -74,7 +85,8 @@ def test_kl_to_a_frozen_reference(kl_in, tmp_path):
     tok = T.tokenizer()
     model = T.tiny_policy(tok)
     initial = copy.deepcopy(model.state_dict())
-    stage = T.pg_stage(tok, beta=0.1, kl_kind="k3", kl_in=kl_in, rollout=T.rollout_cfg(prompts_per_rollout=4))
+    stage = T.pg_stage(tok, beta=0.1, kl_kind="k3", kl_in=kl_in, rollout=T.rollout_cfg(prompts_per_rollout=4),
+                       policy=model)
     _, records = run(stage, model, 2, tmp_path, lr=3e-2)
     ref = stage.ref_model
     assert ref is not None and not any(p.requires_grad for p in ref.parameters())
@@ -179,9 +191,12 @@ def test_builders_read_the_config_tables(tmp_path):
     cfg.data.train = str(data)
     cfg.pg.beta = 0.05
     stage = PG_STAGES["rloo"](cfg, model, tok)
-    assert stage.name == "rloo" and stage.opt.advantage == "rloo" and stage.ref_model is None  # copied lazily
+    assert stage.name == "rloo" and stage.opt.advantage == "rloo"
+    # model.name_or_path is unset: the reference is a frozen copy of the policy, made now, before training
+    assert stage.ref_model is not None and stage.ref_model is not model
+    assert not any(p.requires_grad for p in stage.ref_model.parameters())
     stage.micro_batches(model, 0)
-    assert stage.ref_model is not None and "reference" in stage.state_dict()
+    assert not set(model.state_dict()) & set(_keys(stage.state_dict())), "no model weights in the stage state"
     cfg.rollout.verifier = "tests.helpers.rl_tiny:missing"
     with pytest.raises(ValueError, match="rollout.verifier: module 'tests.helpers.rl_tiny' has no attribute"):
         PG_STAGES["grpo"](cfg, model, tok)
@@ -192,7 +207,7 @@ def test_builders_read_the_config_tables(tmp_path):
 
 @pytest.mark.parametrize("algo", ["grpo", "cispo"])  # sequence- and token-normalised
 def test_micro_batch_split_gives_the_big_batch_loss_gradient_and_metrics(algo):
-    from fusedrl.train.loop import global_normalizer
+    from fusedrl.train.loop import step_totals
 
     tok = T.tokenizer()
     model = T.tiny_policy(tok)
@@ -200,11 +215,11 @@ def test_micro_batch_split_gives_the_big_batch_loss_gradient_and_metrics(algo):
     for budget in (512, 24):  # one micro-batch, then several
         stage = T.pg_stage(tok, algo=algo, rollout=T.rollout_cfg(prompts_per_rollout=4, token_budget=budget))
         batches = stage.micro_batches(model, 0)
-        normalizer = global_normalizer(batches, stage.normalize_by, torch.device("cpu"))
+        totals = step_totals(batches, torch.device("cpu"))
         model.zero_grad()
         loss, metrics = 0.0, {}
         for batch in batches:
-            part, parts = stage.loss(model, batch, normalizer)
+            part, parts = stage.loss(model, batch, totals)
             part.backward()
             loss += part.item()
             for k, v in parts.items():

@@ -6,7 +6,6 @@ import torch
 
 from fusedrl.train.loop import train
 from fusedrl.stages.configs_rl import PPOConfig, RLTrainConfig
-from fusedrl.stages import policy_gradient as pg_module
 from fusedrl.stages.ppo import build_ppo_stage, resolve_ppo_options
 
 from tests.helpers import rl_tiny as T
@@ -77,18 +76,26 @@ def test_ppo_raises_the_reward_and_trains_the_critic(tmp_path):
     assert records[-1]["value_mean"] > 0.2
 
 
-def test_value_update_is_applied_before_the_next_step_and_in_state_dict():
+def test_the_loop_owns_the_critic_optimizer_and_checkpoints_it_as_safetensors(tmp_path):
+    from safetensors.torch import load_file
+
     tok = T.tokenizer()
     model = T.tiny_policy(tok)
     stage = T.ppo_stage(tok, model, epochs=1, mini_batches=1, rollout=T.rollout_cfg(prompts_per_rollout=2))
-    (batch,) = stage.micro_batches(model, 0)
-    loss, _ = stage.loss(model, batch, batch.num_tokens)
-    loss.backward()
+    trainables = stage.trainables(model)
+    assert list(trainables) == ["policy", "value"] and trainables["value"].module is stage.value_model
+    assert trainables["value"].lr == stage.ppo.value_lr
     head = stage.value_model.score.weight.detach().clone()
-    state = stage.state_dict()  # applies the pending value update
-    assert not torch.equal(stage.value_model.score.weight, head)
-    assert torch.equal(state["value_model"]["score.weight"], stage.value_model.score.weight)
+    result = train(model, stage, T.train_cfg(1), run_dir=tmp_path)
+    weights = stage.value_model.score.weight.detach().clone()
+    assert not torch.equal(weights, head)  # the loop stepped the critic within the step
     assert all(p.grad is None for p in stage.value_model.parameters())
+    state = stage.state_dict()
+    assert torch.equal(stage.value_model.score.weight, weights)  # state_dict() changes nothing
+    assert "value_model" not in state and "value_optimizer" not in state  # no weights in stage.pt
+    checkpoint = result.checkpoint
+    assert (checkpoint / "optimizer_value.pt").is_file() and (checkpoint / "scheduler_value.pt").is_file()
+    torch.testing.assert_close(load_file(str(checkpoint / "value" / "model.safetensors"))["score.weight"], weights)
 
 
 def test_resolve_ppo_options_errors():
@@ -120,7 +127,6 @@ def test_builder_with_a_reward_model_and_no_reference(tmp_path, monkeypatch):
     def no_reference(*args):
         raise AssertionError("a reference model was built with beta = 0")
 
-    monkeypatch.setattr(pg_module.PolicyGradientStage, "_reference", no_reference)
     monkeypatch.setattr("fusedrl.stages.ppo.load_reference", no_reference)
     stage = build_ppo_stage(cfg, model, tok)
     (batch,) = stage.micro_batches(model, 0)
@@ -131,7 +137,7 @@ def test_builder_with_a_reward_model_and_no_reference(tmp_path, monkeypatch):
     assert stage.value_model.score.weight.data_ptr() != rm.score.weight.data_ptr()  # ... as a copy
     # Rewards are the reward model's scores of prompt + completion at the last token.
     exp = stage.exp
-    from fusedrl.rollout.experience import reward_model_scores
+    from fusedrl.rollout.rewards import reward_model_scores
 
     torch.testing.assert_close(exp.seq["rewards"], reward_model_scores(saved, exp.examples, 64))
 
@@ -147,7 +153,6 @@ def test_resume_mid_rollout_through_the_loop_equals_an_uninterrupted_run(tmp_pat
 
     model_a, stage_a = fresh()
     train(model_a, stage_a, T.train_cfg(3), run_dir=tmp_path / "a")
-    stage_a.finish()
     model_b, stage_b = fresh()
     train(model_b, stage_b, T.train_cfg(1), run_dir=tmp_path / "b")
     model_c, stage_c = fresh()
@@ -155,7 +160,6 @@ def test_resume_mid_rollout_through_the_loop_equals_an_uninterrupted_run(tmp_pat
         for p in model_c.parameters():
             p.add_(0.1)
     train(model_c, stage_c, T.train_cfg(3), run_dir=tmp_path / "b", resume=True)
-    stage_c.finish()
     for (name, a), c in zip(model_a.state_dict().items(), model_c.state_dict().values()):
         torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-6, msg=name)
     for (name, a), c in zip(stage_a.value_model.state_dict().items(), stage_c.value_model.state_dict().values()):

@@ -8,7 +8,7 @@ from fusedrl.train.loop import train
 from fusedrl.models.scalar_head import ScalarHeadModel
 from fusedrl.stages.configs_alignment import RejectionConfig
 from fusedrl.stages import rejection as rejection_module
-from fusedrl.stages.rejection import (best_of_n, build_rejection_stage, load_verifier, rejection_sample,
+from fusedrl.stages.rejection import (best_of_n, build_rejection_stage, build_scorer, rejection_sample,
                                             sample_completions, score_completions, select, select_best_per_prompt,
                                             select_random, select_top_k)
 from tests.helpers.alignment import TOKENIZER, config, tiny_lm
@@ -58,15 +58,16 @@ def test_random_selection_has_the_same_size_and_is_seeded():
         select(REWARDS, "best")
 
 
-def test_load_verifier_and_its_errors():
-    fn = load_verifier("tests.stages.test_rejection:fraction_of_a")
-    assert fn("p", "aab") == pytest.approx(2 / 3)
-    with pytest.raises(ValueError, match="verifier: expected 'module:function', got 'nocolon'"):
-        load_verifier("nocolon")
-    with pytest.raises(ValueError, match="verifier: cannot import module 'no_such_mod_xyz'"):
-        load_verifier("no_such_mod_xyz:f")
-    with pytest.raises(ValueError, match="verifier: module 'json' has no function 'nope'"):
-        load_verifier("json:nope")
+def test_the_verifier_is_loaded_and_called_by_the_rollout_functions():
+    """One verifier loader for every stage: errors name rejection.verifier; scores keep the (M, N) layout."""
+    fn = build_scorer(RejectionConfig(verifier="tests.stages.test_rejection:fraction_of_a"), torch.device("cpu"))
+    assert fn is fraction_of_a
+    with pytest.raises(ValueError, match="rejection.verifier: expected 'module:function'"):
+        build_scorer(RejectionConfig(verifier="nocolon"), torch.device("cpu"))
+    with pytest.raises(ValueError, match="rejection.verifier: module 'json' has no attribute 'nope'"):
+        build_scorer(RejectionConfig(verifier="json:nope"), torch.device("cpu"))
+    rewards = score_completions(fn, TOKENIZER, [{"prompt": "p"}, {"prompt": "q"}], [["a", "b"], ["aa", "ab"]])
+    assert rewards.tolist() == [[1.0, 0.0], [1.0, 0.5]]
 
 
 def test_reward_model_scores_each_sample_like_a_single_sequence():

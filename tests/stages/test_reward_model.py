@@ -105,7 +105,7 @@ def test_margin_loss_needs_margins_and_outcome_rm_learns(tmp_path):
                  reward_model={"loss": "outcome", "head_bias": True})
     model = ScalarHeadModel.from_causal_lm(tiny_lm(1), bias=True)
     stage = build_reward_model_stage(cfg, model, TOKENIZER)
-    assert stage.normalize_by == "tokens"
+    assert stage.loss_name == "outcome"  # token-level: normalised by the step's trained tokens
     result = train(model, stage, cfg, run_dir=tmp_path / "run")
     assert result.eval_metrics["accuracy"] >= 0.9
 

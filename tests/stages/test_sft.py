@@ -9,6 +9,7 @@ from fusedrl.data.records import PackedDataset, tokenize_records
 from fusedrl.train.metrics import read_metrics
 from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
+from fusedrl.train.loop import step_totals
 from fusedrl.train.run import run_training, seed_everything
 from fusedrl.stages.base import Stage
 from fusedrl.stages.sft import SFTStage
@@ -48,7 +49,7 @@ def test_sft_loss_equals_unpacked_per_sequence_nll(tmp_path, seed, normalize_by)
     (batch,) = stage.micro_batches(model, 0)
     assert batch.num_seqs == 5
     normalizer = batch.num_tokens if normalize_by == "tokens" else batch.num_seqs
-    loss, _ = stage.loss(model, batch, normalizer)
+    loss, _ = stage.loss(model, batch, step_totals([batch], torch.device("cpu")))
 
     total_nll = 0.0
     with torch.no_grad():

@@ -11,7 +11,8 @@ import torch
 from fusedrl.train import checkpoint as ckpt
 from fusedrl.train.checkpoint import (CheckpointError, latest_valid_checkpoint, list_checkpoints,
                                        load_checkpoint, save_checkpoint, verify_checkpoint)
-from fusedrl.train.loop import build_optimizer, build_scheduler, train
+from fusedrl.train.loop import step_totals, train
+from fusedrl.train.optim import build_optimizer, build_scheduler
 from fusedrl.config import TrainConfig
 
 from tests.helpers.fake_stage import FakeStage, TinyLM, make_batch
@@ -25,7 +26,7 @@ def _trained(seed_value=0):
     scheduler = build_scheduler(optimizer, cfg.schedule, 10)
     batch = make_batch([[1, 2, 3, 4], [5, 6]])
     stage = FakeStage()
-    loss, _ = stage.loss(model, batch, batch.num_tokens)
+    loss, _ = stage.loss(model, batch, step_totals([batch], torch.device("cpu")))
     loss.backward()
     optimizer.step()
     scheduler.step()

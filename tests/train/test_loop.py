@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from fusedrl.config import TrainConfig
-from fusedrl.train.loop import NonFiniteError, build_optimizer, global_normalizer, lr_factor, train, train_step
+from fusedrl.stages.base import StepTotals
+from fusedrl.train.loop import NonFiniteError, step_totals, train, train_step
+from fusedrl.train.optim import Trained, build_optimizer, lr_factor
 from fusedrl.train.metrics import read_metrics
 
 from tests.helpers.fake_stage import FakeStage, TinyLM, make_batch, random_docs
@@ -51,25 +53,30 @@ def test_accumulation_over_four_micro_batches_equals_one_batch(seed, normalize_b
     opt_a = build_optimizer(model_a, TrainConfig().optim)
     opt_b = build_optimizer(model_b, TrainConfig().optim)
     device = torch.device("cpu")
-    rec_a = train_step(model_a, ListStage([micro], normalize_by), micro, opt_a, None, device)
-    rec_b = train_step(model_b, ListStage([[full]], normalize_by), [full], opt_b, None, device)
+    rec_a = train_step(ListStage([micro], normalize_by), micro, {"policy": Trained(model_a, opt_a, None)}, None, device)
+    rec_b = train_step(ListStage([[full]], normalize_by), [full], {"policy": Trained(model_b, opt_b, None)}, None,
+                       device)
     assert rec_a["loss"] == pytest.approx(rec_b["loss"], rel=1e-6)
     assert rec_a["grad_norm"] == pytest.approx(rec_b["grad_norm"], rel=1e-5)
     assert rec_a["trained_tokens"] == full.num_tokens
     for (name, pa), pb in zip(model_a.named_parameters(), model_b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, msg=name)
     # Normalising each micro-batch by its own count instead would give a different loss.
-    naive = sum(ListStage([micro], normalize_by).loss(model_init, b, b.num_tokens if normalize_by == "tokens"
-                                                      else b.num_seqs)[0].item() for b in micro) / 4
+    naive = sum(ListStage([micro], normalize_by).loss(model_init, b, step_totals([b], device))[0].item()
+                for b in micro) / 4
     assert abs(naive - rec_b["loss"]) > 1e-3
 
 
-def test_global_normalizer_counts_tokens_or_sequences():
+def test_step_totals_count_tokens_sequences_and_groups():
     batches = [make_batch([[1, 2, 3], [4, 5]]), make_batch([[6, 7, 8, 9]])]
-    assert global_normalizer(batches, "tokens", torch.device("cpu")) == 2 + 1 + 3
-    assert global_normalizer(batches, "sequences", torch.device("cpu")) == 3
+    batches[1].num_groups = 1  # one group of one sequence; ungrouped batches count a group per sequence
+    totals = step_totals(batches, torch.device("cpu"))
+    assert totals == StepTotals(tokens=2 + 1 + 3, sequences=3, groups=3)
+    assert totals.of("tokens") == 6 and totals.of("sequences") == 3
     with pytest.raises(ValueError, match="normalize_by"):
-        global_normalizer(batches, "docs", torch.device("cpu"))
+        totals.of("docs")
+    empty = make_batch([[1]])  # a one-token document trains nothing: the totals never reach 0
+    assert step_totals([empty], torch.device("cpu")).tokens == 1.0
 
 
 def test_loss_decreases_and_jsonl_has_one_line_per_step(tmp_path, seed):
@@ -135,7 +142,8 @@ def test_gradient_clipping_limits_the_update(seed):
     model = TinyLM()
     opt = torch.optim.SGD(model.parameters(), lr=1.0)
     before = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
-    record = train_step(model, ListStage([[batch]]), [batch], opt, 0.01, torch.device("cpu"))
+    record = train_step(ListStage([[batch]]), [batch], {"policy": Trained(model, opt, None)}, 0.01,
+                        torch.device("cpu"))
     after = torch.nn.utils.parameters_to_vector(model.parameters())
     assert record["grad_norm"] > 0.01  # the logged norm is the one before clipping
     assert (after - before).norm().item() == pytest.approx(0.01, rel=1e-4)
