@@ -310,3 +310,21 @@ def test_empty_batch_gives_zero_loss_and_zero_gradients(backend, top_k):
         loss, metrics = linear_distill_loss(hs, ws, torch.randn(0, 5), torch.randn(11, 5), top_k=top_k)
     loss.backward()
     assert float(loss.detach()) == 0.0 and int(metrics["tokens"]) == 0 and (ws.grad == 0).all()
+
+
+@pytest.mark.parametrize("kind,beta", [("reverse_kl", 0.5), ("jsd", 0.5)])
+def test_training_the_student_head_lowers_the_divergence(kind, beta):
+    """A few Adam steps on the student's hidden states and head (teacher fixed) drive D down."""
+    g = torch.Generator().manual_seed(3)
+    hs = torch.randn(24, 8, generator=g).requires_grad_()
+    ws = (torch.randn(50, 8, generator=g) * 0.3).requires_grad_()
+    ht, wt = torch.randn(24, 12, generator=g), torch.randn(50, 12, generator=g)
+    opt = torch.optim.Adam([hs, ws], lr=0.05)
+    losses = []
+    for _ in range(30):
+        loss, _ = linear_distill_loss(hs, ws, ht, wt, kind=kind, beta=beta, temperature=1.5)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0], losses
