@@ -156,7 +156,11 @@ def _promote(hidden, weight):
 
 
 def make_triton_step(hs, ws, bs, ht, wt, bt, coef, temperature: float, mode: int, beta: float, top_k, grad: bool):
-    """(step, rows, student weight for the dh matmul) for `run_chunks` on the Triton backend."""
+    """(step, rows per chunk, student weight, student hidden) for `run_chunks` on the Triton backend.
+
+    The weight and hidden come back promoted to one dtype (they feed the dh / dW matmuls); `coef`
+    (N,) are the per-token loss weights; `grad` turns the gradient pass on.
+    """
     hs, ws = _promote(hs, ws)
     ht, wt = _promote(ht, wt)
     vocab = ws.shape[0]
