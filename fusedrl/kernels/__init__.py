@@ -14,6 +14,9 @@ from .policy_loss import ALGOS, AGGREGATIONS, DUAL_CLIP_DEFAULT, PolicyLossConfi
 from .linear_policy_loss import linear_policy_loss
 from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
+from .losses import (alphapo_loss, aot_loss, bco_pair_loss, cpo_loss, discopop_loss, dpo_norm_loss, exo_pair_loss,
+                     hinge_loss, nca_pair_loss, robust_dpo_loss, sequence_logprobs, sppo_hard_loss, wpo_loss,
+                     wpo_weights)
 
 __all__ = [
     "HAS_CSRC",
@@ -56,6 +59,20 @@ __all__ = [
     "rpo_loss",
     "simpo_loss",
     "value_loss",
+    "alphapo_loss",
+    "aot_loss",
+    "bco_pair_loss",
+    "cpo_loss",
+    "discopop_loss",
+    "dpo_norm_loss",
+    "exo_pair_loss",
+    "hinge_loss",
+    "nca_pair_loss",
+    "robust_dpo_loss",
+    "sequence_logprobs",
+    "sppo_hard_loss",
+    "wpo_loss",
+    "wpo_weights",
     "ALGOS",
     "AGGREGATIONS",
     "PolicyLossConfig",
