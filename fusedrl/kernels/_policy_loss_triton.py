@@ -14,6 +14,7 @@ Backward, given (a_i, b_i, c_i) = dL/d(P_i, K_i, E_i) from the aggregations:
     dlogp_t = a_i m_t w_t dpg_t/dlogp_t + b_i m_t v_t dKL_t/dlogp_t,   dH_t = c_i m_t v_t
 gspo / gmpo: every token's pg depends on s_i = exp(sum_t m_t f(d_t) / n_i), so
     dlogp_u = a_i G_i s_i m_u f'(d_u) / n_i + (KL term),  G_i = sum_t m_t w_t dpg_t/ds
+(seq_ratio "sum": no 1 / n_i in s_i nor in its gradient)
 (f(d) = d for gspo; gmpo's sign-aware clipped d, f' = 1 where the clip is not active and A != 0).
 The per-token math lives in @triton.jit helpers shared by both kernels.
 """
@@ -209,7 +210,7 @@ def _policy_loss_fwd_kernel(
     ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_SAMPLER: tl.constexpr, HAS_SEL: tl.constexpr, USE_DUAL: tl.constexpr, USE_CLAMP: tl.constexpr,
     USE_VCLAMP: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_SCOPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SEQ_SUM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -220,7 +221,10 @@ def _policy_loss_fwd_kernel(
     if ALGO == 1 or ALGO == 5 or ALGO == 6 or IS_LEVEL != 0:
         sum_d, sum_w, n = _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, eps_low,
                                       eps_high, ALGO, HAS_SAMPLER, BLOCK)
-        seq_ratio = tl.exp(sum_d / tl.maximum(n, 1.0))
+        if SEQ_SUM:
+            seq_ratio = tl.exp(sum_d)
+        else:
+            seq_ratio = tl.exp(sum_d / tl.maximum(n, 1.0))
         seq_logw = sum_w
         if IS_LEVEL == 2:
             seq_logw = sum_w / tl.maximum(n, 1.0)
@@ -299,7 +303,7 @@ def _policy_loss_bwd_kernel(
     ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_SAMPLER: tl.constexpr, HAS_SEL: tl.constexpr, USE_DUAL: tl.constexpr, USE_CLAMP: tl.constexpr,
     USE_VCLAMP: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_SCOPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SEQ_SUM: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -311,6 +315,8 @@ def _policy_loss_bwd_kernel(
     seq_ratio = tl.load(seq_ptr + seq)
     seq_logw = tl.load(seq_ptr + 2 * num_seqs + seq)
     tokens = tl.maximum(tl.load(stats_ptr + seq), 1.0)
+    if SEQ_SUM:
+        tokens = 1.0
     seq_term = g_pg * tl.load(seq_ptr + num_seqs + seq) * seq_ratio / tokens  # gspo / gmpo
     off = start
     while off < end:
@@ -357,7 +363,8 @@ def _flags(cfg: PolicyLossConfig, ref, ent, sampler, sel):
                 HAS_SAMPLER=sampler is not None, HAS_SEL=sel is not None, USE_DUAL=cfg.dual_clip is not None,
                 USE_CLAMP=cfg.kl_clamp is not None, USE_VCLAMP=cfg.kl_value_clamp is not None,
                 IS_LEVEL=IS_LEVEL_CODES[cfg.is_level], IS_MODE=int(cfg.is_mode == "mask"),
-                IS_SCOPE=int(cfg.is_scope == "loss"), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                IS_SCOPE=int(cfg.is_scope == "loss"), SEQ_SUM=cfg.seq_ratio == "sum", BLOCK=BLOCK,
+                num_warps=NUM_WARPS)
 
 
 class _PolicyLossFn(torch.autograd.Function):

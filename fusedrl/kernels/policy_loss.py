@@ -5,7 +5,8 @@ Per token (d_t = logp_t - old_t, ratio_t = exp(d_t), A_t the advantage, clip(.) 
 
     ppo / grpo  pg_t = -min(ratio_t A_t, clip(ratio_t) A_t); dual clip c: for A_t < 0, pg_t = min(pg_t, -c A_t)
     gspo        the same with the sequence ratio s_i = exp(sum_t m_t d_t / n_i) for every token
-                (the gradient flows through the mean)
+                (the gradient flows through the mean); seq_ratio "sum": s_i = exp(sum_t m_t d_t)
+                (TRL RLOO's ratio of summed sequence log-probs)
     gspo_token  the same with s_it = sg(s_i) exp(logp_t - sg(logp_t)): value s_i, gradient s_i per token
     gmpo        pg_t = -A_t g_i, g_i = exp(sum_t m_t sgn(A_t) min(sgn(A_t) d_t, sgn(A_t) clamp(d_t, -eps_low,
                 eps_high)) / n_i) (the geometric mean of the clipped token ratios; use seq_mean)
@@ -63,7 +64,7 @@ from .kl import k3_value, kl_from_delta
 __all__ = ["ALGOS", "AGGREGATIONS", "DUAL_CLIP_DEFAULT", "IS_LEVELS", "IS_MODES", "IS_SCOPES", "PolicyLossConfig",
            "policy_loss", "policy_loss_reference", "cov_selection"]
 
-STATS = ("tokens", "clipped", "ratio", "approx_kl", "kl_ref", "entropy", "is_weight", "approx_kl_k3", "is_dropped")
+STATS = ("tokens", "clipped", "ratio", "ppo_kl", "kl_ref", "entropy", "is_weight", "approx_kl", "is_dropped")
 TERMS = ("pg", "kl", "entropy")  # the rows of the per-sequence sums
 
 
@@ -113,7 +114,9 @@ def _surrogate(logp, old, adv, sel, mf, tokens, layout, cfg) -> Tuple[torch.Tens
     if cfg.algo in CLIPPED_ALGOS:
         r = ratio
         if cfg.algo in ("gspo", "gspo_token"):
-            r = torch.exp(_seq_mean(d, mf, tokens, layout))
+            seq_d = segment_sum(d * mf, layout)[layout.seq_ids] if cfg.seq_ratio == "sum" else \
+                _seq_mean(d, mf, tokens, layout)
+            r = torch.exp(seq_d)
             if cfg.algo == "gspo_token":
                 r = r.detach() * torch.exp(logp - logp.detach())
         pg = torch.maximum(-r * adv, -r.clamp(lo, hi) * adv)
@@ -196,8 +199,8 @@ def summarise(stats: torch.Tensor, cfg: PolicyLossConfig, has_ref: bool, has_ent
     """Metrics (0-d float32 tensors, token means over this micro-batch) from the per-sequence stats."""
     sums = stats.sum(dim=1)
     count = sums[0].clamp(min=1)
-    out = {"clip_frac": sums[1] / count, "ratio_mean": sums[2] / count, "approx_kl": sums[3] / count,
-           "approx_kl_k3": sums[7] / count, "response_len": stats[0].mean() if stats.shape[1] else sums[0]}
+    out = {"clip_frac": sums[1] / count, "ratio_mean": sums[2] / count, "approx_kl": sums[7] / count,
+           "ppo_kl": sums[3] / count, "response_len": stats[0].mean() if stats.shape[1] else sums[0]}
     if has_ref:
         out["kl_ref"] = sums[4] / count
     if has_ent:
@@ -301,6 +304,7 @@ def policy_loss(
     cov_lb: float = 1.0,
     cov_ub: float = 5.0,
     kl_cov_coef: float = 1.0,
+    seq_ratio: str = "mean",
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss of one (micro-)batch; formulas in the module docstring.
@@ -347,6 +351,9 @@ def policy_loss(
         cov_ratio, cov_lb, cov_ub: Clip-Cov / KL-Cov share of tokens and Clip-Cov's covariance window
             (verl: 2e-4, 1, 5); kl_cov_coef: KL-Cov's coefficient of |logp - old| (verl's ppo_kl_coef).
             These two algos select tokens on the host (`cov_selection`: a sync).
+        seq_ratio: gspo / gspo_token sequence log-ratio: "mean" (GSPO) or "sum" (exp(sum logp - sum old):
+            TRL's RLOO ratio of summed sequence log-probs; with aggregation "seq_mean" the loss is
+            the mean over sequences of -min(s A, clip(s) A)).
         generator: torch.Generator for Clip-Cov's random draw (None: the global RNG).
     Returns:
         loss: 0-d float32 (float64 for float64 logp).
@@ -354,9 +361,9 @@ def policy_loss(
             "clip_frac" (tokens whose clip is active: A > 0 and r > 1 + eps_high or A < 0 and
             r < 1 - eps_low for the clipped algos; r outside the range for the others; the
             log-ratio clip for gmpo; the selected tokens for clip_cov / kl_cov),
-            "ratio_mean", "approx_kl" (mean of old_logp - logp, what verl logs as ppo_kl),
-            "approx_kl_k3" (k3 of logp vs old_logp, never negative), "response_len" (mean tokens
-            per sequence), and "kl_ref" / "entropy" / "is_weight_mean" when those inputs are given
+            "ratio_mean", "approx_kl" (k3 of logp vs old_logp, exp(old - logp) - 1 - (old - logp),
+            never negative; OpenRLHF's approx_kl with kl_estimator "k3"), "ppo_kl" (mean of
+            old_logp - logp: what verl logs as actor/ppo_kl), "response_len" (mean tokens per sequence), and "kl_ref" / "entropy" / "is_weight_mean" when those inputs are given
             ("is_dropped_frac" too with is_mode "mask").
     """
     cfg = PolicyLossConfig(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, tau_pos=tau_pos,
@@ -365,7 +372,7 @@ def policy_loss(
                            is_level=is_level, is_mode=is_mode, is_scope=is_scope, aggregation=aggregation,
                            kl_aggregation=kl_aggregation, entropy_aggregation=entropy_aggregation,
                            max_len=max_len, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
-                           kl_cov_coef=kl_cov_coef)
+                           kl_cov_coef=kl_cov_coef, seq_ratio=seq_ratio)
     check_normaliser("num_tokens", num_tokens)
     check_normaliser("num_seqs", num_seqs)
     x, layout = _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg,

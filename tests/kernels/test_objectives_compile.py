@@ -88,6 +88,7 @@ POLICY_CASES = [
      "fp32", "fp32", True, False, False),
     ("90", dict(algo="kl_cov", is_mode="mask", is_scope="loss"), "bf16", "bf16", False, True, True),
     ("80", dict(algo="gmpo", beta=0.04, kl_kind="k3"), "fp32", "fp32", True, False, False),
+    ("90", dict(algo="gspo", seq_ratio="sum", aggregation="seq_mean"), "bf16", "bf16", False, False, False),
 ]
 GAE_ARCHS = ["90", "80"]
 
@@ -105,6 +106,6 @@ def test_objective_kernels_compile_ahead_of_time(tmp_path):
     flags = [n[5:] for n in fwd]
     want = {"ALGO": len(set(ALGO_CODES.values())), "KL_KIND": len(KL_CODES), "IS_LEVEL": len(IS_LEVEL_CODES)}
     for flag in ("ALGO", "KL_KIND", "HAS_REF", "HAS_ENT", "HAS_SAMPLER", "HAS_SEL", "USE_DUAL", "USE_CLAMP",
-                 "USE_VCLAMP", "IS_LEVEL", "IS_MODE", "IS_SCOPE"):
+                 "USE_VCLAMP", "IS_LEVEL", "IS_MODE", "IS_SCOPE", "SEQ_SUM"):
         values = {f for fs in flags for f in fs if f.startswith(flag + "=")}
         assert len(values) == want.get(flag, 2), (flag, values)  # the subset really covers every value of every flag
