@@ -173,7 +173,8 @@ def orpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, lam: floa
     log_odds = (avg_c - torch.log(-torch.expm1(avg_c))) - (avg_r - torch.log(-torch.expm1(avg_r)))
     nll_value = nll_term(c, lc, nll, nll_logp, nll_len, num_pairs, num_tokens)
     loss = nll_value + batch_mean(-lam * F.logsigmoid(log_odds), num_pairs)
-    return loss, _metrics(avg_c, avg_r, nll=nll_value, log_odds_ratio=log_odds.mean())
+    local_nll = nll_term(c, lc, nll, nll_logp, nll_len)  # the metric: this batch's mean, like the others
+    return loss, _metrics(avg_c, avg_r, nll=local_nll, log_odds_ratio=log_odds.mean())
 
 
 NLL_MODES = ("pair_mean", "token_mean")
@@ -293,4 +294,4 @@ def rpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, cho
     c, length = _inputs(chosen_logp=chosen_logp, chosen_len=chosen_len)
     nll_value = nll_term(c, length, nll, num_pairs=num_pairs, num_tokens=num_tokens)
     loss = batch_mean(-F.logsigmoid(beta * (lc - lr)), num_pairs) + alpha * nll_value
-    return loss, _metrics(beta * lc, beta * lr, nll=nll_value)
+    return loss, _metrics(beta * lc, beta * lr, nll=nll_term(c, length, nll))

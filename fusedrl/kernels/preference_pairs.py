@@ -189,7 +189,7 @@ def cpo_loss(chosen_logp, rejected_logp, chosen_len, *, beta: float = 0.1, alpha
     c, r, n = _inputs(chosen_logp=chosen_logp, rejected_logp=rejected_logp, chosen_len=chosen_len)
     nll_value = nll_term(c, n, nll, num_pairs=num_pairs, num_tokens=num_tokens)
     loss = batch_mean(_smoothed(beta * (c - r), label_smoothing), num_pairs) + alpha * nll_value
-    return loss, _metrics(beta * c, beta * r, nll=nll_value)
+    return loss, _metrics(beta * c, beta * r, nll=nll_term(c, n, nll))
 
 
 def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
