@@ -59,6 +59,7 @@ class PolicyLossConfig:
     is_level: str = "token"
     is_mode: str = "truncate"
     is_scope: str = "pg"
+    is_veto: Optional[float] = None
     aggregation: str = "token_mean"
     kl_aggregation: Optional[str] = None
     entropy_aggregation: Optional[str] = None
@@ -101,6 +102,7 @@ class PolicyLossConfig:
         _number("c_ent", self.c_ent, low=0.0, strict=False)
         _number("is_cap", self.is_cap, low=0.0)
         _number("is_low", self.is_low, low=0.0, strict=False, allow_none=True)
+        _number("is_veto", self.is_veto, low=0.0, allow_none=True)
         if self.is_low is not None and self.is_low > self.is_cap:
             raise ValueError(f"is_low must be <= is_cap={self.is_cap}, got {self.is_low}")
         _number("cov_ratio", self.cov_ratio, low=0.0)

@@ -22,7 +22,8 @@ Per token (d_t = logp_t - old_t, ratio_t = exp(d_t), A_t the advantage, clip(.) 
     w_t  = importance weight of the learner vs the sampler, detached (1 without sampler_logp):
            level "token" exp(old_t - sampler_t), "sequence" exp(sum_t m_t (old_t - sampler_t)),
            "geometric" exp(mean_t ...); mode "truncate" clamps into [is_low, is_cap], "mask" zeroes
-           a weight outside [is_low, is_cap]
+           a weight outside [is_low, is_cap]; is_veto zeroes every weight of a sequence holding a
+           token ratio below it
 
 Per sequence the three sums P_i = sum_t m_t w_t pg_t, K_i = sum_t m_t v_t KL_t, E_i = sum_t m_t v_t H_t
 (v_t = 1 with is_scope "pg", the peers' form; v_t = w_t with is_scope "loss", the weight on the whole
@@ -48,6 +49,7 @@ runs otherwise and is the test oracle.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -93,8 +95,14 @@ def is_weights(old, sampler, mf, tokens, layout: Layout, cfg: PolicyLossConfig) 
     w = torch.exp(log_w)
     low = 0.0 if cfg.is_low is None else cfg.is_low
     if cfg.is_mode == "truncate":
-        return w.clamp(min=low, max=cfg.is_cap).detach()
-    return torch.where((w >= low) & (w <= cfg.is_cap), w, torch.zeros_like(w)).detach()
+        w = w.clamp(min=low, max=cfg.is_cap)
+    else:
+        w = torch.where((w >= low) & (w <= cfg.is_cap), w, torch.zeros_like(w))
+    if cfg.is_veto is not None:  # a token ratio below is_veto zeroes its whole sequence (verl's veto)
+        bad = (mf > 0) & (old - sampler < math.log(cfg.is_veto))
+        vetoed = segment_sum(bad.to(w.dtype), layout) > 0
+        w = torch.where(vetoed[layout.seq_ids], torch.zeros_like(w), w)
+    return w.detach()
 
 
 def _seq_mean(values, mf, tokens, layout):
@@ -294,6 +302,7 @@ def policy_loss(
     is_level: str = "token",
     is_mode: str = "truncate",
     is_scope: str = "pg",
+    is_veto: Optional[float] = None,
     aggregation: str = "token_mean",
     kl_aggregation: Optional[str] = None,
     entropy_aggregation: Optional[str] = None,
@@ -340,6 +349,8 @@ def policy_loss(
         is_mode: "truncate" (clamp w into [is_low, is_cap]) | "mask" (w = 0 outside it).
         is_scope: "pg" (w multiplies the policy-gradient term only: w pg + beta KL - c_ent H, as verl,
             TRL and OpenRLHF; the default) | "loss" (w multiplies the whole per-token loss, the old form).
+        is_veto: None or v > 0: a sequence with any token whose exp(old - sampler) < v gets w = 0 on
+            every token (verl's rollout_is_veto_threshold).
         aggregation: "token_mean" | "seq_mean" | "seq_sum" | "seq_mean_fixed_len" (the last needs max_len),
             for the policy-gradient term.
         kl_aggregation, entropy_aggregation: the mode of the KL and entropy terms (None: `aggregation`);
@@ -369,7 +380,7 @@ def policy_loss(
     cfg = PolicyLossConfig(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, tau_pos=tau_pos,
                            tau_neg=tau_neg, beta=beta, kl_kind=kl_kind, kl_clamp=kl_clamp,
                            kl_value_clamp=kl_value_clamp, c_ent=c_ent, is_cap=is_cap, is_low=is_low,
-                           is_level=is_level, is_mode=is_mode, is_scope=is_scope, aggregation=aggregation,
+                           is_level=is_level, is_mode=is_mode, is_scope=is_scope, is_veto=is_veto, aggregation=aggregation,
                            kl_aggregation=kl_aggregation, entropy_aggregation=entropy_aggregation,
                            max_len=max_len, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
                            kl_cov_coef=kl_cov_coef, seq_ratio=seq_ratio)

@@ -65,6 +65,9 @@ def test_is_levels_modes_and_lower_bound_hand():
     assert pg_weighted(is_mode="mask", is_cap=5.0)[0] == pytest.approx((4 + 0.25) / 2)
     assert pg_weighted(is_level="sequence")[0] == pytest.approx(1.0)  # 4 * 0.25
     assert pg_weighted(is_level="geometric", is_cap=0.9)[0] == pytest.approx(0.9)  # sqrt(4 * 0.25) = 1 > 0.9
+    assert pg_weighted(is_veto=0.2)[0] == pytest.approx((2 + 0.25) / 2)  # no token ratio below 0.2
+    value, m = pg_weighted(is_veto=0.3)  # token 1's ratio 0.25 < 0.3: the whole sequence gets w = 0
+    assert value == pytest.approx(0.0) and float(m["is_weight_mean"]) == 0.0
 
 
 def test_gspo_token_hand():
@@ -194,8 +197,12 @@ def seq_weight(od, sp, o):
     w = torch.exp(lw)
     low, cap = o.get("is_low") or 0.0, o.get("is_cap", 2.0)
     if o.get("mode", "truncate") == "truncate":
-        return torch.clamp(w, min=low, max=cap)
-    return torch.where((w >= low) & (w <= cap), w, torch.zeros_like(w))
+        w = torch.clamp(w, min=low, max=cap)
+    else:
+        w = torch.where((w >= low) & (w <= cap), w, torch.zeros_like(w))
+    if o.get("veto") is not None and bool((torch.exp(od - sp) < o["veto"]).any()):  # verl's veto
+        w = torch.zeros_like(w)
+    return w
 
 
 def oracle(logp, ent, b, o, sel):
@@ -263,6 +270,9 @@ CASES = {
                                  mode="mask", is_cap=1.5),
     "gspo_token_seq_sum": dict(algo="gspo_token", seq_ratio="sum", agg="seq_mean", kind="k1", sampler=True),
     "gspo_seq_sum": dict(algo="gspo", seq_ratio="sum", agg="seq_mean", kind="k3", eps_high=0.5),
+    "ppo_veto_geometric": dict(algo="ppo", agg="seq_mean", kind="k3", sampler=True, level="geometric", veto=0.4),
+    "reinforce_veto_token": dict(algo="reinforce", agg="token_mean", kind="k1", sampler=True, veto=0.4,
+                                 scope="loss"),
     "clip_cov": dict(algo="clip_cov", agg="token_mean", kind="k3", sampler=True),
     "kl_cov": dict(algo="kl_cov", agg="token_mean", kind="k1", kl_cov_coef=0.5),
 }
@@ -274,7 +284,7 @@ def options(o):
               entropy_aggregation=o.get("ent_agg"), max_len=7, beta=o["beta"], kl_kind=o["kind"],
               kl_clamp=o.get("kl_clamp"), kl_value_clamp=o.get("kl_vclamp"), c_ent=o["c_ent"],
               is_cap=o.get("is_cap", 2.0), is_low=o.get("is_low"), is_level=o.get("level", "token"),
-              is_mode=o.get("mode", "truncate"), is_scope=o.get("scope", "pg"))
+              is_mode=o.get("mode", "truncate"), is_scope=o.get("scope", "pg"), is_veto=o.get("veto"))
     if o["algo"] == "kl_cov":
         kw["kl_cov_coef"] = o["kl_cov_coef"]
     if "seq_ratio" in o:
@@ -371,6 +381,7 @@ def test_bad_options():
                       (dict(entropy_aggregation="seq_mean_fixed_len"), "needs max_len"),
                       (dict(algo="kl_cov", cov_ratio=2.0), "cov_ratio must be in"),
                       (dict(algo="gmpo", dual_clip=True), "dual_clip applies to"),
+                      (dict(is_veto=0.0), "is_veto must be > 0"),
                       (dict(seq_ratio="sum"), "seq_ratio='sum' applies to algo gspo/gspo_token only"),
                       (dict(algo="gspo", seq_ratio="prod"), "seq_ratio must be one of")):
         with pytest.raises(ValueError, match=match):
