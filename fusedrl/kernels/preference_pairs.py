@@ -216,7 +216,7 @@ def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: 
 
 def sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, bias=None, temperature: float = 1.0,
                       ignore_index: int = -100):
-    """(P-ready) per-sequence log-prob sums and token counts, from hidden states, never building logits.
+    """Per-sequence log-prob sums and token counts from hidden states, never building (N, V) logits.
 
     Args:
         hidden: (B, T, H) padded or (total, H) packed final hidden states; weight: (V, H) LM head.
