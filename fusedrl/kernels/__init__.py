@@ -10,7 +10,11 @@ from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
 from .advantages import (RunningMeanBaseline, dr_grpo_advantages, fold_kl_into_rewards, gae, grpo_advantages,
                          overlong_reward_shaping, reinforce_advantages, rloo_advantages, whiten)
 from .advantages import maxrl_advantages, opo_advantages, passk_advantages, remax_advantages
-from .policy_loss import ALGOS, AGGREGATIONS, DUAL_CLIP_DEFAULT, PolicyLossConfig, policy_loss
+from .policy_loss import ALGOS, AGGREGATIONS, PolicyLossConfig, policy_loss
+from .policy_loss import DUAL_CLIP_DEFAULT
+from .losses import (alphapo_loss, aot_loss, bco_pair_loss, cpo_loss, discopop_loss, dpo_norm_loss, exo_pair_loss,
+                     hinge_loss, nca_pair_loss, robust_dpo_loss, sequence_logprobs, sppo_hard_loss, wpo_loss,
+                     wpo_weights)
 from .linear_policy_loss import linear_policy_loss
 from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
@@ -56,6 +60,20 @@ __all__ = [
     "rpo_loss",
     "simpo_loss",
     "value_loss",
+    "alphapo_loss",
+    "aot_loss",
+    "bco_pair_loss",
+    "cpo_loss",
+    "discopop_loss",
+    "dpo_norm_loss",
+    "exo_pair_loss",
+    "hinge_loss",
+    "nca_pair_loss",
+    "robust_dpo_loss",
+    "sequence_logprobs",
+    "sppo_hard_loss",
+    "wpo_loss",
+    "wpo_weights",
     "ALGOS",
     "AGGREGATIONS",
     "PolicyLossConfig",

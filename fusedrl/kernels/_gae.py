@@ -7,10 +7,19 @@ Per sequence, with V_{end} = 0 (the episode ends with the sequence):
     G_t = A_t + V_t                          (returns, the value targets)
 
 Shapes: rewards, values (total,) packed with cu_seqlens (B + 1,) int32, or
-(B, T) padded (each row a sequence). Masked-out tokens are read as r = V = 0
-and give A = G = 0: right padding and prompt tokens before the completion
-are handled exactly; a masked span inside a completion cuts the bootstrap
-(pass completion tokens only for multi-turn data).
+(B, T) padded (each row a sequence). Masked-out tokens come back as A = G = 0.
+How the scan treats them is `masked=`:
+
+    "zero" (default): a masked token is a step with r = V = 0 that the scan runs
+        through. Right padding and prompt tokens before the completion are exact
+        (nothing of the completion comes after them). A masked span *inside* a
+        completion is not skipped: the token before it bootstraps from V = 0
+        (d_t = r_t - V_t), the span's steps add d = gamma V_next, and every step
+        of it discounts what follows by another gamma lam.
+    "skip" (verl's gae with response_mask): the scan runs over the unmasked tokens
+        only, as if the masked ones were cut out (multi-turn data with tool or
+        user tokens inside the completion); this gathers those tokens first
+        (a host sync for their count).
 
 Triton: one program per sequence walks its tokens backwards (the scan is
 serial in t; sequences run in parallel). No gradient: GAE makes targets.
@@ -88,6 +97,12 @@ def gae_reference(rewards: torch.Tensor, values: torch.Tensor, layout: Layout, g
     return adv_flat, adv_flat + values
 
 
+def _scan(r, v, layout, gamma, lam, max_seqlen):
+    if r.dtype == torch.float32 and _dispatch.use_triton(r, v):
+        return _gae_triton(r, v, layout, gamma, lam)
+    return gae_reference(r, v, layout, gamma, lam, max_seqlen)
+
+
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,
@@ -97,6 +112,7 @@ def gae(
     max_seqlen: Optional[int] = None,
     gamma: float = 1.0,
     lam: float = 0.95,
+    masked: str = "zero",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """GAE advantages and returns, per token.
 
@@ -108,6 +124,8 @@ def gae(
         cu_seqlens: (B + 1,) int32 sequence boundaries when packed.
         max_seqlen: longest sequence (host int), optional; saves the reference path a sync.
         gamma: discount in [0, 1]; lam: GAE lambda in [0, 1].
+        masked: "zero" (masked tokens are steps with r = V = 0 inside the scan) or "skip" (the
+            scan runs over the unmasked tokens only); see the module docstring.
     Returns:
         (advantages, returns), each of rewards' shape, float32 (float64 for float64 inputs), detached.
     """
@@ -119,15 +137,24 @@ def gae(
     for name, value in (("gamma", gamma), ("lam", lam)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
+    if masked not in ("zero", "skip"):
+        raise ValueError(f"masked must be 'zero' or 'skip', got {masked!r}")
     m = flat_mask(mask, layout)
     dtype = torch.float64 if torch.float64 in (rewards.dtype, values.dtype) else torch.float32
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
     r = torch.where(m, rewards.detach().reshape(-1).to(dtype), zero)
     v = torch.where(m, values.detach().reshape(-1).to(dtype), zero)
-    if dtype == torch.float32 and _dispatch.use_triton(r, v):
-        adv, ret = _gae_triton(r, v, layout, gamma, lam)
+    if masked == "skip":
+        keep = torch.nonzero(m).flatten()
+        counts = torch.zeros(layout.num_seqs, dtype=torch.long, device=r.device).index_add(
+            0, layout.seq_ids, m.long())
+        cu = torch.cat([counts.new_zeros(1), counts.cumsum(0)]).to(torch.int32)
+        sub = Layout((keep.numel(),), layout.num_seqs, cu, layout.seq_ids[keep])
+        adv_k, ret_k = _scan(r[keep], v[keep], sub, gamma, lam, max_seqlen)
+        adv = torch.zeros_like(r).index_copy(0, keep, adv_k)
+        ret = torch.zeros_like(r).index_copy(0, keep, ret_k)
     else:
-        adv, ret = gae_reference(r, v, layout, gamma, lam, max_seqlen)
+        adv, ret = _scan(r, v, layout, gamma, lam, max_seqlen)
     adv = torch.where(m, adv, zero)
     ret = torch.where(m, ret, zero)
     return adv.view(layout.shape), ret.view(layout.shape)

@@ -11,6 +11,7 @@ AGGREGATIONS = ("token_mean", "seq_mean", "seq_sum", "seq_mean_fixed_len")
 IS_LEVELS = ("token", "sequence", "geometric")
 IS_MODES = ("truncate", "mask")
 IS_SCOPES = ("pg", "loss")
+SEQ_RATIOS = ("mean", "sum")  # gspo's sequence log-ratio: mean (GSPO) or sum (TRL RLOO: exp(sum logp - sum old))
 DUAL_CLIP_DEFAULT = 3.0  # verl's clip_ratio_c; dual_clip=True selects it
 CLIPPED_ALGOS = ("ppo", "grpo", "gspo", "gspo_token", "clip_cov")
 # the Triton constexpr of each algo (ppo and grpo, reinforce and rloo share their math)
@@ -58,6 +59,7 @@ class PolicyLossConfig:
     is_level: str = "token"
     is_mode: str = "truncate"
     is_scope: str = "pg"
+    is_veto: Optional[float] = None
     aggregation: str = "token_mean"
     kl_aggregation: Optional[str] = None
     entropy_aggregation: Optional[str] = None
@@ -66,6 +68,7 @@ class PolicyLossConfig:
     cov_lb: float = 1.0
     cov_ub: float = 5.0
     kl_cov_coef: float = 1.0
+    seq_ratio: str = "mean"
 
     def __post_init__(self):
         _choice("algo", self.algo, ALGOS)
@@ -77,6 +80,9 @@ class PolicyLossConfig:
         _choice("is_level", self.is_level, IS_LEVELS)
         _choice("is_mode", self.is_mode, IS_MODES)
         _choice("is_scope", self.is_scope, IS_SCOPES)
+        _choice("seq_ratio", self.seq_ratio, SEQ_RATIOS)
+        if self.seq_ratio == "sum" and self.algo not in ("gspo", "gspo_token"):
+            raise ValueError(f"seq_ratio='sum' applies to algo gspo/gspo_token only, got algo={self.algo!r}")
         _number("eps_low", self.eps_low, low=0.0, strict=False)
         _number("eps_high", self.eps_high, low=0.0, strict=False)
         if self.dual_clip is True:
@@ -96,6 +102,7 @@ class PolicyLossConfig:
         _number("c_ent", self.c_ent, low=0.0, strict=False)
         _number("is_cap", self.is_cap, low=0.0)
         _number("is_low", self.is_low, low=0.0, strict=False, allow_none=True)
+        _number("is_veto", self.is_veto, low=0.0, allow_none=True)
         if self.is_low is not None and self.is_low > self.is_cap:
             raise ValueError(f"is_low must be <= is_cap={self.is_cap}, got {self.is_low}")
         _number("cov_ratio", self.cov_ratio, low=0.0)

@@ -3,28 +3,32 @@
 One program per sequence walks its tokens [cu_seqlens[i], cu_seqlens[i+1]) in
 blocks of BLOCK. Shapes: every per-token pointer is (N,), cu_seqlens (B + 1,)
 int32; outputs terms (3, B) float32 (the per-sequence sums P_i, K_i, E_i of
-policy_loss.py), stats (len(STATS), B) float32, and a (3, B) buffer
-[s_i, G_i, log w_i] kept for the backward.
+policy_loss.py), stats (len(STATS), B) float32, and a (4, B) buffer
+[s_i, G_i, log w_i, 1 - vetoed_i] kept for the backward.
 
 Forward, per token (r = exp(logp - old), w the importance weight, v = w or 1 by is_scope, m the mask):
     P_i = sum_t m_t w_t pg_t,   K_i = sum_t m_t v_t KL_t,   E_i = sum_t m_t v_t H_t
-A first pass over the sequence gives the sequence ratio s_i (gspo, gspo_token, gmpo) and the
-sequence log-weight log w_i (is_level "sequence" / "geometric").
+A first pass over the sequence gives the sequence ratio s_i (gspo, gspo_token, gmpo), the
+sequence log-weight log w_i (is_level "sequence" / "geometric") and the veto (is_veto: a token
+with exp(old - sampler) < is_veto zeroes the weights of its whole sequence).
 Backward, given (a_i, b_i, c_i) = dL/d(P_i, K_i, E_i) from the aggregations:
     dlogp_t = a_i m_t w_t dpg_t/dlogp_t + b_i m_t v_t dKL_t/dlogp_t,   dH_t = c_i m_t v_t
 gspo / gmpo: every token's pg depends on s_i = exp(sum_t m_t f(d_t) / n_i), so
     dlogp_u = a_i G_i s_i m_u f'(d_u) / n_i + (KL term),  G_i = sum_t m_t w_t dpg_t/ds
+(seq_ratio "sum": no 1 / n_i in s_i nor in its gradient)
 (f(d) = d for gspo; gmpo's sign-aware clipped d, f' = 1 where the clip is not active and A != 0).
-The per-token math lives in @triton.jit helpers shared by both kernels.
+The per-token math lives in the @triton.jit helpers of `_policy_terms_triton`, shared by both kernels.
 """
 from __future__ import annotations
 
+import math
 from typing import Tuple
 
 import torch
 import triton
 import triton.language as tl
 
+from ._policy_terms_triton import _is_weight, _k3, _kl_terms, _pg_terms, _sign
 from .policy_loss import STATS, TERMS, FlatInputs, PolicyLossConfig
 
 BLOCK = 1024  # tokens per step of a sequence's loop; the one block-size choice (tests shrink it)
@@ -34,141 +38,20 @@ IS_LEVEL_CODES = {"token": 0, "sequence": 1, "geometric": 2}
 
 
 @triton.jit
-def _expm1(x):
-    """exp(x) - 1 without cancellation near 0 (Kahan: (u - 1) x / log u, u = exp(x))."""
-    u = tl.exp(x)
-    small = tl.abs(x) < 0.5
-    use_kahan = small & (u != 1.0)
-    kahan = (u - 1.0) * x / tl.log(tl.where(use_kahan, u, 2.0))
-    return tl.where(use_kahan, kahan, tl.where(small, x, u - 1.0))
-
-
-@triton.jit
-def _k3(delta):
-    """exp(-delta) - 1 + delta: the Taylor series for |delta| < 0.1, expm1 beyond (kl.k3_value)."""
-    small = tl.abs(delta) < 0.1
-    d = tl.where(small, delta, 0.0)
-    series = d * d * (0.5 - d * (1.0 / 6.0 - d * (1.0 / 24.0 - d * (1.0 / 120.0 - d * (1.0 / 720.0 - d * (
-        1.0 / 5040.0 - d / 40320.0))))))
-    return tl.where(small, series, _expm1(-delta) + delta)
-
-
-@triton.jit
-def _sign(x):
-    return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
-
-
-@triton.jit
-def _kl_terms(delta, kl_clamp, kl_vclamp, KL_KIND: tl.constexpr, USE_CLAMP: tl.constexpr,
-              USE_VCLAMP: tl.constexpr):
-    """(KL_t, dKL_t/dlogp_t) of delta = logp - ref (kl.py's estimators)."""
-    inside = delta == delta
-    if USE_CLAMP:
-        inside = (delta >= -kl_clamp) & (delta <= kl_clamp)
-        delta = tl.minimum(tl.maximum(delta, -kl_clamp), kl_clamp)
-    if KL_KIND == 0:
-        kl = delta
-        dkl = tl.full(delta.shape, 1.0, tl.float32)
-    elif KL_KIND == 1:
-        kl = 0.5 * delta * delta
-        dkl = delta
-    elif KL_KIND == 4:
-        kl = tl.abs(delta)
-        dkl = _sign(delta)
-    elif KL_KIND == 5:  # k1+: value of k1, gradient of k2
-        kl = delta
-        dkl = delta
-    else:
-        kl = _k3(delta)
-        if KL_KIND == 2:
-            dkl = -_expm1(-delta)
-        else:  # k3+: value of k3, gradient of k2
-            dkl = delta
-    if USE_VCLAMP:
-        inside = inside & (kl >= -kl_vclamp) & (kl <= kl_vclamp)
-        kl = tl.minimum(tl.maximum(kl, -kl_vclamp), kl_vclamp)
-    return kl, tl.where(inside, dkl, 0.0)
-
-
-@triton.jit
-def _pg_terms(logp, old, adv, sel, seq_ratio, eps_low, eps_high, dual_clip, tau_pos, tau_neg, kl_cov_coef,
-              ALGO: tl.constexpr, USE_DUAL: tl.constexpr):
-    """Per-token (pg, dpg, clipped, ratio used); dpg = d pg / d logp, or d pg / d s for gspo (1) and gmpo (6)."""
-    d = logp - old
-    ratio = tl.exp(d)
-    lo = 1.0 - eps_low
-    hi = 1.0 + eps_high
-    if ALGO == 6:  # gmpo: -A g_i; clipped = the sign-aware log-ratio clip is active
-        sgn = _sign(adv)
-        dc = tl.minimum(tl.maximum(d, -eps_low), eps_high)
-        r = seq_ratio + tl.zeros_like(logp)
-        pg = -adv * r
-        dpg = -adv
-        clipped = sgn * d > sgn * dc
-    elif ALGO <= 1 or ALGO == 5 or ALGO == 7:  # clipped surrogate: ppo/grpo, gspo, gspo_token, clip_cov
-        if ALGO == 1 or ALGO == 5:
-            r = seq_ratio + tl.zeros_like(logp)
-        else:
-            r = ratio
-        unclipped = -r * adv
-        clipped_val = -tl.minimum(tl.maximum(r, lo), hi) * adv
-        use_clip = clipped_val > unclipped
-        pg = tl.where(use_clip, clipped_val, unclipped)
-        dpg = tl.where(use_clip, 0.0, -adv)  # d pg / d r
-        if USE_DUAL:
-            capped = (adv < 0) & (pg > -dual_clip * adv)
-            pg = tl.where(capped, -dual_clip * adv, pg)
-            dpg = tl.where(capped, 0.0, dpg)
-        if ALGO != 1:
-            dpg = dpg * r  # chain rule: d r / d logp_t = r (gspo_token: s_i)
-        clipped = ((adv > 0) & (r > hi)) | ((adv < 0) & (r < lo))
-        if ALGO == 7:
-            pg = pg * (1.0 - sel)
-            dpg = dpg * (1.0 - sel)
-            clipped = sel > 0
-    else:
-        r = ratio
-        clipped = (ratio > hi) | (ratio < lo)
-        if ALGO == 2:  # cispo: -sg(clip(r)) A logp
-            rc = tl.minimum(tl.maximum(ratio, lo), hi)
-            pg = -rc * adv * logp
-            dpg = -rc * adv
-        elif ALGO == 3:  # sapo: -sigmoid(tau (r - 1)) 4 / tau A
-            tau = tl.where(adv >= 0, tau_pos, tau_neg)
-            sig = 1.0 / (1.0 + tl.exp(-tau * (ratio - 1.0)))
-            pg = -sig * 4.0 / tau * adv
-            dpg = -adv * 4.0 * sig * (1.0 - sig) * ratio
-        elif ALGO == 8:  # kl_cov: -r A + sel coef |d|
-            pg = -ratio * adv + sel * kl_cov_coef * tl.abs(d)
-            dpg = -ratio * adv + sel * kl_cov_coef * _sign(d)
-            clipped = sel > 0
-        else:  # reinforce: -A logp
-            pg = -adv * logp
-            dpg = -adv
-    return pg, dpg, clipped, r
-
-
-@triton.jit
-def _is_weight(log_w, is_low, is_cap, IS_MODE: tl.constexpr):
-    w = tl.exp(log_w)
-    if IS_MODE == 0:  # truncate
-        return tl.minimum(tl.maximum(w, is_low), is_cap)
-    return tl.where((w >= is_low) & (w <= is_cap), w, 0.0)  # mask
-
-
-@triton.jit
 def _load(ptr, offs, valid):
     return tl.where(valid, tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32), 0.0)
 
 
 @triton.jit
-def _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, eps_low, eps_high,
+def _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, eps_low, eps_high, log_veto,
                 ALGO: tl.constexpr, HAS_SAMPLER: tl.constexpr, BLOCK: tl.constexpr):
-    """(sum_t m f(d_t), sum_t m (old - sampler), n_i) over one sequence (f: gspo's d, gmpo's clipped d)."""
+    """(sum_t m f(d_t), sum_t m (old - sampler), n_i, vetoed tokens) over one sequence
+    (f: gspo's d, gmpo's clipped d; vetoed: old - sampler < log is_veto)."""
     cols = tl.arange(0, BLOCK)
     acc_d = tl.zeros([BLOCK], tl.float32)
     acc_w = tl.zeros([BLOCK], tl.float32)
     acc_n = tl.zeros([BLOCK], tl.float32)
+    acc_v = tl.zeros([BLOCK], tl.float32)
     off = start
     while off < end:  # while, not range: the bounds are loaded values
         offs = off + cols
@@ -181,19 +64,22 @@ def _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, e
             d = sgn * tl.minimum(sgn * d, sgn * dc)
         acc_d += d
         if HAS_SAMPLER:
-            acc_w += tl.where(valid, old - _load(sampler_ptr, offs, valid), 0.0)
+            lw = old - _load(sampler_ptr, offs, valid)
+            acc_w += tl.where(valid, lw, 0.0)
+            acc_v += tl.where(valid & (lw < log_veto), 1.0, 0.0)
         acc_n += valid.to(tl.float32)
         off += BLOCK
-    return tl.sum(acc_d, 0), tl.sum(acc_w, 0), tl.sum(acc_n, 0)
+    return tl.sum(acc_d, 0), tl.sum(acc_w, 0), tl.sum(acc_n, 0), tl.sum(acc_v, 0)
 
 
 @triton.jit
-def _token_weight(old, sampler, seq_logw, is_low, is_cap, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
+def _token_weight(old, sampler, seq_logw, keep_seq, is_low, is_cap, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr,
                   HAS_SAMPLER: tl.constexpr):
+    """w_t (1 without a sampler); keep_seq = 0 for a vetoed sequence, else 1."""
     if HAS_SAMPLER:
         if IS_LEVEL == 0:
-            return _is_weight(old - sampler, is_low, is_cap, IS_MODE)
-        return _is_weight(seq_logw + tl.zeros_like(old), is_low, is_cap, IS_MODE)
+            return _is_weight(old - sampler, is_low, is_cap, IS_MODE) * keep_seq
+        return _is_weight(seq_logw + tl.zeros_like(old), is_low, is_cap, IS_MODE) * keep_seq
     return tl.full(old.shape, 1.0, tl.float32)
 
 
@@ -204,12 +90,12 @@ def _policy_loss_fwd_kernel(
     cu_seqlens_ptr,  # (B + 1,) int32
     terms_ptr,  # (3, B) float32 out
     stats_ptr,  # (NUM_STATS, B) float32 out
-    seq_ptr,  # (3, B) float32 out: s_i, G_i, log w_i
+    seq_ptr,  # (4, B) float32 out: s_i, G_i, log w_i, 1 - vetoed_i
     num_seqs, eps_low, eps_high, dual_clip, tau_pos, tau_neg, kl_clamp, kl_vclamp, is_low, is_cap, kl_cov_coef,
-    ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
+    log_veto, ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_SAMPLER: tl.constexpr, HAS_SEL: tl.constexpr, USE_DUAL: tl.constexpr, USE_CLAMP: tl.constexpr,
     USE_VCLAMP: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_SCOPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SEQ_SUM: tl.constexpr, USE_VETO: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -217,10 +103,16 @@ def _policy_loss_fwd_kernel(
     cols = tl.arange(0, BLOCK)
     seq_ratio = 1.0
     seq_logw = 0.0
-    if ALGO == 1 or ALGO == 5 or ALGO == 6 or IS_LEVEL != 0:
-        sum_d, sum_w, n = _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, eps_low,
-                                      eps_high, ALGO, HAS_SAMPLER, BLOCK)
-        seq_ratio = tl.exp(sum_d / tl.maximum(n, 1.0))
+    keep_seq = 1.0
+    if ALGO == 1 or ALGO == 5 or ALGO == 6 or IS_LEVEL != 0 or USE_VETO:
+        sum_d, sum_w, n, n_veto = _first_pass(logp_ptr, old_ptr, adv_ptr, mask_ptr, sampler_ptr, start, end, eps_low,
+                                              eps_high, log_veto, ALGO, HAS_SAMPLER, BLOCK)
+        if USE_VETO:
+            keep_seq = tl.where(n_veto > 0, 0.0, 1.0)
+        if SEQ_SUM:
+            seq_ratio = tl.exp(sum_d)
+        else:
+            seq_ratio = tl.exp(sum_d / tl.maximum(n, 1.0))
         seq_logw = sum_w
         if IS_LEVEL == 2:
             seq_logw = sum_w / tl.maximum(n, 1.0)
@@ -246,7 +138,7 @@ def _policy_loss_fwd_kernel(
             sel = _load(sel_ptr, offs, valid)
         pg, dpg, clipped, ratio = _pg_terms(logp, old, _load(adv_ptr, offs, valid), sel, seq_ratio, eps_low,
                                             eps_high, dual_clip, tau_pos, tau_neg, kl_cov_coef, ALGO, USE_DUAL)
-        w = _token_weight(old, _load(sampler_ptr, offs, valid), seq_logw, is_low, is_cap, IS_LEVEL,
+        w = _token_weight(old, _load(sampler_ptr, offs, valid), seq_logw, keep_seq, is_low, is_cap, IS_LEVEL,
                           IS_MODE, HAS_SAMPLER)
         v = tl.full(w.shape, 1.0, tl.float32)
         if IS_SCOPE == 1:
@@ -283,6 +175,7 @@ def _policy_loss_fwd_kernel(
     tl.store(seq_ptr + seq, seq_ratio)
     tl.store(seq_ptr + num_seqs + seq, tl.sum(g_acc, 0))
     tl.store(seq_ptr + 2 * num_seqs + seq, seq_logw)
+    tl.store(seq_ptr + 3 * num_seqs + seq, keep_seq)
 
 
 @triton.jit
@@ -292,14 +185,14 @@ def _policy_loss_bwd_kernel(
     cu_seqlens_ptr,  # (B + 1,) int32
     grad_ptr,  # (3, B) float32: dL / d(P_i, K_i, E_i)
     stats_ptr,  # (NUM_STATS, B) float32 from the forward (row 0: token counts)
-    seq_ptr,  # (3, B) float32 from the forward
+    seq_ptr,  # (4, B) float32 from the forward
     dlogp_ptr,  # (N,) float32 out
     dent_ptr,  # (N,) float32 out, or a dummy when there is no entropy
     num_seqs, eps_low, eps_high, dual_clip, tau_pos, tau_neg, kl_clamp, kl_vclamp, is_low, is_cap, kl_cov_coef,
-    ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
+    log_veto, ALGO: tl.constexpr, KL_KIND: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
     HAS_SAMPLER: tl.constexpr, HAS_SEL: tl.constexpr, USE_DUAL: tl.constexpr, USE_CLAMP: tl.constexpr,
     USE_VCLAMP: tl.constexpr, IS_LEVEL: tl.constexpr, IS_MODE: tl.constexpr, IS_SCOPE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    SEQ_SUM: tl.constexpr, USE_VETO: tl.constexpr, BLOCK: tl.constexpr,
 ):
     seq = tl.program_id(0).to(tl.int64)
     start = tl.load(cu_seqlens_ptr + seq).to(tl.int64)
@@ -310,7 +203,10 @@ def _policy_loss_bwd_kernel(
     cols = tl.arange(0, BLOCK)
     seq_ratio = tl.load(seq_ptr + seq)
     seq_logw = tl.load(seq_ptr + 2 * num_seqs + seq)
+    keep_seq = tl.load(seq_ptr + 3 * num_seqs + seq)
     tokens = tl.maximum(tl.load(stats_ptr + seq), 1.0)
+    if SEQ_SUM:
+        tokens = 1.0
     seq_term = g_pg * tl.load(seq_ptr + num_seqs + seq) * seq_ratio / tokens  # gspo / gmpo
     off = start
     while off < end:
@@ -325,7 +221,7 @@ def _policy_loss_bwd_kernel(
             sel = _load(sel_ptr, offs, valid)
         _pg, dpg, clipped, _r = _pg_terms(logp, old, adv, sel, seq_ratio, eps_low, eps_high, dual_clip, tau_pos,
                                           tau_neg, kl_cov_coef, ALGO, USE_DUAL)
-        w = _token_weight(old, _load(sampler_ptr, offs, valid), seq_logw, is_low, is_cap, IS_LEVEL,
+        w = _token_weight(old, _load(sampler_ptr, offs, valid), seq_logw, keep_seq, is_low, is_cap, IS_LEVEL,
                           IS_MODE, HAS_SAMPLER)
         v = tl.full(w.shape, 1.0, tl.float32)
         if IS_SCOPE == 1:
@@ -349,7 +245,8 @@ def _policy_loss_bwd_kernel(
 def _scalars(cfg: PolicyLossConfig):
     return (float(cfg.eps_low), float(cfg.eps_high), float(cfg.dual_clip or 0.0), float(cfg.tau_pos),
             float(cfg.tau_neg), float(cfg.kl_clamp or 0.0), float(cfg.kl_value_clamp or 0.0),
-            float(cfg.is_low or 0.0), float(cfg.is_cap), float(cfg.kl_cov_coef))
+            float(cfg.is_low or 0.0), float(cfg.is_cap), float(cfg.kl_cov_coef),
+            math.log(cfg.is_veto) if cfg.is_veto is not None else 0.0)
 
 
 def _flags(cfg: PolicyLossConfig, ref, ent, sampler, sel):
@@ -357,7 +254,9 @@ def _flags(cfg: PolicyLossConfig, ref, ent, sampler, sel):
                 HAS_SAMPLER=sampler is not None, HAS_SEL=sel is not None, USE_DUAL=cfg.dual_clip is not None,
                 USE_CLAMP=cfg.kl_clamp is not None, USE_VCLAMP=cfg.kl_value_clamp is not None,
                 IS_LEVEL=IS_LEVEL_CODES[cfg.is_level], IS_MODE=int(cfg.is_mode == "mask"),
-                IS_SCOPE=int(cfg.is_scope == "loss"), BLOCK=BLOCK, num_warps=NUM_WARPS)
+                IS_SCOPE=int(cfg.is_scope == "loss"), SEQ_SUM=cfg.seq_ratio == "sum",
+                USE_VETO=cfg.is_veto is not None and sampler is not None, BLOCK=BLOCK,
+                num_warps=NUM_WARPS)
 
 
 class _PolicyLossFn(torch.autograd.Function):
@@ -367,7 +266,7 @@ class _PolicyLossFn(torch.autograd.Function):
         dev = logp.device
         terms = torch.zeros(len(TERMS), num_seqs, dtype=torch.float32, device=dev)
         stats = torch.zeros(len(STATS), num_seqs, dtype=torch.float32, device=dev)
-        seq_buf = torch.zeros(3, num_seqs, dtype=torch.float32, device=dev)
+        seq_buf = torch.zeros(4, num_seqs, dtype=torch.float32, device=dev)
         if num_seqs > 0:
             _policy_loss_fwd_kernel[(num_seqs,)](
                 logp, old, adv, mask, ref if ref is not None else logp, entropy if entropy is not None else logp,

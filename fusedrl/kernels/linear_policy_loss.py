@@ -40,14 +40,15 @@ def linear_policy_loss(
         weight: (V, H) LM-head weight; bias: None or (V,).
         labels: (B, T) or (total,) int token ids; `ignore_index` positions are not trained.
         old_logp: per-token log-probs of labels' shape, or None for on-policy (old = sg(logp)).
-        advantages: per token (labels' shape) or per sequence (B,).
+        advantages: per token (labels' shape) or per sequence (B,) (`advantages_layout=` when ambiguous).
         mask: None or labels' shape; combined with labels != ignore_index.
         temperature: logits are divided by it (the sampling temperature).
         compute_entropy: compute per-token entropies for the "entropy" metric; implied
             by an entropy bonus (c_ent > 0).
-        **policy_options: every keyword of `policy_loss` (cu_seqlens, algo, eps_low, eps_high,
-            dual_clip, tau_pos, tau_neg, ref_logp, beta, kl_kind, kl_clamp, c_ent, sampler_logp,
-            is_cap, aggregation, max_len, num_tokens, num_seqs) except `entropy`.
+        **policy_options: every keyword of `policy_loss` except `entropy` (cu_seqlens,
+            advantages_layout, algo, the clip / KL / entropy / importance-weight options, the three
+            aggregations, normalisers, Clip-Cov / KL-Cov options, seq_ratio, generator); each gives
+            the same loss as `policy_loss` on these log-probs.
     Returns:
         (loss, metrics) as `policy_loss`; gradients flow to hidden, weight and bias.
     """

@@ -24,13 +24,18 @@ from ._rl_layout import Number, batch_mean, check_normaliser, flat_mask, make_la
 from ._validate import FLOAT_DTYPES, check_tensor
 from .preference import (apo_down_loss, apo_zero_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss,
                          rpo_loss, simpo_loss)
+from .preference_pairs import (alphapo_loss, aot_loss, bco_pair_loss, cpo_loss, discopop_loss, dpo_norm_loss,
+                               exo_pair_loss, hinge_loss, nca_pair_loss, robust_dpo_loss, sequence_logprobs,
+                               sppo_hard_loss, wpo_loss, wpo_weights)
 
 Metrics = Dict[str, torch.Tensor]
 
 __all__ = [
     "value_loss", "bradley_terry_loss", "plackett_luce_loss", "outcome_rm_loss",
     "dpo_loss", "cdpo_loss", "ipo_loss", "simpo_loss", "orpo_loss", "kto_loss",
-    "apo_zero_loss", "apo_down_loss", "rpo_loss",
+    "apo_zero_loss", "apo_down_loss", "rpo_loss", "dpo_norm_loss", "hinge_loss", "robust_dpo_loss", "bco_pair_loss",
+    "sppo_hard_loss", "nca_pair_loss", "exo_pair_loss", "aot_loss", "discopop_loss", "wpo_loss", "wpo_weights",
+    "cpo_loss", "alphapo_loss", "sequence_logprobs",
 ]
 
 

@@ -5,7 +5,8 @@ Per token (d_t = logp_t - old_t, ratio_t = exp(d_t), A_t the advantage, clip(.) 
 
     ppo / grpo  pg_t = -min(ratio_t A_t, clip(ratio_t) A_t); dual clip c: for A_t < 0, pg_t = min(pg_t, -c A_t)
     gspo        the same with the sequence ratio s_i = exp(sum_t m_t d_t / n_i) for every token
-                (the gradient flows through the mean)
+                (the gradient flows through the mean); seq_ratio "sum": s_i = exp(sum_t m_t d_t)
+                (TRL RLOO's ratio of summed sequence log-probs)
     gspo_token  the same with s_it = sg(s_i) exp(logp_t - sg(logp_t)): value s_i, gradient s_i per token
     gmpo        pg_t = -A_t g_i, g_i = exp(sum_t m_t sgn(A_t) min(sgn(A_t) d_t, sgn(A_t) clamp(d_t, -eps_low,
                 eps_high)) / n_i) (the geometric mean of the clipped token ratios; use seq_mean)
@@ -21,7 +22,8 @@ Per token (d_t = logp_t - old_t, ratio_t = exp(d_t), A_t the advantage, clip(.) 
     w_t  = importance weight of the learner vs the sampler, detached (1 without sampler_logp):
            level "token" exp(old_t - sampler_t), "sequence" exp(sum_t m_t (old_t - sampler_t)),
            "geometric" exp(mean_t ...); mode "truncate" clamps into [is_low, is_cap], "mask" zeroes
-           a weight outside [is_low, is_cap]
+           a weight outside [is_low, is_cap]; is_veto zeroes every weight of a sequence holding a
+           token ratio below it
 
 Per sequence the three sums P_i = sum_t m_t w_t pg_t, K_i = sum_t m_t v_t KL_t, E_i = sum_t m_t v_t H_t
 (v_t = 1 with is_scope "pg", the peers' form; v_t = w_t with is_scope "loss", the weight on the whole
@@ -47,6 +49,7 @@ runs otherwise and is the test oracle.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
@@ -63,7 +66,7 @@ from .kl import k3_value, kl_from_delta
 __all__ = ["ALGOS", "AGGREGATIONS", "DUAL_CLIP_DEFAULT", "IS_LEVELS", "IS_MODES", "IS_SCOPES", "PolicyLossConfig",
            "policy_loss", "policy_loss_reference", "cov_selection"]
 
-STATS = ("tokens", "clipped", "ratio", "approx_kl", "kl_ref", "entropy", "is_weight", "approx_kl_k3", "is_dropped")
+STATS = ("tokens", "clipped", "ratio", "ppo_kl", "kl_ref", "entropy", "is_weight", "approx_kl", "is_dropped")
 TERMS = ("pg", "kl", "entropy")  # the rows of the per-sequence sums
 
 
@@ -92,8 +95,14 @@ def is_weights(old, sampler, mf, tokens, layout: Layout, cfg: PolicyLossConfig) 
     w = torch.exp(log_w)
     low = 0.0 if cfg.is_low is None else cfg.is_low
     if cfg.is_mode == "truncate":
-        return w.clamp(min=low, max=cfg.is_cap).detach()
-    return torch.where((w >= low) & (w <= cfg.is_cap), w, torch.zeros_like(w)).detach()
+        w = w.clamp(min=low, max=cfg.is_cap)
+    else:
+        w = torch.where((w >= low) & (w <= cfg.is_cap), w, torch.zeros_like(w))
+    if cfg.is_veto is not None:  # a token ratio below is_veto zeroes its whole sequence (verl's veto)
+        bad = (mf > 0) & (old - sampler < math.log(cfg.is_veto))
+        vetoed = segment_sum(bad.to(w.dtype), layout) > 0
+        w = torch.where(vetoed[layout.seq_ids], torch.zeros_like(w), w)
+    return w.detach()
 
 
 def _seq_mean(values, mf, tokens, layout):
@@ -113,7 +122,9 @@ def _surrogate(logp, old, adv, sel, mf, tokens, layout, cfg) -> Tuple[torch.Tens
     if cfg.algo in CLIPPED_ALGOS:
         r = ratio
         if cfg.algo in ("gspo", "gspo_token"):
-            r = torch.exp(_seq_mean(d, mf, tokens, layout))
+            seq_d = segment_sum(d * mf, layout)[layout.seq_ids] if cfg.seq_ratio == "sum" else \
+                _seq_mean(d, mf, tokens, layout)
+            r = torch.exp(seq_d)
             if cfg.algo == "gspo_token":
                 r = r.detach() * torch.exp(logp - logp.detach())
         pg = torch.maximum(-r * adv, -r.clamp(lo, hi) * adv)
@@ -196,8 +207,8 @@ def summarise(stats: torch.Tensor, cfg: PolicyLossConfig, has_ref: bool, has_ent
     """Metrics (0-d float32 tensors, token means over this micro-batch) from the per-sequence stats."""
     sums = stats.sum(dim=1)
     count = sums[0].clamp(min=1)
-    out = {"clip_frac": sums[1] / count, "ratio_mean": sums[2] / count, "approx_kl": sums[3] / count,
-           "approx_kl_k3": sums[7] / count, "response_len": stats[0].mean() if stats.shape[1] else sums[0]}
+    out = {"clip_frac": sums[1] / count, "ratio_mean": sums[2] / count, "approx_kl": sums[7] / count,
+           "ppo_kl": sums[3] / count, "response_len": stats[0].mean() if stats.shape[1] else sums[0]}
     if has_ref:
         out["kl_ref"] = sums[4] / count
     if has_ent:
@@ -291,6 +302,7 @@ def policy_loss(
     is_level: str = "token",
     is_mode: str = "truncate",
     is_scope: str = "pg",
+    is_veto: Optional[float] = None,
     aggregation: str = "token_mean",
     kl_aggregation: Optional[str] = None,
     entropy_aggregation: Optional[str] = None,
@@ -301,6 +313,7 @@ def policy_loss(
     cov_lb: float = 1.0,
     cov_ub: float = 5.0,
     kl_cov_coef: float = 1.0,
+    seq_ratio: str = "mean",
     generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Policy-gradient loss of one (micro-)batch; formulas in the module docstring.
@@ -336,6 +349,8 @@ def policy_loss(
         is_mode: "truncate" (clamp w into [is_low, is_cap]) | "mask" (w = 0 outside it).
         is_scope: "pg" (w multiplies the policy-gradient term only: w pg + beta KL - c_ent H, as verl,
             TRL and OpenRLHF; the default) | "loss" (w multiplies the whole per-token loss, the old form).
+        is_veto: None or v > 0: a sequence with any token whose exp(old - sampler) < v gets w = 0 on
+            every token (verl's rollout_is_veto_threshold).
         aggregation: "token_mean" | "seq_mean" | "seq_sum" | "seq_mean_fixed_len" (the last needs max_len),
             for the policy-gradient term.
         kl_aggregation, entropy_aggregation: the mode of the KL and entropy terms (None: `aggregation`);
@@ -347,6 +362,9 @@ def policy_loss(
         cov_ratio, cov_lb, cov_ub: Clip-Cov / KL-Cov share of tokens and Clip-Cov's covariance window
             (verl: 2e-4, 1, 5); kl_cov_coef: KL-Cov's coefficient of |logp - old| (verl's ppo_kl_coef).
             These two algos select tokens on the host (`cov_selection`: a sync).
+        seq_ratio: gspo / gspo_token sequence log-ratio: "mean" (GSPO) or "sum" (exp(sum logp - sum old):
+            TRL's RLOO ratio of summed sequence log-probs; with aggregation "seq_mean" the loss is
+            the mean over sequences of -min(s A, clip(s) A)).
         generator: torch.Generator for Clip-Cov's random draw (None: the global RNG).
     Returns:
         loss: 0-d float32 (float64 for float64 logp).
@@ -354,18 +372,18 @@ def policy_loss(
             "clip_frac" (tokens whose clip is active: A > 0 and r > 1 + eps_high or A < 0 and
             r < 1 - eps_low for the clipped algos; r outside the range for the others; the
             log-ratio clip for gmpo; the selected tokens for clip_cov / kl_cov),
-            "ratio_mean", "approx_kl" (mean of old_logp - logp, what verl logs as ppo_kl),
-            "approx_kl_k3" (k3 of logp vs old_logp, never negative), "response_len" (mean tokens
-            per sequence), and "kl_ref" / "entropy" / "is_weight_mean" when those inputs are given
+            "ratio_mean", "approx_kl" (k3 of logp vs old_logp, exp(old - logp) - 1 - (old - logp),
+            never negative; OpenRLHF's approx_kl with kl_estimator "k3"), "ppo_kl" (mean of
+            old_logp - logp: what verl logs as actor/ppo_kl), "response_len" (mean tokens per sequence), and "kl_ref" / "entropy" / "is_weight_mean" when those inputs are given
             ("is_dropped_frac" too with is_mode "mask").
     """
     cfg = PolicyLossConfig(algo=algo, eps_low=eps_low, eps_high=eps_high, dual_clip=dual_clip, tau_pos=tau_pos,
                            tau_neg=tau_neg, beta=beta, kl_kind=kl_kind, kl_clamp=kl_clamp,
                            kl_value_clamp=kl_value_clamp, c_ent=c_ent, is_cap=is_cap, is_low=is_low,
-                           is_level=is_level, is_mode=is_mode, is_scope=is_scope, aggregation=aggregation,
+                           is_level=is_level, is_mode=is_mode, is_scope=is_scope, is_veto=is_veto, aggregation=aggregation,
                            kl_aggregation=kl_aggregation, entropy_aggregation=entropy_aggregation,
                            max_len=max_len, cov_ratio=cov_ratio, cov_lb=cov_lb, cov_ub=cov_ub,
-                           kl_cov_coef=kl_cov_coef)
+                           kl_cov_coef=kl_cov_coef, seq_ratio=seq_ratio)
     check_normaliser("num_tokens", num_tokens)
     check_normaliser("num_seqs", num_seqs)
     x, layout = _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, cu_seqlens, cfg,

@@ -162,3 +162,48 @@ def test_bad_input():
         fold_kl_into_rewards(torch.ones(3), torch.ones(2, 3), torch.ones(2, 3), beta=0.1)
     with pytest.raises(ValueError, match="decay must be None or in"):
         RunningMeanBaseline(decay=1.0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gae_masked_span_inside_a_completion(backend):
+    # r = [0, 9, 1], mask [1, 0, 1], V = 0.5, gamma 1, lam 0.5
+    r, v = torch.tensor([0.0, 9.0, 1.0]), torch.full((3,), 0.5)
+    cu, mask = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([1, 0, 1])
+    # "zero": the span is a step with r = V = 0: A_2 = 0.5; (masked) d_1 = V_2 = 0.5, A_1 = 0.75;
+    # d_0 = 0 + 0 - 0.5, A_0 = -0.5 + 0.5 * 0.75 = -0.125
+    adv, _ = call_gae(backend, r, v, mask, cu_seqlens=cu, gamma=1.0, lam=0.5)
+    assert_close(adv, torch.tensor([-0.125, 0.0, 0.5]))
+    # "skip": tokens 0 and 2 are adjacent: d_0 = 0 + 0.5 - 0.5 = 0, A_0 = 0.5 * 0.5 = 0.25
+    adv, ret = call_gae(backend, r, v, mask, cu_seqlens=cu, gamma=1.0, lam=0.5, masked="skip")
+    assert_close(adv, torch.tensor([0.25, 0.0, 0.5]))
+    assert_close(ret, torch.tensor([0.75, 0.0, 1.0]))
+
+
+def verl_gae(rewards, values, mask, gamma, lam):
+    """verl core_algos.compute_gae_advantage_return (masked tokens skipped), transcribed."""
+    nextvalues, lastgaelam, out = 0.0, 0.0, []
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * nextvalues - values[:, t]
+        lastgaelam_ = delta + gamma * lam * lastgaelam
+        nextvalues = values[:, t] * mask[:, t] + (1 - mask[:, t]) * nextvalues
+        lastgaelam = lastgaelam_ * mask[:, t] + (1 - mask[:, t]) * lastgaelam
+        out.append(lastgaelam)
+    adv = torch.stack(out[::-1], dim=1)
+    return adv, adv + values
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gae_skip_matches_verl(backend, seed):
+    rewards, values = torch.randn(4, 7, dtype=torch.float64), torch.randn(4, 7, dtype=torch.float64)
+    mask = (torch.rand(4, 7) > 0.35).double()
+    mask[1] = 0  # a sequence with no completion token
+    mask[2, :] = 0
+    mask[2, 3] = 1  # a one-token sequence
+    exp_adv, exp_ret = verl_gae(rewards, values, mask, 0.9, 0.8)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    adv, ret = call_gae(backend, rewards.to(dtype), values.to(dtype), mask, gamma=0.9, lam=0.8, masked="skip")
+    keep = mask.bool()
+    tol = {} if dtype == torch.float64 else dict(atol=1e-5, rtol=1e-5)
+    assert_close(adv.cpu()[keep], exp_adv[keep].to(dtype), **tol)
+    assert_close(ret.cpu()[keep], exp_ret[keep].to(dtype), **tol)
+    assert bool((adv.cpu()[~keep] == 0).all())

@@ -67,8 +67,9 @@ def test_dpo_family_hand():
     assert_close(cdpo_loss(**PAIR)[0], t(0.9 * softplus(-0.1) + 0.1 * softplus(0.1))[0])
     assert_close(ipo_loss(**PAIR)[0], t(16.0)[0])  # (1 - 1 / 0.2)^2
     sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
-    assert_close(apo_zero_loss(**PAIR)[0], t(-sig(0.05) + sig(-0.05))[0])  # beta r_c = .05, beta r_r = -.05
-    assert_close(apo_down_loss(**PAIR)[0], t(sig(0.05) - sig(0.1))[0])
+    # TRL's values: APO-zero (1 - sig(beta r_c)) + sig(beta r_r); beta r_c = .05, beta r_r = -.05
+    assert_close(apo_zero_loss(**PAIR)[0], t(1 - sig(0.05) + sig(-0.05))[0])
+    assert_close(apo_down_loss(**PAIR)[0], t(sig(0.05) + 1 - sig(0.1))[0])  # sig(beta r_c) + 1 - sig(beta h)
     # RPO: DPO + 1 * NLL_avg(chosen) = log(1 + e^-0.1) + 1 / 2 (chosen length 2)
     loss, m = rpo_loss(**PAIR, chosen_len=t(2.0))
     assert_close(loss, t(softplus(-0.1) + 0.5)[0])

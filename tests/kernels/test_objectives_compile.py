@@ -24,7 +24,7 @@ import fusedrl.kernels._policy_loss_triton as P
 from fusedrl.kernels.policy_loss import PolicyLossConfig
 
 SCALARS = ("eps_low", "eps_high", "dual_clip", "tau_pos", "tau_neg", "kl_clamp", "kl_vclamp", "is_low", "is_cap",
-           "kl_cov_coef")
+           "kl_cov_coef", "log_veto")
 FP32_PTRS = ("adv_ptr", "mask_ptr", "terms_ptr", "stats_ptr", "seq_ptr", "grad_ptr", "dlogp_ptr", "dent_ptr",
              "sel_ptr")
 
@@ -88,6 +88,8 @@ POLICY_CASES = [
      "fp32", "fp32", True, False, False),
     ("90", dict(algo="kl_cov", is_mode="mask", is_scope="loss"), "bf16", "bf16", False, True, True),
     ("80", dict(algo="gmpo", beta=0.04, kl_kind="k3"), "fp32", "fp32", True, False, False),
+    ("90", dict(algo="gspo", seq_ratio="sum", aggregation="seq_mean", is_veto=1e-4), "bf16", "bf16", False, False,
+     True),
 ]
 GAE_ARCHS = ["90", "80"]
 
@@ -105,6 +107,6 @@ def test_objective_kernels_compile_ahead_of_time(tmp_path):
     flags = [n[5:] for n in fwd]
     want = {"ALGO": len(set(ALGO_CODES.values())), "KL_KIND": len(KL_CODES), "IS_LEVEL": len(IS_LEVEL_CODES)}
     for flag in ("ALGO", "KL_KIND", "HAS_REF", "HAS_ENT", "HAS_SAMPLER", "HAS_SEL", "USE_DUAL", "USE_CLAMP",
-                 "USE_VCLAMP", "IS_LEVEL", "IS_MODE", "IS_SCOPE"):
+                 "USE_VCLAMP", "IS_LEVEL", "IS_MODE", "IS_SCOPE", "SEQ_SUM", "USE_VETO"):
         values = {f for fs in flags for f in fs if f.startswith(flag + "=")}
         assert len(values) == want.get(flag, 2), (flag, values)  # the subset really covers every value of every flag

@@ -65,6 +65,9 @@ def test_is_levels_modes_and_lower_bound_hand():
     assert pg_weighted(is_mode="mask", is_cap=5.0)[0] == pytest.approx((4 + 0.25) / 2)
     assert pg_weighted(is_level="sequence")[0] == pytest.approx(1.0)  # 4 * 0.25
     assert pg_weighted(is_level="geometric", is_cap=0.9)[0] == pytest.approx(0.9)  # sqrt(4 * 0.25) = 1 > 0.9
+    assert pg_weighted(is_veto=0.2)[0] == pytest.approx((2 + 0.25) / 2)  # no token ratio below 0.2
+    value, m = pg_weighted(is_veto=0.3)  # token 1's ratio 0.25 < 0.3: the whole sequence gets w = 0
+    assert value == pytest.approx(0.0) and float(m["is_weight_mean"]) == 0.0
 
 
 def test_gspo_token_hand():
@@ -96,10 +99,26 @@ def test_dual_clip_true_is_verl_default_and_metric_names():
     a, _ = policy_loss(b["logp"], b["old"], -b["adv_seq"].abs() * 4, cu_seqlens=b["cu"], dual_clip=True)
     c, m = policy_loss(b["logp"], b["old"], -b["adv_seq"].abs() * 4, cu_seqlens=b["cu"], dual_clip=3.0)
     assert DUAL_CLIP_DEFAULT == 3.0 and torch.equal(a, c)
-    # approx_kl: verl's ppo_kl = token mean of old - logp; approx_kl_k3 the k3 estimate of the same
+    # ppo_kl: verl's actor/ppo_kl = token mean of old - logp; approx_kl: the k3 estimate of the same KL
     d = b["logp"] - b["old"]  # no mask: every token counts
-    assert_close(m["approx_kl"], (-d).mean().float())
-    assert_close(m["approx_kl_k3"], (torch.expm1(-d) + d).mean().float())
+    assert_close(m["ppo_kl"], (-d).mean().float())
+    assert_close(m["approx_kl"], (torch.expm1(-d) + d).mean().float())
+
+
+def test_rloo_summed_sequence_ratio_is_trl():
+    """TRL RLOOTrainer: ratio of summed sequence log-probs, clipped, mean over sequences (padded rows)."""
+    g = torch.Generator().manual_seed(3)
+    logp = -torch.rand(3, 4, generator=g, dtype=F64)
+    old = logp + 0.05 * torch.randn(3, 4, generator=g, dtype=F64)
+    mask = torch.tensor([[1, 1, 1, 0], [1, 0, 0, 0], [1, 1, 1, 1]])
+    adv = torch.randn(3, generator=g, dtype=F64)
+    lp0 = logp.clone().requires_grad_()
+    coef = torch.exp((lp0 * mask).sum(1) - (old * mask).sum(1))
+    expected = -torch.min(coef * adv, torch.clamp(coef, 0.8, 1.2) * adv).mean()
+    lp1 = logp.clone().requires_grad_()
+    loss, _ = policy_loss(lp1, old, adv, mask, algo="gspo", seq_ratio="sum", aggregation="seq_mean")
+    assert_close(loss, expected)
+    assert_close(torch.autograd.grad(loss, lp1)[0], torch.autograd.grad(expected, lp0)[0])
 
 
 def test_entropy_and_kl_aggregations_hand():
@@ -152,7 +171,7 @@ def seq_pg(lp, od, a, sel, o):
         return -a * torch.exp(kept.sum() / len(lp))
     r = torch.exp(d)
     if algo in ("gspo", "gspo_token"):
-        s = torch.exp(d.mean())
+        s = torch.exp(d.sum() if o.get("seq_ratio") == "sum" else d.mean())
         r = s.expand(len(lp)) if algo == "gspo" else s.detach() * torch.exp(lp - lp.detach())
     if algo in ("ppo", "gspo", "gspo_token", "clip_cov"):
         lt = -torch.min(r * a, torch.clamp(r, lo, hi) * a)
@@ -178,8 +197,12 @@ def seq_weight(od, sp, o):
     w = torch.exp(lw)
     low, cap = o.get("is_low") or 0.0, o.get("is_cap", 2.0)
     if o.get("mode", "truncate") == "truncate":
-        return torch.clamp(w, min=low, max=cap)
-    return torch.where((w >= low) & (w <= cap), w, torch.zeros_like(w))
+        w = torch.clamp(w, min=low, max=cap)
+    else:
+        w = torch.where((w >= low) & (w <= cap), w, torch.zeros_like(w))
+    if o.get("veto") is not None and bool((torch.exp(od - sp) < o["veto"]).any()):  # verl's veto
+        w = torch.zeros_like(w)
+    return w
 
 
 def oracle(logp, ent, b, o, sel):
@@ -245,6 +268,11 @@ CASES = {
     "sapo_seq_sum": dict(algo="sapo", agg="seq_sum", kind="k3", kl_clamp=0.2, ent_agg="seq_mean"),
     "reinforce_token_mask": dict(algo="reinforce", agg="seq_mean_fixed_len", kind="k2", sampler=True,
                                  mode="mask", is_cap=1.5),
+    "gspo_token_seq_sum": dict(algo="gspo_token", seq_ratio="sum", agg="seq_mean", kind="k1", sampler=True),
+    "gspo_seq_sum": dict(algo="gspo", seq_ratio="sum", agg="seq_mean", kind="k3", eps_high=0.5),
+    "ppo_veto_geometric": dict(algo="ppo", agg="seq_mean", kind="k3", sampler=True, level="geometric", veto=0.4),
+    "reinforce_veto_token": dict(algo="reinforce", agg="token_mean", kind="k1", sampler=True, veto=0.4,
+                                 scope="loss"),
     "clip_cov": dict(algo="clip_cov", agg="token_mean", kind="k3", sampler=True),
     "kl_cov": dict(algo="kl_cov", agg="token_mean", kind="k1", kl_cov_coef=0.5),
 }
@@ -256,9 +284,11 @@ def options(o):
               entropy_aggregation=o.get("ent_agg"), max_len=7, beta=o["beta"], kl_kind=o["kind"],
               kl_clamp=o.get("kl_clamp"), kl_value_clamp=o.get("kl_vclamp"), c_ent=o["c_ent"],
               is_cap=o.get("is_cap", 2.0), is_low=o.get("is_low"), is_level=o.get("level", "token"),
-              is_mode=o.get("mode", "truncate"), is_scope=o.get("scope", "pg"))
+              is_mode=o.get("mode", "truncate"), is_scope=o.get("scope", "pg"), is_veto=o.get("veto"))
     if o["algo"] == "kl_cov":
         kw["kl_cov_coef"] = o["kl_cov_coef"]
+    if "seq_ratio" in o:
+        kw["seq_ratio"] = o["seq_ratio"]
     return kw
 
 
@@ -350,6 +380,9 @@ def test_bad_options():
                       (dict(kl_value_clamp=0), "kl_value_clamp must be > 0"),
                       (dict(entropy_aggregation="seq_mean_fixed_len"), "needs max_len"),
                       (dict(algo="kl_cov", cov_ratio=2.0), "cov_ratio must be in"),
-                      (dict(algo="gmpo", dual_clip=True), "dual_clip applies to")):
+                      (dict(algo="gmpo", dual_clip=True), "dual_clip applies to"),
+                      (dict(is_veto=0.0), "is_veto must be > 0"),
+                      (dict(seq_ratio="sum"), "seq_ratio='sum' applies to algo gspo/gspo_token only"),
+                      (dict(algo="gspo", seq_ratio="prod"), "seq_ratio must be one of")):
         with pytest.raises(ValueError, match=match):
             policy_loss(x, x, adv, cu_seqlens=cu, **kw)
