@@ -244,12 +244,12 @@ std::vector<std::vector<Index>> pack_impl(const LengthView& lengths, int64_t bud
   return best_fit_decreasing(lengths, order, budget, open);
 }
 
-// One non-empty subset of a k-way partition: its cost and a linked list of
-// members (head/tail item ids; the links live in the differencer's `next_`).
+// One non-empty subset of a k-way partition: its cost and a node of the join
+// tree: nodes below n are items, node n + j is the j-th join (its two halves
+// live in the differencer's `halves_`, appended in creation order).
 struct Subset {
   double cost;
-  Index head;
-  Index tail;
+  Index node;
 };
 
 // A partition stores only its non-empty subsets, largest cost first; the
@@ -278,7 +278,8 @@ struct LargerSpreadFirst {
 // order as one heap over everything (keys are unique), with a far smaller heap.
 class Differencer {
  public:
-  Differencer(Index num_items, int64_t k, Index num_partitions) : k_(k), next_(num_items, -1), offsets_{0} {
+  Differencer(Index num_items, int64_t k, Index num_partitions) : k_(k), num_items_(num_items), offsets_{0} {
+    halves_.reserve(static_cast<size_t>(num_items));
     initial_.reserve(static_cast<size_t>(num_items));
     offsets_.reserve(static_cast<size_t>(num_partitions) + 1);
     queue_.reserve(static_cast<size_t>(num_partitions));
@@ -375,9 +376,11 @@ class Differencer {
     for (int64_t j = y_only; j < k_; ++j) *dst++ = y.data[k_ - 1 - j];
   }
 
+  // A join appends one tree node (sequential writes only; the old linked list
+  // of members wrote to a random item's link on every join).
   Subset join(const Subset& u, const Subset& v) {
-    next_[u.tail] = v.head;
-    return {u.cost + v.cost, u.head, v.tail};
+    halves_.push_back({u.node, v.node});
+    return {u.cost + v.cost, num_items_ + static_cast<Index>(halves_.size()) - 1};
   }
 
   // Largest cost first, stable. Partitions are mostly small: an insertion sort
@@ -395,17 +398,26 @@ class Differencer {
     }
   }
 
-  // Label every item with its group; group_lists sweeps them in index order.
+  // Label every item with its group: the final subsets' labels flow down the
+  // join tree in one sweep over the joins, newest first (a join's halves are
+  // older than it), so the reads are sequential and the writes independent --
+  // no pointer chasing through a linked list of items. group_lists then
+  // sweeps the items in index order.
   std::vector<std::vector<Index>> groups(View p) const {
-    std::vector<Index> group_of(next_.size());
-    for (size_t j = 0; j < p.size; ++j) {
-      for (Index item = p.data[j].head; item != -1; item = next_[item]) group_of[item] = static_cast<Index>(j);
+    std::vector<Index> label(static_cast<size_t>(num_items_) + halves_.size());
+    for (size_t j = 0; j < p.size; ++j) label[p.data[j].node] = static_cast<Index>(j);
+    for (size_t join = halves_.size(); join-- > 0;) {
+      const Index group = label[static_cast<size_t>(num_items_) + join];
+      label[halves_[join].first] = group;
+      label[halves_[join].second] = group;
     }
-    return group_lists(group_of, static_cast<size_t>(k_));
+    label.resize(static_cast<size_t>(num_items_));
+    return group_lists(label, static_cast<size_t>(k_));
   }
 
   int64_t k_;
-  std::vector<Index> next_;
+  Index num_items_;
+  std::vector<std::pair<Index, Index>> halves_;  // join j: the nodes it joined
   std::vector<Subset> initial_;   // subsets of the initial partitions, back to back
   std::vector<size_t> offsets_;   // initial partition s = initial_[offsets_[s], offsets_[s + 1])
   std::vector<Partition> pool_;   // merged partitions
@@ -439,7 +451,7 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
     for (Index i : order) {
-      const Subset single{sequence_cost(lengths[i], a, b), i, i};
+      const Subset single{sequence_cost(lengths[i], a, b), i};
       ldm.add(&single, 1);
     }
     return ldm.run();
@@ -451,7 +463,7 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
     chunk.clear();
     for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) {
       const Index i = order[pos];
-      chunk.push_back({sequence_cost(lengths[i], a, b), i, i});
+      chunk.push_back({sequence_cost(lengths[i], a, b), i});
     }
     ldm.add(chunk.data(), chunk.size());
   }
