@@ -100,6 +100,15 @@ std::vector<Index> longest_first(const LengthView& lengths) {
   return order;
 }
 
+// lengths[order[p]] for every position p, in one tight loop: its loads do not
+// depend on each other, so the CPU overlaps their cache misses; read inside a
+// packing loop (behind that loop's own dependencies) each one stalled it.
+std::vector<int64_t> sorted_lengths(const LengthView& lengths, const std::vector<Index>& order) {
+  std::vector<int64_t> out(order.size());
+  for (size_t p = 0; p < order.size(); ++p) out[p] = lengths[order[p]];
+  return out;
+}
+
 // The members of each group, from every item's group label: one sweep over
 // the items, so each list comes out in ascending index order without a sort.
 std::vector<std::vector<Index>> group_lists(const std::vector<Index>& group_of, size_t num_groups) {
@@ -219,11 +228,13 @@ std::vector<std::vector<Index>> best_fit_decreasing(const LengthView& lengths, c
                                                     int64_t budget, OpenBins& open) {
   // A bin with less room than the shortest sequence can take nothing more:
   // it is closed (never stored).
-  const int64_t shortest = lengths[order.back()];
+  const std::vector<int64_t> sorted = sorted_lengths(lengths, order);
+  const int64_t shortest = sorted.back();
   std::vector<Index> bin_of(lengths.size());
   Index num_bins = 0;
-  for (Index i : order) {
-    const int64_t len = lengths[i];
+  for (size_t p = 0; p < order.size(); ++p) {
+    const Index i = order[p];
+    const int64_t len = sorted[p];
     int64_t room = budget;
     Index bin = open.take(len, &room);
     if (bin == -1) bin = num_bins++;
@@ -494,11 +505,12 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   // Both variants add partitions longest item first, so in the common case
   // the initial queue is already in pop order and needs no sort.
   const std::vector<Index> order = longest_first(lengths);
+  const std::vector<int64_t> sorted = sorted_lengths(lengths, order);
   Differencer ldm(n, k, static_cast<Index>(equal_size ? n / k + (n % k != 0) : n));
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
-    for (Index i : order) {
-      const Subset single{sequence_cost(lengths[i], a, b), i};
+    for (Index pos = 0; pos < n; ++pos) {
+      const Subset single{sequence_cost(sorted[pos], a, b), order[pos]};
       ldm.add(&single, 1);
     }
     return ldm.run();
@@ -509,8 +521,7 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   for (int64_t start = 0; start < n; start += k) {
     chunk.clear();
     for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) {
-      const Index i = order[pos];
-      chunk.push_back({sequence_cost(lengths[i], a, b), i});
+      chunk.push_back({sequence_cost(sorted[pos], a, b), order[pos]});
     }
     ldm.add(chunk.data(), chunk.size());
   }
