@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bench_arg_parser("bench_logprobs", __doc__, CASES, smoke_help="tiny shapes, CPU-friendly, no result file")
     args, cases = parse_bench_args(parser, argv, {**CASES, **CPU_CASES})
     if args.device == "cpu":
-        return main_cpu(args, [c for c in cases if c in CPU_CASES] or list(CPU_CASES))
+        return main_cpu(args, [c for c in cases if c in CPU_CASES] or list(CPU_CASES)[: 1 if args.smoke else None])
     device = bench_device("bench_logprobs", args.smoke, args.device)
     if device is None:
         return 1
