@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEPS   := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: test test-fast demo bench install clean
+.PHONY: test test-fast demo bench bench-cpu install clean
 
 $(STAMP): $(DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,13 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/fusedrl bench
+
+# CPU micro-benchmarks (pytest-benchmark): saved under .benchmarks/, compared with the last saved run.
+# Process CPU time, not wall time: on a shared machine wall time also counts other processes.
+bench-cpu: $(STAMP)
+	$(PY) -m pytest bench/test_cpu_bench.py -q -p no:cacheprovider --benchmark-enable --benchmark-autosave \
+		--benchmark-compare --benchmark-group-by=group --benchmark-columns=min,median,max,rounds \
+		--benchmark-timer=time.process_time
 
 clean:
 	rm -rf $(VENV) build *.egg-info fusedrl/*.so

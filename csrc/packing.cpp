@@ -100,6 +100,15 @@ std::vector<Index> longest_first(const LengthView& lengths) {
   return order;
 }
 
+// lengths[order[p]] for every position p, in one tight loop: its loads do not
+// depend on each other, so the CPU overlaps their cache misses; read inside a
+// packing loop (behind that loop's own dependencies) each one stalled it.
+std::vector<int64_t> sorted_lengths(const LengthView& lengths, const std::vector<Index>& order) {
+  std::vector<int64_t> out(order.size());
+  for (size_t p = 0; p < order.size(); ++p) out[p] = lengths[order[p]];
+  return out;
+}
+
 // The members of each group, from every item's group label: one sweep over
 // the items, so each list comes out in ascending index order without a sort.
 std::vector<std::vector<Index>> group_lists(const std::vector<Index>& group_of, size_t num_groups) {
@@ -219,11 +228,13 @@ std::vector<std::vector<Index>> best_fit_decreasing(const LengthView& lengths, c
                                                     int64_t budget, OpenBins& open) {
   // A bin with less room than the shortest sequence can take nothing more:
   // it is closed (never stored).
-  const int64_t shortest = lengths[order.back()];
+  const std::vector<int64_t> sorted = sorted_lengths(lengths, order);
+  const int64_t shortest = sorted.back();
   std::vector<Index> bin_of(lengths.size());
   Index num_bins = 0;
-  for (Index i : order) {
-    const int64_t len = lengths[i];
+  for (size_t p = 0; p < order.size(); ++p) {
+    const Index i = order[p];
+    const int64_t len = sorted[p];
     int64_t room = budget;
     Index bin = open.take(len, &room);
     if (bin == -1) bin = num_bins++;
@@ -244,12 +255,12 @@ std::vector<std::vector<Index>> pack_impl(const LengthView& lengths, int64_t bud
   return best_fit_decreasing(lengths, order, budget, open);
 }
 
-// One non-empty subset of a k-way partition: its cost and a linked list of
-// members (head/tail item ids; the links live in the differencer's `next_`).
+// One non-empty subset of a k-way partition: its cost and a node of the join
+// tree: nodes below n are items, node n + j is the j-th join (its two halves
+// live in the differencer's `halves_`, appended in creation order).
 struct Subset {
   double cost;
-  Index head;
-  Index tail;
+  Index node;
 };
 
 // A partition stores only its non-empty subsets, largest cost first; the
@@ -271,6 +282,57 @@ struct LargerSpreadFirst {
   }
 };
 
+// A 4-ary max-heap: half the levels of a binary heap, and a node's four
+// children share a cache line, so a pop at a million entries misses the cache
+// about half as often. Keys are unique (ids), so the pop order is the same as
+// any other max-heap's.
+class QuadHeap {
+ public:
+  void reserve(size_t n) { data_.reserve(n); }
+  bool empty() const { return data_.empty(); }
+  size_t size() const { return data_.size(); }
+  const HeapEntry& top() const { return data_.front(); }
+
+  void push(const HeapEntry& entry) {
+    size_t at = data_.size();
+    data_.push_back(entry);
+    while (at > 0) {
+      const size_t parent = (at - 1) / 4;
+      if (!below_(data_[parent], entry)) break;
+      data_[at] = data_[parent];
+      at = parent;
+    }
+    data_[at] = entry;
+  }
+
+  HeapEntry pop() {
+    const HeapEntry top = data_.front();
+    const HeapEntry last = data_.back();
+    data_.pop_back();
+    const size_t n = data_.size();
+    if (n == 0) return top;
+    size_t at = 0;
+    for (;;) {
+      const size_t first = 4 * at + 1;
+      if (first >= n) break;
+      size_t best = first;
+      const size_t end = std::min(first + 4, n);
+      for (size_t c = first + 1; c < end; ++c) {
+        if (below_(data_[best], data_[c])) best = c;
+      }
+      if (!below_(last, data_[best])) break;
+      data_[at] = data_[best];
+      at = best;
+    }
+    data_[at] = last;
+    return top;
+  }
+
+ private:
+  std::vector<HeapEntry> data_;
+  LargerSpreadFirst below_;
+};
+
 // Largest differencing over k-way partitions. The initial partitions are
 // added first (their subsets sorted by cost, largest first) and live in one
 // flat array; merged ones live in recycled vectors. The initial ones are
@@ -278,7 +340,8 @@ struct LargerSpreadFirst {
 // order as one heap over everything (keys are unique), with a far smaller heap.
 class Differencer {
  public:
-  Differencer(Index num_items, int64_t k, Index num_partitions) : k_(k), next_(num_items, -1), offsets_{0} {
+  Differencer(Index num_items, int64_t k, Index num_partitions) : k_(k), num_items_(num_items), offsets_{0} {
+    halves_.reserve(static_cast<size_t>(num_items));
     initial_.reserve(static_cast<size_t>(num_items));
     offsets_.reserve(static_cast<size_t>(num_partitions) + 1);
     queue_.reserve(static_cast<size_t>(num_partitions));
@@ -308,10 +371,9 @@ class Differencer {
       merge(view(first.slot), view(second.slot), merged);
       sort_by_cost(merged);
       const Index slot = store(merged, first.slot, second.slot);
-      heap_.push_back(entry(view(slot), slot));
-      std::push_heap(heap_.begin(), heap_.end(), below);
+      heap_.push(entry(view(slot), slot));
     }
-    return groups(view(head_ < queue_.size() ? queue_[head_].slot : heap_.front().slot));
+    return groups(view(head_ < queue_.size() ? queue_[head_].slot : heap_.top().slot));
   }
 
  private:
@@ -335,11 +397,8 @@ class Differencer {
   }
 
   HeapEntry pop(const LargerSpreadFirst& below) {
-    if (head_ < queue_.size() && (heap_.empty() || below(heap_.front(), queue_[head_]))) return queue_[head_++];
-    std::pop_heap(heap_.begin(), heap_.end(), below);
-    const HeapEntry top = heap_.back();
-    heap_.pop_back();
-    return top;
+    if (head_ < queue_.size() && (heap_.empty() || below(heap_.top(), queue_[head_]))) return queue_[head_++];
+    return heap_.pop();
   }
 
   // Copy `merged` into a pool vector, recycling the inputs' vectors (buffers
@@ -375,9 +434,11 @@ class Differencer {
     for (int64_t j = y_only; j < k_; ++j) *dst++ = y.data[k_ - 1 - j];
   }
 
+  // A join appends one tree node (sequential writes only; the old linked list
+  // of members wrote to a random item's link on every join).
   Subset join(const Subset& u, const Subset& v) {
-    next_[u.tail] = v.head;
-    return {u.cost + v.cost, u.head, v.tail};
+    halves_.push_back({u.node, v.node});
+    return {u.cost + v.cost, num_items_ + static_cast<Index>(halves_.size()) - 1};
   }
 
   // Largest cost first, stable. Partitions are mostly small: an insertion sort
@@ -395,24 +456,33 @@ class Differencer {
     }
   }
 
-  // Label every item with its group; group_lists sweeps them in index order.
+  // Label every item with its group: the final subsets' labels flow down the
+  // join tree in one sweep over the joins, newest first (a join's halves are
+  // older than it), so the reads are sequential and the writes independent --
+  // no pointer chasing through a linked list of items. group_lists then
+  // sweeps the items in index order.
   std::vector<std::vector<Index>> groups(View p) const {
-    std::vector<Index> group_of(next_.size());
-    for (size_t j = 0; j < p.size; ++j) {
-      for (Index item = p.data[j].head; item != -1; item = next_[item]) group_of[item] = static_cast<Index>(j);
+    std::vector<Index> label(static_cast<size_t>(num_items_) + halves_.size());
+    for (size_t j = 0; j < p.size; ++j) label[p.data[j].node] = static_cast<Index>(j);
+    for (size_t join = halves_.size(); join-- > 0;) {
+      const Index group = label[static_cast<size_t>(num_items_) + join];
+      label[halves_[join].first] = group;
+      label[halves_[join].second] = group;
     }
-    return group_lists(group_of, static_cast<size_t>(k_));
+    label.resize(static_cast<size_t>(num_items_));
+    return group_lists(label, static_cast<size_t>(k_));
   }
 
   int64_t k_;
-  std::vector<Index> next_;
+  Index num_items_;
+  std::vector<std::pair<Index, Index>> halves_;  // join j: the nodes it joined
   std::vector<Subset> initial_;   // subsets of the initial partitions, back to back
   std::vector<size_t> offsets_;   // initial partition s = initial_[offsets_[s], offsets_[s + 1])
   std::vector<Partition> pool_;   // merged partitions
   std::vector<size_t> free_;      // pool_ entries free for reuse
   std::vector<HeapEntry> queue_;  // initial partitions, largest spread first
   size_t head_ = 0;               // next unconsumed entry of queue_
-  std::vector<HeapEntry> heap_;   // merged partitions, a max-heap under LargerSpreadFirst
+  QuadHeap heap_;                 // merged partitions, a max-heap under LargerSpreadFirst
   Index next_id_ = 0;
 };
 
@@ -435,11 +505,12 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   // Both variants add partitions longest item first, so in the common case
   // the initial queue is already in pop order and needs no sort.
   const std::vector<Index> order = longest_first(lengths);
+  const std::vector<int64_t> sorted = sorted_lengths(lengths, order);
   Differencer ldm(n, k, static_cast<Index>(equal_size ? n / k + (n % k != 0) : n));
   if (!equal_size) {
     // Item i starts as the partition ({i}, {}, ..., {}).
-    for (Index i : order) {
-      const Subset single{sequence_cost(lengths[i], a, b), i, i};
+    for (Index pos = 0; pos < n; ++pos) {
+      const Subset single{sequence_cost(sorted[pos], a, b), order[pos]};
       ldm.add(&single, 1);
     }
     return ldm.run();
@@ -450,8 +521,7 @@ std::vector<std::vector<Index>> partition_impl(const LengthView& lengths, int64_
   for (int64_t start = 0; start < n; start += k) {
     chunk.clear();
     for (int64_t pos = start; pos < std::min<int64_t>(n, start + k); ++pos) {
-      const Index i = order[pos];
-      chunk.push_back({sequence_cost(lengths[i], a, b), i, i});
+      chunk.push_back({sequence_cost(sorted[pos], a, b), order[pos]});
     }
     ldm.add(chunk.data(), chunk.size());
   }

@@ -3,6 +3,7 @@
     python -m fusedrl.bench.bench_attention                      # both cases, forward and full, on the GPU
     python -m fusedrl.bench.bench_attention --cases ATTN-RL --modes full
     python -m fusedrl.bench.bench_attention --smoke              # tiny fp32 shapes on CPU, writes nothing
+    python -m fusedrl.bench.bench_attention --device cpu         # the CPU path vs the per-document loop
 
 Cases (benchmarks.md): causal, bf16, Hq=32, Hkv=8, D=128, 16384 tokens; document
 lengths from `random.Random(0)` (ATTN-LONG: randint(total//64, total//4), 7 documents;
@@ -30,6 +31,17 @@ from fusedrl.bench.common import (Case, Provider, bench_arg_parser, bench_device
                           parse_bench_args, run_case)
 
 CASE_IDS = ("ATTN-LONG", "ATTN-RL")
+# --device cpu: the demo's model (Hq=4, Hkv=2, D=32, fp32, one thread), packed micro-batches of
+# short documents; ATTN-CPU-RL: the ATTN-RL length recipe scaled down to 4096 tokens.
+CPU_CASE_IDS = ("ATTN-CPU-DEMO", "ATTN-CPU-RL")
+
+
+def demo_lengths(total: int = 1400) -> List[int]:
+    """ATTN-CPU-DEMO recipe: randint(4, 40) tokens per document until full, the last one cut."""
+    rnd, lengths = random.Random(0), []
+    while sum(lengths) < total:
+        lengths.append(min(rnd.randint(4, 40), total - sum(lengths)))
+    return lengths
 
 
 def long_lengths(total: int) -> List[int]:
@@ -170,6 +182,35 @@ def _flash_attn() -> Provider:
     return Provider(name, fn)
 
 
+def _per_document_loop(inputs):
+    """The previous CPU path: one SDPA call per document (reference.varlen_attention_reference)."""
+    from fusedrl.kernels.reference import varlen_attention_reference
+
+    return varlen_attention_reference(inputs["q"], inputs["k"], inputs["v"], inputs["cu_seqlens"],
+                                      inputs["max_seqlen"], causal=True)
+
+
+def main_cpu(args, cases: List[str]) -> int:
+    """--device cpu: fusedrl's batched CPU path vs the per-document loop and padded SDPA, one thread."""
+    recipes = {"ATTN-CPU-DEMO": demo_lengths(), "ATTN-CPU-RL": rl_lengths(4096, median=300.0, low=16, high=1024)}
+    rows, threads = [], torch.get_num_threads()
+    torch.set_num_threads(1)  # as the demo runs
+    try:
+        for case_id in cases:
+            lengths = demo_lengths(160) if args.smoke else recipes[case_id]
+            case = make_case(case_id, lengths, 4, 2, 32, torch.float32, "cpu")
+            print(f"{case_id}: {len(lengths)} documents, {sum(lengths)} tokens, max {max(lengths)}", file=sys.stderr)
+            peers = [Provider("fusedrl varlen (cpu batched)", _ours), Provider("per-document SDPA loop", _per_document_loop),
+                     _sdpa_padded(lengths, "cpu")]
+            rows += run_case(case, peers, modes=args.modes.split(","))
+    finally:
+        torch.set_num_threads(threads)
+    ok = {(r["case"], r["provider"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    summary = [f"{c} {m}: {r['ms_p50'] / ok[(c, 'per-document SDPA loop', m)]['ms_p50']:.2f}x the per-document loop's time"
+               for (c, p, m), r in sorted(ok.items()) if p.startswith("fusedrl") and (c, "per-document SDPA loop", m) in ok]
+    return finish("attention-cpu", rows, args, after_table="\n".join(summary))
+
+
 def providers(lengths: Sequence[int], device: str) -> List[Provider]:
     ours = "fusedrl varlen (triton)" if device == "cuda" else "fusedrl varlen (reference)"
     return [Provider(ours, _ours), _torch_varlen(), _flex(lengths, device), _sdpa_padded(lengths, device),
@@ -177,8 +218,12 @@ def providers(lengths: Sequence[int], device: str) -> List[Provider]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args, cases = parse_bench_args(bench_arg_parser("bench_attention", __doc__, CASE_IDS), argv, CASE_IDS)
-    device = bench_device("bench_attention", args.smoke)
+    all_ids = CASE_IDS + CPU_CASE_IDS
+    args, cases = parse_bench_args(bench_arg_parser("bench_attention", __doc__, CASE_IDS), argv, all_ids)
+    if args.device == "cpu":
+        return main_cpu(args, [c for c in cases if c in CPU_CASE_IDS] or list(CPU_CASE_IDS))
+    cases = [c for c in cases if c in CASE_IDS]
+    device = bench_device("bench_attention", args.smoke, args.device)
     if device is None:
         return 1
     if args.smoke:

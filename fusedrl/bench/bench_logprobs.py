@@ -3,6 +3,7 @@
     python -m fusedrl.bench.bench_logprobs                       # both cases, forward and full, on the GPU
     python -m fusedrl.bench.bench_logprobs --cases LP-0.5B --modes full
     python -m fusedrl.bench.bench_logprobs --smoke               # tiny shapes on CPU, writes nothing
+    python -m fusedrl.bench.bench_logprobs --device cpu --cases LP-CPU-2k-32k   # the exact CPU path vs eager
 
 Cases (benchmarks.md): bf16 hidden (N, H) and weight (V, H) from a torch.Generator on the
 device, seed 0 (hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
@@ -34,6 +35,11 @@ from fusedrl.bench.common import (Case, Provider, bench_arg_parser, bench_device
 
 CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
 SMOKE = {"LP-7B": (40, 24, 1000), "LP-0.5B": (48, 16, 257)}
+# --device cpu: fp32, H = 896 (Qwen2.5-0.5B), N in {2048, 8192}, V in {32k, 152k}; eager's peak
+# at LP-CPU-8k-152k is ~14 GiB, so that case needs a machine with room for it.
+CPU_CASES = {"LP-CPU-2k-32k": (2048, 896, 32768), "LP-CPU-2k-152k": (2048, 896, 151936),
+             "LP-CPU-8k-32k": (8192, 896, 32768), "LP-CPU-8k-152k": (8192, 896, 151936)}
+CPU_SMOKE = {case: (40, 24, 1000) for case in CPU_CASES}
 SEQ_LEN = 1024  # the row-looped provider's sequence length (TRL loops over sequences)
 
 
@@ -117,6 +123,41 @@ def peers(device: str) -> List[Provider]:
     return found
 
 
+def cce_torch_compile(inputs) -> torch.Tensor:
+    """Cut Cross-Entropy's `torch_compile` implementation (the (N, V) logits, compiled elementwise)."""
+    from cut_cross_entropy import linear_cross_entropy
+
+    return -linear_cross_entropy(inputs["hidden"], inputs["weight"], inputs["labels"], reduction="none",
+                                 impl="torch_compile")
+
+
+def cpu_providers() -> List[Provider]:
+    """fusedrl's exact CPU path vs eager fp32 and CCE's torch_compile path (where installed)."""
+    found = [Provider("fusedrl", ours), Provider("eager fp32", eager(None))]
+    try:
+        import cut_cross_entropy  # noqa: F401
+
+        found.append(Provider("cce torch_compile", cce_torch_compile))
+    except Exception as exc:
+        found.append(Provider("cce torch_compile", None, reason=f"cut-cross-entropy not importable ({type(exc).__name__})"))
+    return found
+
+
+def cpu_summary(rows: List[dict]) -> str:
+    """fusedrl / eager time and peak-memory ratios per CPU case and mode (the issue's targets)."""
+    ok = {(r["case"], r["provider"], r["mode"]): r for r in rows if r.get("status") == "ok"}
+    lines = []
+    for (case_id, name, mode), r in sorted(ok.items()):
+        peer = ok.get((case_id, "eager fp32", mode))
+        if name != "fusedrl" or peer is None:
+            continue
+        line = f"{case_id} {mode}: {r['ms_p50'] / peer['ms_p50']:.2f}x eager time"
+        if r.get("peak_extra_bytes") is not None and peer.get("peak_extra_bytes"):
+            line += f", {r['peak_extra_bytes'] / peer['peak_extra_bytes']:.3f}x eager peak memory"
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def providers(device: str) -> List[Provider]:
     return [
         Provider("fusedrl", ours),
@@ -160,8 +201,10 @@ def summary(rows: List[dict], ceiling: float) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = bench_arg_parser("bench_logprobs", __doc__, CASES, smoke_help="tiny shapes, CPU-friendly, no result file")
-    args, cases = parse_bench_args(parser, argv, CASES)
-    device = bench_device("bench_logprobs", args.smoke)
+    args, cases = parse_bench_args(parser, argv, {**CASES, **CPU_CASES})
+    if args.device == "cpu":
+        return main_cpu(args, [c for c in cases if c in CPU_CASES] or list(CPU_CASES)[: 1 if args.smoke else None])
+    device = bench_device("bench_logprobs", args.smoke, args.device)
     if device is None:
         return 1
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -181,6 +224,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # peers that are wrong or crash are results; only fusedrl's own rows decide the exit code
     return finish("logprobs", rows, args, extra={"matmul_ceiling_tflops": ceiling}, after_table=summary(rows, ceiling),
                   is_failure=lambda r: r["provider"] == "fusedrl" and r["status"] != "ok")
+
+
+def main_cpu(args, cases: List[str]) -> int:
+    """--device cpu: fp32 cases on the CPU, fusedrl vs eager (and CCE torch_compile), time and peak memory."""
+    rows: List[dict] = []
+    for case_id in cases:
+        n, hdim, vocab = (CPU_SMOKE if args.smoke else CPU_CASES)[case_id]
+        print(f"{case_id}: N={n} H={hdim} V={vocab} float32 on cpu, {torch.get_num_threads()} threads", file=sys.stderr)
+        case = Case(id=case_id, make_inputs=lambda: make_inputs(n, hdim, vocab, "cpu", torch.float32),
+                    reference=reference, flops={"forward": 2.0 * n * hdim * vocab, "full": 6.0 * n * hdim * vocab},
+                    tol=1e-4)
+        case_rows = run_case(case, cpu_providers(), modes=args.modes.split(","))
+        for r in case_rows:  # memory beyond dh and dW, which every method returns
+            if r.get("status") == "ok" and r["mode"] == "full" and r.get("peak_extra_bytes") is not None:
+                r["peak_extra_bytes_raw"] = r["peak_extra_bytes"]
+                r["peak_extra_bytes"] = max(0, r["peak_extra_bytes"] - (n * hdim + vocab * hdim) * 4)
+        rows += case_rows
+    return finish("logprobs-cpu", rows, args, extra={"threads": torch.get_num_threads()},
+                  after_table=cpu_summary(rows), is_failure=lambda r: r["provider"] == "fusedrl" and r["status"] != "ok")
 
 
 if __name__ == "__main__":

@@ -13,12 +13,14 @@ lower bound max(sum/k, largest item); bins used against ceil(total/budget)).
     python -m fusedrl.bench.bench_packing                 # full size, writes bench/results/packing-cpu-*.json
     python -m fusedrl.bench.bench_packing --smoke         # n=200, one repeat, writes nothing
     python -m fusedrl.bench.bench_packing --cases k8,budget
+    python -m fusedrl.bench.bench_packing --scaling       # C++ at n = 10k, 100k, 1M: time per 10x n
 
 Target (benchmarks.md): C++ >= 20x the Python reference at 16k sequences, same quality.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import random
@@ -143,6 +145,44 @@ def run(n: int = 16384, repeats: int = 9, cases: Optional[Sequence[str]] = None,
     return rows
 
 
+SCALING_NS = (10_000, 100_000, 1_000_000)
+
+
+def scaling(cases: Sequence[str], ns: Sequence[int] = SCALING_NS, repeats: int = 5,
+            results_dir: Optional[str] = None) -> List[dict]:
+    """C++ time against n (10k -> 1M): O(n log n) means <= ~12x per 10x; prints and writes rows.
+
+    Lengths numpy.random.default_rng(0).integers(16, 4097, n); minimum thread CPU time of `repeats`
+    runs per point (the minimum: cache and scheduler noise on a shared machine only add time).
+    """
+    rows = []
+    for case in cases:
+        op, kwargs, _ = CASES[case]
+        fn = getattr(packing, op)
+        last = None
+        for n in ns:
+            lengths = np.random.default_rng(0).integers(16, 4097, n).astype(np.int64)
+            best = min(_thread_ms(lambda: fn(lengths, **kwargs, backend="cpp")) for _ in range(repeats))
+            row = {"case": case, "op": op, "n": n, "cpp_ms": best, **kwargs}
+            if last is not None:
+                row["x_per_10x"] = (best / last) ** (1.0 / math.log10(n / prev_n))
+            rows.append(row)
+            last, prev_n = best, n
+            print(f"{case:<11} n={n:>8}  C++ {best:9.2f} ms" + (f"  x{row['x_per_10x']:.1f} per 10x n" if "x_per_10x" in row else ""))
+    if results_dir is not None:
+        path = write_results("packing-scaling-cpu", rows, extra={"load_average_1m": os.getloadavg()[0], "timing": (
+            f"minimum thread CPU time of {repeats} runs, public API (validation and list conversion included)")},
+            directory=results_dir)
+        print(f"wrote {path}")
+    return rows
+
+
+def _thread_ms(fn: Callable[[], object]) -> float:
+    start = time.thread_time()
+    fn()
+    return (time.thread_time() - start) * 1e3
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Bench entry point (see fusedrl/bench/run_all.py for the convention); returns 0 when every row is ok."""
     from fusedrl.bench.common import RESULTS_DIR
@@ -153,6 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=None, help="number of sequences (default 16384)")
     parser.add_argument("--repeats", type=int, default=None, help="timing rounds (default 9; 1 in smoke)")
     parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results; none in smoke)")
+    parser.add_argument("--scaling", action="store_true", help="C++ time at n = 10k, 100k, 1M (the O(n log n) check)")
+    parser.add_argument("--device", default="cpu", choices=("cpu",), help="the packing core runs on the host only")
     args = parser.parse_args(argv)
     cases = [c for c in args.cases.split(",") if c] or list(CASES)
     unknown = sorted(set(cases) - set(CASES))
@@ -161,6 +203,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     n = args.n or (200 if args.smoke else 16384)
     repeats = args.repeats or (1 if args.smoke else 9)
     results_dir = args.results_dir or (None if args.smoke else RESULTS_DIR)
+    if args.scaling:
+        if packing._C is None:
+            print("bench_packing --scaling: fusedrl._C is not built")
+            return 1
+        scaling([c for c in cases if CASES[c][2] == "numpy"], ns=(200, 2000) if args.smoke else SCALING_NS,
+                repeats=1 if args.smoke else 5, results_dir=results_dir)
+        return 0
     rows = run(n=n, repeats=repeats, cases=cases, results_dir=results_dir)
     return 0 if all(r["status"].startswith(("ok", "cpp skipped")) for r in rows) else 1
 

@@ -7,8 +7,12 @@ a wrong one is reported as wrong, not timed. Rows go to a printed table and to
 JSON under `RESULTS_DIR` (bench/results/ of a checkout) with the GPU name, versions and date.
 
 Timing: `triton.testing.do_bench` on CUDA (median with p20/p80, warm-up and
-repeats in milliseconds); on CPU a perf_counter loop, used only to smoke-test
-the bench code (CPU timings say nothing about kernel speed).
+repeats in milliseconds); on CPU a perf_counter loop (one warm-up, then three
+runs, or one when a call takes seconds) -- it smoke-tests the bench code and
+times the CPU cases (`--device cpu`), which compare fusedrl's exact CPU paths
+with eager PyTorch on the same machine (CPU timings say nothing about GPU
+kernels). Peak memory: CUDA's allocator stats, or the resident-set high-water
+mark on Linux CPUs.
 """
 from __future__ import annotations
 
@@ -137,9 +141,11 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -
 
         q = triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, quantiles=[0.5, 0.2, 0.8])
         return tuple(float(x) for x in q)
-    fn()
+    start = time.perf_counter()
+    fn()  # warm-up; a call of seconds (the CPU cases) is timed once more, a short one three times
+    first = time.perf_counter() - start
     samples = []
-    for _ in range(3):
+    for _ in range(1 if first > CPU_LONG_CALL_S else 3):
         start = time.perf_counter()
         fn()
         samples.append((time.perf_counter() - start) * 1e3)
@@ -147,10 +153,41 @@ def time_ms(fn: Callable[[], Any], warmup_ms: float = 25, rep_ms: float = 100) -
     return statistics.median(samples), samples[0], samples[-1]
 
 
-def peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
-    """Peak allocated memory above what was allocated before the call (CUDA only)."""
-    if not torch.cuda.is_available():
+CPU_LONG_CALL_S = 2.0
+
+
+def _proc_status_bytes(field: str) -> Optional[int]:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
         return None
+    return None
+
+
+def cpu_peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Peak resident memory above the resident memory before the call (Linux; None elsewhere).
+
+    Resets the kernel's high-water mark (VmHWM) through /proc/self/clear_refs, runs fn, reads it back.
+    Large CPU tensors are mmapped and returned to the OS when freed, so this sees each call's peak.
+    """
+    base = _proc_status_bytes("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return None
+    fn()
+    peak = _proc_status_bytes("VmHWM")
+    return None if base is None or peak is None else max(0, peak - base)
+
+
+def peak_extra_bytes(fn: Callable[[], Any]) -> Optional[int]:
+    """Peak allocated memory above what was allocated before the call (CUDA; resident memory on CPU)."""
+    if not torch.cuda.is_available():
+        return cpu_peak_extra_bytes(fn)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
@@ -320,6 +357,8 @@ def bench_arg_parser(prog: str, doc: str, case_ids: Sequence[str], smoke_help: s
     parser.add_argument("--cases", default=",".join(case_ids), help=f"comma-separated subset of {case_ids}")
     parser.add_argument("--modes", default="forward,full", help="comma-separated: forward, backward, full")
     parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"),
+                        help="cpu: the CPU cases (exact PyTorch paths vs eager), where a bench has them")
     return parser
 
 
@@ -335,9 +374,9 @@ def parse_bench_args(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
     return args, cases
 
 
-def bench_device(prog: str, smoke: bool) -> Optional[str]:
-    """"cuda" (canonical shapes need a GPU), "cpu" in smoke mode, or None (printed why) without CUDA."""
-    if smoke:
+def bench_device(prog: str, smoke: bool, device: str = "auto") -> Optional[str]:
+    """"cuda" (canonical shapes need a GPU), "cpu" in smoke mode or with --device cpu, or None (printed why)."""
+    if smoke or device == "cpu":
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"

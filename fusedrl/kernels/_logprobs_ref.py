@@ -110,9 +110,13 @@ def _dz(z, lse, pz, labels, ignore_index, g_logp, g_ent, temperature):
 
 
 def _label_hits(labels: torch.Tensor, c0: int, c1: int):
-    """(rows, cols - c0) of the tile's entries that are labels (ignored labels are out of range here)."""
-    rows = ((labels >= c0) & (labels < c1)).nonzero()[:, 0]
-    return rows, labels[rows].long() - c0
+    """(hit (C,) bool, column (C, 1) long): which rows' labels fall in columns [c0, c1), and where.
+
+    Rows that miss get a clamped in-range column, to be masked by `hit`; no host sync (no nonzero),
+    so the GPU fallback never waits. Ignored labels are out of every range here.
+    """
+    hit = (labels >= c0) & (labels < c1)
+    return hit, (labels.long() - c0).clamp_(0, c1 - c0 - 1)[:, None]
 
 
 def _scaled_logits(out, h, w, b, inv_tau, shift=None):
@@ -143,8 +147,8 @@ def _forward_rows(h, w, b, labels, inv_tau, entropy, cols, bufs):
         c1 = min(vocab, c0 + cols)
         z = _scaled_logits(bufs[0][:rows * (c1 - c0)].view(rows, c1 - c0), h, w[c0:c1],
                            None if b is None else b[c0:c1], inv_tau)
-        hit_rows, hit_cols = _label_hits(labels, c0, c1)
-        zl[hit_rows] = z[hit_rows, hit_cols]
+        hit, col = _label_hits(labels, c0, c1)
+        zl = torch.where(hit, z.gather(1, col)[:, 0], zl)
         m_c = z.amax(dim=1)
         if entropy:
             e = torch.sub(z, m_c[:, None], out=bufs[1][:z.numel()].view_as(z)).exp_()
@@ -185,8 +189,8 @@ def _backward_rows(h, w, b, labels, inv_tau, lse, pz, gl, ge, cols, bufs, dh, dw
                 coef.add_(gl[:, None])
             q.mul_(coef)
         if gl is not None:
-            hit_rows, hit_cols = _label_hits(labels, c0, c1)
-            q.index_put_((hit_rows, hit_cols), -gl[hit_rows], accumulate=True)
+            hit, col = _label_hits(labels, c0, c1)
+            q.scatter_add_(1, col, torch.where(hit, -gl, torch.zeros((), dtype=gl.dtype, device=gl.device))[:, None])
         if dh is not None:
             dh.addmm_(q, w[c0:c1], alpha=-inv_tau)
         if dw is not None:
