@@ -18,6 +18,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._autocast import autocast_off_backward
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_shape, check_tensor
 
 # Logits per chunk (rows * V): 2**22 fp32 values = 16 MiB per temporary.
@@ -131,6 +132,7 @@ class LinearLogprobsRef(torch.autograd.Function):
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, g_logp, g_ent=None):
         hidden, weight, bias, labels, lse, pz = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -187,6 +189,7 @@ class LogitsLogprobsRef(torch.autograd.Function):
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, g_logp, g_ent=None):
         logits, labels, lse, pz = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._autocast import autocast_aware
 from . import _dispatch
 from ._rl_layout import (Layout, Number, check_normaliser, check_token_tensor, flat_mask, make_layout,
                          per_token_or_seq, segment_sum)
@@ -220,6 +221,7 @@ def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, 
     return x, layout
 
 
+@autocast_aware("keep")
 def policy_loss(
     logp: torch.Tensor,
     old_logp: Optional[torch.Tensor],

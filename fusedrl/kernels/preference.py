@@ -31,6 +31,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -80,6 +81,7 @@ def _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp):
     return c - rc, r - rr
 
 
+@autocast_aware("keep")
 def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              num_pairs: Optional[Number] = None) -> Result:
     """DPO: -log sigmoid(beta h). All inputs (P,) float sequence sums. Returns (loss, metrics)."""
@@ -90,6 +92,7 @@ def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return loss, _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
               label_noise: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
     """Conservative DPO: -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h), e = label_noise in [0, 0.5]."""
@@ -102,6 +105,7 @@ def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *,
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def ipo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              num_pairs: Optional[Number] = None) -> Result:
     """IPO: (h - 1 / (2 beta))^2 on sequence sums. Returns (loss, metrics)."""
@@ -112,6 +116,7 @@ def ipo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
                num_pairs: Optional[Number] = None) -> Result:
     """SimPO: -log sigmoid(beta (logp_c / len_c - logp_r / len_r) - gamma); no reference.
@@ -128,6 +133,7 @@ def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: fl
     return loss, _metrics(beta * avg_c, beta * avg_r)
 
 
+@autocast_aware("keep")
 def orpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, lam: float = 0.1,
               num_pairs: Optional[Number] = None) -> Result:
     """ORPO: NLL_avg(y_c) - lam log sigmoid(logodds_c - logodds_r); no reference.
@@ -146,6 +152,7 @@ def orpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, lam: floa
                                                      log_odds_ratio=log_odds.mean())
 
 
+@autocast_aware("keep")
 def kto_loss(policy_logp, ref_logp, desirable, *, kl_policy_logp=None, kl_ref_logp=None, kl_baseline=None,
              beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
              num_pairs: Optional[Number] = None) -> Result:
@@ -203,6 +210,7 @@ def _kto_baseline(kl_policy_logp, kl_ref_logp, kl_baseline, like: torch.Tensor) 
     return (kp - kr).mean().detach().clamp(min=0)
 
 
+@autocast_aware("keep")
 def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
     """APO-zero: -sigmoid(beta r_c) + sigmoid(beta r_r), r = logp - ref (sequence sums)."""
@@ -213,6 +221,7 @@ def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
     """APO-down: sigmoid(beta r_c) - sigmoid(beta (r_c - r_r)), r = logp - ref (sequence sums)."""
@@ -223,6 +232,7 @@ def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def rpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, *, beta: float = 0.1,
              alpha: float = 1.0, num_pairs: Optional[Number] = None) -> Result:
     """DPO + NLL (RPO): -log sigmoid(beta h) + alpha * (-logp_c / len_c). Extra metric "nll"."""

@@ -1,0 +1,125 @@
+"""Every public op under CPU autocast (bf16) against float64.
+
+Before the `_autocast` decorator the reference log-prob path ran its chunk matmul under
+autocast: bf16 logits, log-p error vs float64 ~3e-2 instead of ~1e-6. The "keep" ops must
+now give their float32 results under autocast (nothing cast down; float32 logits and
+log-softmax), forward and backward; varlen_attention ("lower") casts q, k, v to the autocast
+dtype and must equal the float64 attention of those cast inputs.
+"""
+import pytest
+import torch
+
+from fusedrl.kernels import (_dispatch, dpo_loss, force_backend, ipo_loss, linear_logprobs, linear_policy_loss,
+                             logprobs_from_logits, policy_loss, simpo_loss, varlen_attention)
+from fusedrl.kernels._autocast import autocast_aware
+from tests.conftest import assert_close
+
+BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not _dispatch.HAS_TRITON,
+                                                                          reason="triton not importable"))]
+BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+def _head(seed=0, n=(3, 17), hdim=48, vocab=301):
+    gen = torch.Generator().manual_seed(seed)
+    h = (torch.randn(*n, hdim, generator=gen) * 2.0).requires_grad_()
+    w = (torch.randn(vocab, hdim, generator=gen) / hdim ** 0.25).requires_grad_()
+    y = torch.randint(0, vocab, n, generator=gen)
+    y[0, :3] = -100
+    return h, w, y
+
+
+def _oracle(h, w, y):
+    logq = torch.log_softmax(h.double() @ w.double().T, -1)
+    valid = y != -100
+    return logq.gather(-1, y.clamp(min=0)[..., None])[..., 0] * valid
+
+
+def _max_err(a, b):
+    return float((a.detach().double() - b.detach().double()).abs().max())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_logprobs_under_autocast_matches_float64(backend):
+    h, w, y = _head()
+    exact = _oracle(h, w, y)
+    up = torch.randn(y.shape, generator=torch.Generator().manual_seed(1))
+    g_exact = torch.autograd.grad((exact * up).sum(), (h, w))
+    with force_backend(backend), torch.autocast(**BF16):
+        logp = linear_logprobs(h, w, y)
+        assert logp.dtype == torch.float32
+        g = torch.autograd.grad((logp * up).sum(), (h, w))  # backward inside the autocast region too
+    assert _max_err(logp, exact) < 2e-5
+    for a, e, name in zip(g, g_exact, ("d_hidden", "d_weight")):
+        assert a.dtype == torch.float32
+        assert_close(a.double(), e, atol=2e-5 * float(e.abs().max()), rtol=1e-4, name=name)
+
+
+def test_undecorated_reference_loses_precision_under_autocast():
+    """The failure the decorator fixes, measured: the same op without it computes bf16 logits."""
+    h, w, y = _head()
+    exact = _oracle(h, w, y)
+    with force_backend("reference"), torch.autocast(**BF16):
+        fixed = linear_logprobs(h, w, y)
+        broken = linear_logprobs.__wrapped__(h, w, y)
+    assert _max_err(broken, exact) > 1e-2  # ~3e-2 measured: bf16 logits
+    assert _max_err(fixed, exact) < 2e-5   # ~1e-6: float32 logits
+
+
+def test_logprobs_from_logits_and_bf16_inputs_under_autocast():
+    h, w, y = _head(seed=2)
+    logits = (h @ w.T).detach()
+    with torch.autocast(**BF16):
+        logp = logprobs_from_logits(logits, y)
+        logp16 = linear_logprobs(h.bfloat16(), w.bfloat16(), y)  # bf16 inputs stay bf16, math in fp32
+    assert _max_err(logp, _oracle(h, w, y)) < 2e-5
+    assert _max_err(logp16, _oracle(h.bfloat16(), w.bfloat16(), y)) < 2e-5
+
+
+def test_policy_and_preference_losses_under_autocast():
+    gen = torch.Generator().manual_seed(4)
+    logp = (torch.randn(4, 9, generator=gen) - 2).requires_grad_()
+    old = logp.detach() + 0.1 * torch.randn(4, 9, generator=gen)
+    adv = torch.randn(4, generator=gen)
+    kw = dict(algo="grpo", aggregation="seq_mean")
+    expected = policy_loss(logp.double(), old.double(), adv.double(), **kw)[0]
+    c, r, rc, rr = (torch.randn(6, generator=gen) * 5 for _ in range(4))
+    with torch.autocast(**BF16):
+        got = policy_loss(logp, old, adv, **kw)[0]
+        pref = [fn(c, r, rc, rr)[0] for fn in (dpo_loss, ipo_loss)]
+        simpo = simpo_loss(c, r, torch.full((6,), 7), torch.full((6,), 5))[0]
+    assert got.dtype == torch.float32 and abs(float(got) - float(expected)) < 1e-6
+    for fn, value in zip((dpo_loss, ipo_loss), pref):
+        exact = float(fn(c.double(), r.double(), rc.double(), rr.double())[0])
+        assert value.dtype == torch.float32 and abs(float(value) - exact) < 1e-6 * max(1.0, abs(exact))
+    assert abs(float(simpo) - float(simpo_loss(c.double(), r.double(), torch.full((6,), 7),
+                                               torch.full((6,), 5))[0])) < 1e-6
+
+
+def test_linear_policy_loss_under_autocast():
+    h, w, y = _head(seed=6)
+    adv = torch.randn(3, generator=torch.Generator().manual_seed(0))
+    exact = policy_loss(_oracle(h, w, y), None, adv.double(), y != -100, algo="grpo")[0]
+    with torch.autocast(**BF16):
+        loss = linear_policy_loss(h, w, y, None, adv, algo="grpo")[0]
+    assert abs(float(loss) - float(exact)) < 2e-5
+
+
+def test_varlen_attention_casts_to_the_autocast_dtype():
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(11, 4, 16, generator=gen) for _ in range(3))
+    k, v = k[:, :2], v[:, :2]
+    cu = torch.tensor([0, 4, 11], dtype=torch.int32)
+    with torch.autocast(**BF16):
+        out = varlen_attention(q, k.bfloat16(), v, cu, 7)  # mixed dtypes, as RoPE leaves q/k under autocast
+    assert out.dtype == torch.bfloat16
+    expected = varlen_attention(q.bfloat16().double(), k.bfloat16().double(), v.bfloat16().double(), cu, 7)
+    assert _max_err(out, expected) < 2e-2  # the output is rounded to bf16 once
+
+
+def test_decorator_rejects_bad_policies():
+    with pytest.raises(ValueError, match="policy"):
+        autocast_aware("bf16")
+    with pytest.raises(ValueError, match="cast="):
+        autocast_aware("keep", cast=("x",))
+    with pytest.raises(ValueError, match="no parameter"):
+        autocast_aware("lower", cast=("nope",))(lambda x: x)
