@@ -129,3 +129,29 @@ def test_bad_arguments_raise():
         patch_causal_lm(model, outputs=("log_probs", "logits"))
     with pytest.raises(ValueError, match="temperature"):
         patch_causal_lm(model, temperature=0)
+
+
+def test_transformers_trainer_step_matches(tmp_path):
+    """Two micro-batches of gradient accumulation: the Trainer passes num_items_in_batch."""
+    from datasets import Dataset
+    from transformers import DataCollatorWithFlattening, Trainer, TrainingArguments
+
+    gen = torch.Generator().manual_seed(7)
+    rows = [torch.randint(3, VOCAB, (int(n),), generator=gen).tolist() for n in (5, 9, 4, 7)]
+    ds = Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+    def step(model, tag):
+        args = TrainingArguments(output_dir=str(tmp_path / tag), per_device_train_batch_size=2, max_steps=1,
+                                 gradient_accumulation_steps=2, learning_rate=0.1, optim="sgd", report_to="none",
+                                 use_cpu=True, save_strategy="no", seed=0, disable_tqdm=True)
+        trainer = Trainer(model=model, args=args, train_dataset=ds, data_collator=DataCollatorWithFlattening())
+        loss = trainer.train().training_loss
+        return loss, {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    base = tiny_model("llama").train()
+    fused = apply_fusedrl(copy.deepcopy(base))
+    ref_loss, ref_w = step(base, "stock")
+    loss, w = step(fused, "fused")
+    assert abs(loss - ref_loss) < 1e-5
+    for name in ref_w:
+        assert_close(w[name], ref_w[name], atol=1e-5, rtol=1e-4, name=name)
