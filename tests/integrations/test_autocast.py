@@ -87,7 +87,7 @@ def test_policy_and_preference_losses_under_autocast():
         got = policy_loss(logp, old, adv, **kw)[0]
         pref = [fn(c, r, rc, rr)[0] for fn in (dpo_loss, ipo_loss)]
         simpo = simpo_loss(c, r, torch.full((6,), 7), torch.full((6,), 5))[0]
-    assert got.dtype == torch.float32 and abs(float(got) - float(expected)) < 1e-6
+    assert got.dtype == torch.float32 and abs(got.item() - expected.item()) < 1e-6
     for fn, value in zip((dpo_loss, ipo_loss), pref):
         exact = float(fn(c.double(), r.double(), rc.double(), rr.double())[0])
         assert value.dtype == torch.float32 and abs(float(value) - exact) < 1e-6 * max(1.0, abs(exact))
@@ -123,3 +123,41 @@ def test_decorator_rejects_bad_policies():
         autocast_aware("keep", cast=("x",))
     with pytest.raises(ValueError, match="no parameter"):
         autocast_aware("lower", cast=("nope",))(lambda x: x)
+
+
+def _elementwise_cases():
+    """The public ops without a matmul: autocast must not change them (checked, not assumed)."""
+    from fusedrl.kernels import (bradley_terry_loss, dr_grpo_advantages, fold_kl_into_rewards, gae,
+                                 grpo_advantages, kl_penalty, outcome_rm_loss, overlong_reward_shaping,
+                                 plackett_luce_loss, reinforce_advantages, rloo_advantages, value_loss, whiten)
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(4, 6, generator=gen)
+    y = torch.randn(4, 6, generator=gen)
+    r = torch.randn(8, generator=gen)
+    mask = torch.ones(4, 6)
+    mask[2, 4:] = 0
+    return {
+        "kl_penalty": lambda: kl_penalty(x, y, "k3"),
+        "value_loss": lambda: value_loss(x, y, x + 0.3, mask)[0],
+        "bradley_terry_loss": lambda: bradley_terry_loss(r, r.flip(0))[0],
+        "plackett_luce_loss": lambda: plackett_luce_loss(x)[0],
+        "outcome_rm_loss": lambda: outcome_rm_loss(x, torch.tensor([1.0, 0.0, 1.0, 0.0]), mask)[0],
+        "grpo_advantages": lambda: grpo_advantages(r, 4),
+        "dr_grpo_advantages": lambda: dr_grpo_advantages(r, 4),
+        "rloo_advantages": lambda: rloo_advantages(r, 4),
+        "reinforce_advantages": lambda: reinforce_advantages(r, 0.5),
+        "whiten": lambda: whiten(x, mask),
+        "overlong_reward_shaping": lambda: overlong_reward_shaping(r, torch.arange(8) * 3, max_len=20, cache_len=6),
+        "fold_kl_into_rewards": lambda: fold_kl_into_rewards(r[:4], x, y, mask, beta=0.1),
+        "gae": lambda: gae(x, y, mask, gamma=0.99, lam=0.95)[0],
+    }
+
+
+@pytest.mark.parametrize("name", sorted(_elementwise_cases()))
+def test_elementwise_ops_are_unchanged_by_autocast(name):
+    fn = _elementwise_cases()[name]
+    plain = fn()
+    with torch.autocast(**BF16):
+        cast = fn()
+    assert cast.dtype == plain.dtype
+    assert_close(cast, plain, atol=1e-6, rtol=1e-6, name=name)
