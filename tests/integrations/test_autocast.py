@@ -161,3 +161,26 @@ def test_elementwise_ops_are_unchanged_by_autocast(name):
         cast = fn()
     assert cast.dtype == plain.dtype
     assert_close(cast, plain, atol=1e-6, rtol=1e-6, name=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cuda_autocast_triton_path_matches_float64(dtype):
+    """The Triton head under CUDA autocast: float32 master tensors stay float32 (IEEE or TF32 per
+    torch's setting), logits and log-softmax in float32; statistics from the same pass."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    h, w, y = _head(seed=12, n=(4, 300), hdim=256, vocab=5003)
+    h, w = h.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_()
+    y = y.cuda()
+    exact = _oracle(h, w, y)
+    with torch.autocast(device_type="cuda", dtype=dtype):
+        logp, mean, top1 = linear_logprobs(h, w, y, return_logit_stats=True)
+        q = torch.randn(700, 8, 64, device="cuda")
+        cu = torch.tensor([0, 300, 700], dtype=torch.int32, device="cuda")
+        out = varlen_attention(q, q[:, :4], q[:, :4], cu, 400)
+    assert logp.dtype == torch.float32 and out.dtype == dtype
+    assert _max_err(logp, exact) < 1e-4
+    z = h.double() @ w.double().T
+    valid = y != -100
+    assert _max_err(mean, torch.where(valid, z.mean(-1), 0.0)) < 1e-4
+    assert bool((top1 == (valid & (z.argmax(-1) == y))).float().mean() > 0.999)
