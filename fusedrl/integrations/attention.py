@@ -15,8 +15,9 @@ Document boundaries, in this order of precedence:
 
 Calls the kernel cannot serve fall back to transformers' SDPA with the mask SDPA expects:
 cached decoding (query length != key length, i.e. `generate` after the prefill), attention
-dropout in training, logit soft-capping, attention sinks, and 4-D masks. So a model switched to
-"fusedrl" still generates.
+dropout in training, attention sinks, and 4-D masks. So a model switched to "fusedrl" still
+generates. Attention-logit soft-capping (Gemma 2) has no SDPA form either: it raises
+ValueError (`apply_fusedrl` refuses such a model up front).
 """
 from __future__ import annotations
 
@@ -82,13 +83,16 @@ def fusedrl_attention_forward(module: torch.nn.Module, query: torch.Tensor, key:
     Returns:
         ((B, T, Hq, D) output, None).
     """
+    if softcap is not None:
+        raise ValueError(f"attn_implementation {ATTN_IMPLEMENTATION!r} does not support attention logit soft-capping "
+                         f"(softcap={softcap}); keep 'eager' for this model")
     batch, num_heads, q_len, head_dim = query.shape
     mask_2d = attention_mask if attention_mask is None or attention_mask.dim() == 2 else None
-    if (key.shape[2] != q_len or (dropout and module.training) or softcap is not None
+    if (key.shape[2] != q_len or (dropout and module.training)
             or kwargs.get("s_aux") is not None or (attention_mask is not None and mask_2d is None)):
         mask = attention_mask if mask_2d is None else None
         return _sdpa(module, query, key, value, mask, dropout=dropout, scaling=scaling,
-                     sliding_window=sliding_window, softcap=softcap, **kwargs)
+                     sliding_window=sliding_window, **kwargs)
     cu_seqlens, token_index = kwargs.get("cu_seq_lens_q"), None
     if cu_seqlens is not None:
         max_seqlen = kwargs.get("max_length_q")

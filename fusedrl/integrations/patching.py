@@ -54,6 +54,12 @@ def apply_fusedrl(model, *, logprobs: bool = True, attention: bool = True):
     """
     _check_flag("logprobs", logprobs)
     _check_flag("attention", attention)
+    if attention:
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        softcap = getattr(config, "attn_logit_softcapping", None)
+        if softcap is not None:
+            raise ValueError(f"{type(model).__name__} soft-caps its attention logits (attn_logit_softcapping="
+                             f"{softcap}), which the fused attention does not: use apply_fusedrl(model, attention=False)")
     if logprobs:
         patch_causal_lm(model)
     if attention:

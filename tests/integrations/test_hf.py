@@ -122,6 +122,8 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="final_logit_softcapping"):
         apply_fusedrl(capped)
     apply_fusedrl(capped, logprobs=False, attention=False)  # nothing to refuse
+    with pytest.raises(ValueError, match="attn_logit_softcapping"):
+        apply_fusedrl(tiny_model("gemma2", attn_logit_softcapping=50.0), logprobs=False)
     from fusedrl.integrations import apply_fusedrl_to_family, patch_causal_lm
     with pytest.raises(ValueError, match="family"):
         apply_fusedrl_to_family("gpt2")
