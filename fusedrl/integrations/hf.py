@@ -16,7 +16,8 @@ After `patch_causal_lm(model)` (or `apply_fusedrl(model)`), the instance's forwa
 
 Only the positions with a label go through the LM head (the others are never projected).
 Models whose logits are soft-capped or rescaled (`final_logit_softcapping`, `logit_scale`,
-`logits_scaling`, ...) are refused: the fused head computes plain `h @ W^T + b`.
+`logits_scaling`, ...) are refused: the fused head computes plain `h @ W^T + b`; so are MoE
+configs with `output_router_logits=True` (their load-balancing loss is not computed here).
 """
 from __future__ import annotations
 
@@ -68,6 +69,9 @@ def check_supported(model) -> None:
                                                "logits_scaling") and value == 1):
             raise ValueError(f"{type(model).__name__} rescales its logits ({attr}={value}); the fused log-prob "
                              "head computes plain h @ W^T: use apply_fusedrl(model, logprobs=False)")
+    if getattr(config, "output_router_logits", False):
+        raise ValueError(f"{type(model).__name__} adds a MoE load-balancing loss (output_router_logits=True), which "
+                         "the fused head does not compute: use apply_fusedrl(model, logprobs=False)")
 
 
 def head_logprobs(model, hidden: torch.Tensor, labels: torch.Tensor, *, temperature: float = 1.0,

@@ -35,7 +35,7 @@ _MULTIMODAL = ("pixel_values", "image_grid_thw", "pixel_attention_mask", "image_
 
 
 def _patch(trainer, model, **options) -> None:
-    if model is None:
+    if model is None or trainer.aux_loss_enabled:  # MoE aux loss: TRL's head computes it, ours does not
         return
     model = trainer.accelerator.unwrap_model(model)
     if hasattr(model, "get_base_model"):  # PEFT: patch the wrapped transformers model, as TRL does
