@@ -157,3 +157,13 @@ def test_transformers_trainer_step_matches(tmp_path):
     assert abs(loss - ref_loss) < 1e-5
     for name in ref_w:
         assert_close(w[name], ref_w[name], atol=1e-5, rtol=1e-4, name=name)
+
+
+def test_moe_with_router_aux_loss_is_refused():
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2,
+                           output_router_logits=True)
+    with pytest.raises(ValueError, match="output_router_logits"):
+        apply_fusedrl(MixtralForCausalLM(config), attention=False)
