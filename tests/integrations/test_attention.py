@@ -100,3 +100,18 @@ def test_cu_seqlens_from_position_ids():
     with pytest.raises(ValueError, match="position_ids"):
         cu_seqlens_from_position_ids(torch.tensor([3, 4, 0, 1]))
     assert register_attention() == "fusedrl"
+
+
+def test_from_pretrained_with_the_registered_name(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    tiny_model("qwen2").save_pretrained(tmp_path)
+    register_attention()
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="fusedrl")
+    assert model.config._attn_implementation == "fusedrl"
+    docs = _docs(seed=4, lengths=(3, 5))
+    batch = _flatten(docs)
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    model.set_attn_implementation("sdpa")
+    separate = torch.cat([model(input_ids=d[None]).logits[0] for d in docs])
+    assert_close(packed, separate, atol=2e-5, rtol=1e-4, name="packed logits")
