@@ -11,6 +11,10 @@ tile reduces its logits to a per-row partial log-sum-exp and partial sum p*z, an
 tile holding a row's label writes that label logit; `_lse_combine_kernel` merges the
 (N, cdiv(V, BLOCK_V)) partials. Tokens go in host-side chunks so the partials stay under
 `PARTIALS_BYTES`. Saved for backward: lse and sum_v p_v z_v, float32 (N,) each.
+With STATS (`return_logit_stats`), each tile also writes the row's sum of z and the max of
+z before and after the label column (three more (N, P) partials); the combine kernel turns
+them into mean_logits = sum / V and is_top1 = z[label] > max_before and >= max_after (argmax
+with ties to the first maximum). No gradient flows through them.
 
 Backward: V is walked in host-side chunks of VC columns, VC chosen so the chunk's
 d(logits) (N, VC), in the input dtype, stays under `DZ_BYTES` (256 MiB). Per chunk:
