@@ -1,4 +1,5 @@
-# Two commands: `make test` and `make demo`. Each sets up a virtual environment
+# Main commands: `make test` (everything, what CI runs), `make test-fast` (all but the tests marked
+# `slow`: the demo and the ahead-of-time compiles) and `make demo`. Each sets up a virtual environment
 # in .venv (idempotent: re-installs only when the project files change).
 PYTHON ?= python3
 VENV   := .venv
@@ -8,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 DEPS   := pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 
-.PHONY: test demo bench install clean
+.PHONY: test test-fast demo bench install clean
 
 $(STAMP): $(DEPS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +22,9 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)
 	$(VENV)/bin/fusedrl demo

@@ -75,14 +75,14 @@ if ! stage "install" "${INSTALL_S:-60}" "$PY" -m pip install -q --no-build-isola
 fi
 ENV_LINE=$("$PY" - <<'EOF' 2>&1
 import torch
-from fusedrl.kernels import _dispatch
+from fusedrl import packing
 gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA device"
 try:
     import triton
     tv = triton.__version__
 except Exception:
     tv = "absent"
-print(f"{gpu} | torch {torch.__version__} | triton {tv} | fusedrl._C {'built' if _dispatch.HAS_CSRC else 'absent (python packing)'}")
+print(f"{gpu} | torch {torch.__version__} | triton {tv} | fusedrl._C {'built' if packing.HAS_CSRC else 'absent (python packing)'}")
 EOF
 )
 log "environment: $ENV_LINE"
@@ -98,7 +98,7 @@ stage "gpu tests" "${TEST_S:-90}" bash -c '"$@"; rc=$?; [ $rc = 5 ] && echo "no 
 if [ -n "${BENCHES:-}" ]; then
   NAMES=$(echo "$BENCHES" | tr ',' ' ')
 else
-  ALL=$("$PY" -m bench.run_all --list 2>>"$LOG")
+  ALL=$("$PY" -m fusedrl.bench.run_all --list 2>>"$LOG")
   NAMES="$(echo "$ALL" | grep -vx packing | tr '\n' ' ') $(echo "$ALL" | grep -x packing)"
 fi
 set -- $NAMES
@@ -106,7 +106,7 @@ while [ $# -gt 0 ]; do
   share=$(( ($(left) - 10) / $# ))
   cap=${BENCH_EACH_S:-120}
   [ "$share" -lt "$cap" ] && cap=$share
-  stage "bench $1" "$cap" "$PY" -m bench.run_all --only "$1" $SMOKE
+  stage "bench $1" "$cap" "$PY" -m fusedrl.bench.run_all --only "$1" $SMOKE
   shift
 done
 

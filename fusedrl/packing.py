@@ -41,6 +41,7 @@ except ImportError:  # built without the extension (FUSEDRL_NO_EXT=1) or not bui
     _C = None
 
 BACKEND: str = "cpp" if _C is not None else "python"
+HAS_CSRC: bool = _C is not None  # whether the C++ extension fusedrl._C is built
 BACKENDS = ("auto", "cpp", "python")
 _INT64_MAX = 2**63 - 1
 

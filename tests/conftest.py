@@ -67,8 +67,15 @@ def seed():
     return value
 
 
+# Files whose every test is `slow` (left out of `make test-fast`): the ahead-of-time compiles of the
+# kernels and the full demo. Marked here so the kernel test files stay as their owners wrote them.
+SLOW_FILES = ("test_attention_compile.py", "test_logprobs_compile.py", "test_objectives_compile.py", "test_demo.py")
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+        if item.path.name in SLOW_FILES or item.path.name.endswith("_compile.py"):
+            item.add_marker(pytest.mark.slow)

@@ -225,10 +225,8 @@ def test_cpp_core_checks_its_own_arguments():
 
 
 def test_backend_flag_matches_extension():
-    from fusedrl.kernels import _dispatch
-
     assert packing.BACKEND == ("cpp" if packing._C is not None else "python")
-    assert _dispatch.HAS_CSRC == (packing._C is not None)
+    assert packing.HAS_CSRC == (packing._C is not None)
 
 
 def test_cu_seqlens_and_positions():
@@ -253,7 +251,7 @@ def test_module_docstring_examples():
 
 
 def test_bench_packing_smoke(tmp_path):
-    from bench import bench_packing
+    from fusedrl.bench import bench_packing
 
     rows = bench_packing.run(n=200, repeats=1, results_dir=str(tmp_path))
     assert {r["op"] for r in rows} >= {"balanced_partition", "pack_by_budget"}

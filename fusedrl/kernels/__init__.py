@@ -1,21 +1,22 @@
 """Fused ops for RLHF. Imports and works with torch alone (reference path).
 
 Backend selection lives in `fusedrl.kernels._dispatch` (HAS_TRITON, HAS_FLASH_ATTN,
-HAS_CSRC, force_backend).
+force_backend); whether the C++ packing core is built is `fusedrl.packing.HAS_CSRC`.
 """
-from ._dispatch import HAS_CSRC, HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
+from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
 from .attention import check_cu_seqlens, varlen_attention
 from .logprobs import linear_logprobs, logprobs_from_logits
 from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
 from .advantages import (RunningMeanBaseline, dr_grpo_advantages, fold_kl_into_rewards, gae, grpo_advantages,
                          overlong_reward_shaping, reinforce_advantages, rloo_advantages, whiten)
-from .policy_loss import ALGOS, AGGREGATIONS, PolicyLossConfig, policy_loss
+from .advantages import maxrl_advantages, opo_advantages, passk_advantages, remax_advantages
+from .policy_loss import ALGOS, AGGREGATIONS, DUAL_CLIP_DEFAULT, PolicyLossConfig, policy_loss
 from .linear_policy_loss import linear_policy_loss
 from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
+from .distill import DistillConfig, linear_distill_loss
 
 __all__ = [
-    "HAS_CSRC",
     "HAS_FLASH_ATTN",
     "HAS_TRITON",
     "force_backend",
@@ -37,6 +38,11 @@ __all__ = [
     "reinforce_advantages",
     "rloo_advantages",
     "whiten",
+    "maxrl_advantages",
+    "opo_advantages",
+    "passk_advantages",
+    "remax_advantages",
+    "DUAL_CLIP_DEFAULT",
     "apo_down_loss",
     "apo_zero_loss",
     "bradley_terry_loss",
@@ -55,4 +61,6 @@ __all__ = [
     "PolicyLossConfig",
     "policy_loss",
     "linear_policy_loss",
+    "DistillConfig",
+    "linear_distill_loss",
 ]

@@ -2,10 +2,10 @@
 
 Under `torch.autocast` a plain PyTorch op is cast by autocast's op lists (matmul
 to bf16/fp16, log_softmax to fp32). A fused op has no entry in those lists, and its
-PyTorch reference path would have each inner matmul autocast separately: the
-(tokens x vocab) logits came out in bf16 and the log-softmax of bf16 logits lost
-2-3 digits (log-p error vs float64 3.4e-2 instead of 7.5e-7). The decorator gives
-every public op one documented behaviour instead:
+PyTorch reference path would have each inner matmul autocast separately (when the
+issue was filed, the (tokens x vocab) logits came out in bf16 and the log-softmax of
+bf16 logits lost 2-3 digits: log-p error vs float64 3.4e-2 instead of 7.5e-7). The
+decorator gives every public op one documented behaviour, whatever its inner code:
 
     policy "keep"   (log-prob, policy-loss and preference ops): float inputs are used in
                     their own dtypes (the op promotes mixed inputs to the wider one, as

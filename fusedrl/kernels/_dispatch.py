@@ -27,7 +27,6 @@ def _importable(name: str) -> bool:
 
 HAS_TRITON: bool = _importable("triton")
 HAS_FLASH_ATTN: bool = _importable("flash_attn")
-HAS_CSRC: bool = _importable("fusedrl._C")
 TRITON_INTERPRET: bool = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BACKENDS = ("auto", "triton", "reference")

@@ -88,20 +88,37 @@ def check_token_tensor(name: str, value, layout: Layout, *, dtypes=FLOAT_DTYPES)
     return value
 
 
-def per_token_or_seq(name: str, value, layout: Layout) -> torch.Tensor:
+LAYOUTS = ("token", "sequence")
+
+
+def per_token_or_seq(name: str, value, layout: Layout, which: Optional[str] = None,
+                     arg: str = "advantages_layout") -> torch.Tensor:
     """Flat (N,) float view of a per-token tensor (layout shape) or a per-sequence one (B,).
 
-    A tensor of the per-token shape wins when both shapes coincide (only possible
-    when every sequence has one token, where the two readings agree).
+    which: "token", "sequence", or None to read the layout from the shape. The shape
+    alone decides only when exactly one reading fits: a packed batch with as many
+    tokens as sequences (say one empty sequence and one of two tokens) is ambiguous,
+    and None then raises ValueError naming `arg` instead of guessing.
     """
     check_tensor(name, value, dtypes=FLOAT_DTYPES)
-    if tuple(value.shape) == layout.shape:
+    if which is not None and which not in LAYOUTS:
+        raise ValueError(f"{arg} must be None, 'token' or 'sequence', got {which!r}")
+    shape = tuple(value.shape)
+    fits_token, fits_seq = shape == layout.shape, shape == (layout.num_seqs,)
+    if which is None:
+        if fits_token and fits_seq:
+            raise ValueError(
+                f"{name} of shape {shape} is ambiguous: this batch has as many tokens as sequences "
+                f"({layout.num_seqs}), so it can be read per token or per sequence; pass {arg}='token' or "
+                f"{arg}='sequence'")
+        which = "token" if fits_token else "sequence" if fits_seq else None
+    if which == "token" and fits_token:
         return value.reshape(-1)
-    if tuple(value.shape) == (layout.num_seqs,):
+    if which == "sequence" and fits_seq:
         return value[layout.seq_ids]
-    raise ValueError(
-        f"{name} must be per token {layout.shape} or per sequence ({layout.num_seqs},), got {tuple(value.shape)}"
-    )
+    want = {"token": f"per token {layout.shape}", "sequence": f"per sequence ({layout.num_seqs},)",
+            None: f"per token {layout.shape} or per sequence ({layout.num_seqs},)"}[which]
+    raise ValueError(f"{name} must be {want}, got {shape}")
 
 
 def flat_mask(mask, layout: Layout) -> torch.Tensor:

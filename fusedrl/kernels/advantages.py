@@ -5,13 +5,15 @@ grouped contiguously (pass `group_size=G`) or (num_prompts, G). Outputs have
 the input's shape, float32 (float64 for float64 input). All outputs are
 detached: advantages are targets, not part of the graph.
 
-    GRPO      A_i = (R_i - mean R) / (std R + eps)     (std unbiased, eps = 1e-4)
+    GRPO      A_i = (R_i - mean R) / (std R + eps)     (std unbiased, eps = 1e-4; group / batch / no std)
     Dr. GRPO  A_i = R_i - mean R
     RLOO      A_k = R_k - mean_{j != k} R_j = K / (K - 1) (R_k - mean R)
+    OPO, MaxRL, pass@k, ReMax: see _group_advantages.py (uneven groups via group_ids; groups of one)
     REINFORCE A_i = R_i - b, b a running mean of past rewards (or 0)
-    whiten    (A - mean) / sqrt(var + eps) over masked tokens (population variance)
+    whiten    (A - mean) / sqrt(var + eps) over masked tokens (population or unbiased variance,
+              eps in the root or on the std, or centring only)
     GAE       see _gae.py (`gae` is re-exported here)
-    DAPO overlong: r -= clip((len - (L_max - L_cache)) / L_cache, 0, 1)
+    DAPO overlong: r -= factor * clip((len - (L_max - L_cache)) / L_cache, 0, 1)
     KL folding: r_t = -beta * KL_t per token, + the sequence reward on the last token
 """
 from __future__ import annotations
@@ -23,12 +25,14 @@ import torch
 from ._rl_layout import flat_mask, make_layout
 from ._validate import FLOAT_DTYPES, check_tensor
 from ._gae import gae, gae_reference
+from ._group_advantages import (group_advantages, maxrl_advantages, opo_advantages, passk_advantages,
+                                remax_advantages, rloo_group_advantages)
 from .kl import check_kl_kind, kl_from_delta
 
 __all__ = [
     "grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "reinforce_advantages",
     "RunningMeanBaseline", "whiten", "gae", "gae_reference", "overlong_reward_shaping",
-    "fold_kl_into_rewards",
+    "fold_kl_into_rewards", "maxrl_advantages", "opo_advantages", "passk_advantages", "remax_advantages",
 ]
 
 
@@ -36,54 +40,37 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
-def _grouped(rewards, group_size: Optional[int], min_group: int, who: str) -> torch.Tensor:
-    """(P, G) float view of rewards given as (P * G,) + group_size or (P, G)."""
-    check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES)
-    r = _compute(rewards)
-    if rewards.dim() == 2:
-        if group_size is not None and group_size != rewards.shape[1]:
-            raise ValueError(f"group_size={group_size} disagrees with rewards of shape {tuple(rewards.shape)}")
-        grouped = r
-    elif rewards.dim() == 1:
-        if group_size is None:
-            raise ValueError("group_size is required when rewards is 1-D (num_prompts * G,)")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-        if rewards.numel() % group_size:
-            raise ValueError(f"rewards length {rewards.numel()} is not a multiple of group_size={group_size}")
-        grouped = r.view(-1, group_size)
-    else:
-        raise ValueError(f"rewards must be (num_prompts * G,) or (num_prompts, G), got shape {tuple(rewards.shape)}")
-    if grouped.shape[1] < min_group:
-        raise ValueError(f"{who} needs a group size G >= {min_group}, got G={grouped.shape[1]}")
-    return grouped
-
-
-def grpo_advantages(rewards, group_size: Optional[int] = None, *, eps: float = 1e-4) -> torch.Tensor:
+def grpo_advantages(rewards, group_size: Optional[int] = None, *, eps: float = 1e-4, group_ids=None,
+                    std: str = "group", eps_mode: str = "std", unbiased: bool = True,
+                    singleton: str = "zero") -> torch.Tensor:
     """GRPO group normalisation A_i = (R_i - mean R) / (std R + eps).
 
     Args:
         rewards: (num_prompts * G,) grouped contiguously, or (num_prompts, G); float.
         group_size: G when rewards is 1-D.
-        eps: added to the (unbiased, Bessel-corrected) group std.
+        eps: added to the group std (eps_mode "std", TRL / verl) or to the variance under the
+            square root (eps_mode "sqrt").
+        group_ids: instead of group_size, (N,) int prompt id of each reward: uneven groups.
+        std: "group" (each group's std), "batch" (the std of all rewards: TRL scale_rewards="batch"),
+            "none" (no scaling: Dr. GRPO).
+        unbiased: Bessel-corrected std (TRL, verl) or the population std.
+        singleton: a group of one gets A = 0 ("zero") or verl's R / (1 + eps) ("reward").
     Returns: advantages of rewards' shape, float32 (float64 for float64 input).
     """
-    grouped = _grouped(rewards, group_size, 2, "grpo_advantages")
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    return (centred / (grouped.std(dim=1, keepdim=True) + eps)).view(rewards.shape)
+    return group_advantages(rewards, group_size, group_ids=group_ids, std=std, eps=eps, eps_mode=eps_mode,
+                            unbiased=unbiased, singleton=singleton)
 
 
-def dr_grpo_advantages(rewards, group_size: Optional[int] = None) -> torch.Tensor:
-    """Dr. GRPO: A_i = R_i - mean R over the group (no std). Shapes as `grpo_advantages`."""
-    grouped = _grouped(rewards, group_size, 1, "dr_grpo_advantages")
-    return (grouped - grouped.mean(dim=1, keepdim=True)).view(rewards.shape)
+def dr_grpo_advantages(rewards, group_size: Optional[int] = None, *, group_ids=None,
+                       singleton: str = "zero") -> torch.Tensor:
+    """Dr. GRPO: A_i = R_i - mean R over the group (no std). Shapes and groups as `grpo_advantages`."""
+    return group_advantages(rewards, group_size, group_ids=group_ids, std="none", singleton=singleton)
 
 
-def rloo_advantages(rewards, group_size: Optional[int] = None) -> torch.Tensor:
-    """RLOO leave-one-out baseline: A_k = R_k - mean_{j != k} R_j. Shapes as `grpo_advantages`."""
-    grouped = _grouped(rewards, group_size, 2, "rloo_advantages")
-    k = grouped.shape[1]
-    return (k / (k - 1) * (grouped - grouped.mean(dim=1, keepdim=True))).view(rewards.shape)
+def rloo_advantages(rewards, group_size: Optional[int] = None, *, group_ids=None,
+                    singleton: str = "zero") -> torch.Tensor:
+    """RLOO leave-one-out baseline: A_k = R_k - mean_{j != k} R_j. Shapes and groups as `grpo_advantages`."""
+    return rloo_group_advantages(rewards, group_size, group_ids=group_ids, singleton=singleton)
 
 
 def reinforce_advantages(rewards, baseline=None) -> torch.Tensor:
@@ -136,16 +123,22 @@ class RunningMeanBaseline:
 
 
 def whiten(values: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: bool = True,
-           eps: float = 1e-8) -> torch.Tensor:
-    """(values - mean) / sqrt(var + eps) over the masked entries (population variance).
+           eps: float = 1e-8, unbiased: bool = False, eps_mode: str = "sqrt", scale: bool = True) -> torch.Tensor:
+    """(values - mean) / sqrt(var + eps) over the masked entries.
 
     Args:
         values: (...) float, e.g. per-token advantages (B, T) or (total,).
         mask: None or (...) of values' shape; nonzero entries are the population.
             Masked-out entries come back as 0.
-        shift_mean: False keeps the mean (only scales by the std), as some PPO codes do.
+        shift_mean: False adds the mean back after scaling (verl's masked_whiten shift_mean=False).
+        eps: 1e-8; eps_mode "sqrt": (x - mean) / sqrt(var + eps) (verl, OpenRLHF); "std":
+            (x - mean) / (std + eps) (TRL's 1e-4 on the std).
+        unbiased: Bessel-corrected variance (verl's masked_whiten, TRL) or the population one (default).
+        scale: False only centres: x - mean.
     Returns: (...) float32 (float64 for float64 input), detached.
     """
+    if eps_mode not in ("sqrt", "std"):
+        raise ValueError(f"eps_mode must be 'sqrt' or 'std', got {eps_mode!r}")
     check_tensor("values", values, dtypes=FLOAT_DTYPES)
     v = _compute(values)
     if mask is None:
@@ -158,20 +151,26 @@ def whiten(values: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_m
     mf = m.to(v.dtype)
     count = mf.sum().clamp(min=1.0)
     mean = (v * mf).sum() / count
-    var = (((v - mean) * mf) ** 2).sum() / count
-    out = (v - mean) * torch.rsqrt(var + eps)
+    var = (((v - mean) * mf) ** 2).sum() / ((count - 1).clamp(min=1) if unbiased else count)
+    if not scale:
+        out = v - mean
+    elif eps_mode == "sqrt":
+        out = (v - mean) * torch.rsqrt(var + eps)
+    else:
+        out = (v - mean) / (torch.sqrt(var) + eps)
     if not shift_mean:
         out = out + mean
     return torch.where(m, out, torch.zeros_like(out))
 
 
-def overlong_reward_shaping(rewards, lengths, *, max_len: int, cache_len: int) -> torch.Tensor:
-    """DAPO soft overlong punishment: r - clip((len - (L_max - L_cache)) / L_cache, 0, 1).
+def overlong_reward_shaping(rewards, lengths, *, max_len: int, cache_len: int, factor: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment: r - factor * clip((len - (L_max - L_cache)) / L_cache, 0, 1).
 
     Args:
         rewards: (N,) float sequence rewards.
         lengths: (N,) int or float completion lengths.
         max_len: L_max, the generation length limit; cache_len: L_cache in (0, L_max].
+        factor: the penalty at L_max (verl's overlong_buffer.penalty_factor, 1.0).
     Returns: (N,) shaped rewards, float32 (float64 for float64 input).
     """
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES)
@@ -183,9 +182,11 @@ def overlong_reward_shaping(rewards, lengths, *, max_len: int, cache_len: int) -
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if cache_len > max_len:
         raise ValueError(f"cache_len must be <= max_len={max_len}, got {cache_len}")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 0:
+        raise ValueError(f"factor must be a number >= 0, got {factor!r}")
     r = _compute(rewards)
     over = (lengths.to(r.dtype) - (max_len - cache_len)) / cache_len
-    return r - over.clamp(0.0, 1.0)
+    return r - factor * over.clamp(0.0, 1.0)
 
 
 def fold_kl_into_rewards(seq_rewards, logp, ref_logp, mask=None, *, cu_seqlens=None, beta: float,

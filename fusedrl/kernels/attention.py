@@ -7,7 +7,9 @@ document's length. Tokens attend only inside their own document.
 
 Backends (same signature, same results):
 - "triton": the kernels in `_attention_triton.py` (default on CUDA when Triton imports);
-- "reference": per-document SDPA in `reference.py` (default on CPU, the test oracle);
+- "reference": documents grouped by length, one batched SDPA per group
+  (`_attention_cpu.py`; default on CPU), equal up to rounding to the per-document
+  loop `reference.varlen_attention_reference` (the plain oracle);
 - "flash_attn": `flash_attn.flash_attn_varlen_func`, only when asked for with
   `backend="flash_attn"` (CUDA, fp16/bf16, head dim a multiple of 8 up to 256).
 
@@ -25,7 +27,7 @@ import torch
 from ._autocast import autocast_aware
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
-from .reference import varlen_attention_reference
+from ._attention_cpu import varlen_attention_batched
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
@@ -202,6 +204,6 @@ def varlen_attention(
         return _flash_attn(q, k, v, cu_seqlens, max_seqlen, bool(causal), scale, window)
     if chosen == "triton":
         return VarlenAttentionFunction.apply(q, k, v, cu_seqlens, max_seqlen, scale, left, right)
-    return varlen_attention_reference(
+    return varlen_attention_batched(
         q, k, v, cu_seqlens, max_seqlen, causal=causal, softmax_scale=scale, window=window
     )

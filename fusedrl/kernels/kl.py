@@ -6,9 +6,17 @@ With delta = logp - ref_logp (samples drawn from the policy):
     k2  = delta^2 / 2                   biased, low variance
     k3  = exp(-delta) - 1 + delta       unbiased, >= 0   (note: exp(ref - logp))
     k3+ = value of k3, gradient of k2   (straight-through: k2 + sg(k3 - k2))
+    abs = |delta|                       (verl "abs"; gradient sign(delta))
+    k1+ = value of k1, gradient of k2   (verl "k1+": k2 + sg(k1 - k2))
 
-Optionally delta is clamped to [-clamp, clamp] before any of the above (the
-clamp then also stops the gradient outside that range, as torch.clamp does).
+k3 is computed as expm1(-delta) + delta, and for |delta| < 0.1 as its Taylor
+series sum_{k=2..8} (-delta)^k / k! (truncation below 1e-12 relative, the
+gradient's below 1e-10): near delta = 0, exp(-delta) - 1 + delta loses
+every digit and even expm1(-delta) + delta cancels to float32 noise. Optionally delta is clamped to
+[-clamp, clamp] before the estimator, and the estimate itself to
+[-value_clamp, value_clamp] after it (verl's low_var_kl: delta clamped to
++-20, k3 to +-10); each clamp stops the gradient outside its range, as
+torch.clamp does.
 Elementwise math that XLA-style fusers handle well; the policy-loss Triton
 kernel carries its own copy of these formulas for the fused path.
 """
@@ -21,7 +29,7 @@ import torch
 
 from ._validate import FLOAT_DTYPES, check_tensor
 
-KL_KINDS = ("k1", "k2", "k3", "k3+")
+KL_KINDS = ("k1", "k2", "k3", "k3+", "abs", "k1+")
 
 
 def check_kl_kind(kind, name: str = "kind") -> str:
@@ -45,15 +53,17 @@ def kl_penalty(
     kind: str = "k3",
     *,
     clamp: Optional[float] = None,
+    value_clamp: Optional[float] = None,
 ) -> torch.Tensor:
     """Per-token KL estimate between the policy and the reference.
 
     Args:
         logp: (...) float, log pi_theta of the sampled tokens (differentiable).
         ref_logp: (...) float, same shape, log pi_ref of the same tokens.
-        kind: "k1", "k2", "k3" or "k3+" (see the module docstring).
+        kind: "k1", "k2", "k3", "k3+", "abs" or "k1+" (see the module docstring).
         clamp: None (default, exact) or c > 0: clamp delta = logp - ref_logp to
             [-c, c] before the estimator (10 is the usual choice) to avoid exp overflow.
+        value_clamp: None or c > 0: clamp the estimate to [-c, c] (verl clamps k3 to +-10).
 
     Returns:
         (...) float32 (float64 for float64 inputs) per-token estimate; gradients
@@ -65,24 +75,46 @@ def kl_penalty(
         raise ValueError(f"ref_logp must have logp's shape {tuple(logp.shape)}, got {tuple(ref_logp.shape)}")
     check_kl_kind(kind)
     check_clamp(clamp)
+    check_clamp(value_clamp, "value_clamp")
     dtype = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32
     delta = logp.to(dtype) - ref_logp.to(dtype)
-    return kl_from_delta(delta, kind, clamp)
+    return kl_from_delta(delta, kind, clamp, value_clamp)
 
 
-def kl_from_delta(delta: torch.Tensor, kind: str, clamp: Optional[float] = None) -> torch.Tensor:
+def kl_from_delta(delta: torch.Tensor, kind: str, clamp: Optional[float] = None,
+                  value_clamp: Optional[float] = None) -> torch.Tensor:
     """The estimator applied to delta = logp - ref_logp (no validation; used by the losses)."""
     if clamp is not None:
         delta = delta.clamp(-clamp, clamp)
+    kl = _estimate(delta, kind)
+    return kl if value_clamp is None else kl.clamp(-value_clamp, value_clamp)
+
+
+def _estimate(delta: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "k1":
         return delta
+    if kind == "abs":
+        return delta.abs()
     k2 = 0.5 * delta * delta
     if kind == "k2":
         return k2
-    k3 = torch.expm1(-delta) + delta
+    if kind == "k1+":
+        return k2 + (delta - k2).detach()
+    k3 = k3_value(delta)
     if kind == "k3":
         return k3
     return k2 + (k3 - k2).detach()  # k3+
+
+
+K3_SERIES_BELOW = 0.1
+
+
+def k3_value(delta: torch.Tensor) -> torch.Tensor:
+    """exp(-delta) - 1 + delta, precise near 0 (module docstring); differentiable."""
+    small = delta.abs() < K3_SERIES_BELOW
+    d = torch.where(small, delta, torch.zeros_like(delta))  # keeps the series' gradient finite everywhere
+    series = d * d * (0.5 - d * (1.0 / 6 - d * (1.0 / 24 - d * (1.0 / 120 - d * (1.0 / 720 - d * (1.0 / 5040 - d / 40320))))))
+    return torch.where(small, series, torch.expm1(-delta) + delta)
 
 
 class AdaptiveKLController:

@@ -20,7 +20,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._rl_layout import Number, batch_mean, check_normaliser, flat_mask, make_layout, per_token_or_seq
+from ._rl_layout import Number, batch_mean, check_normaliser, flat_mask, make_layout, per_token_or_seq, segment_sum
 from ._validate import FLOAT_DTYPES, check_tensor
 from .preference import (apo_down_loss, apo_zero_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss, orpo_loss,
                          rpo_loss, simpo_loss)
@@ -53,8 +53,12 @@ def value_loss(
     *,
     eps_v: Optional[float] = 0.2,
     num_tokens: Optional[Number] = None,
+    aggregation: str = "token_mean",
+    cu_seqlens: Optional[torch.Tensor] = None,
+    max_len: Optional[int] = None,
+    num_seqs: Optional[Number] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
-    """Clipped PPO value loss, masked token mean.
+    """Clipped PPO value loss, aggregated as the policy loss (masked token mean by default).
 
     Args:
         values: (...) float, V_t of the current value model (differentiable).
@@ -62,6 +66,10 @@ def value_loss(
         mask: None or (...) per-token mask (nonzero entries count).
         eps_v: clip range around old_values; None disables clipping (plain 0.5 (V - G)^2).
         num_tokens: global token count for gradient accumulation (default: this batch's).
+        aggregation: "token_mean" | "seq_mean" | "seq_sum" | "seq_mean_fixed_len" (verl's
+            loss_agg_mode for the critic; see `policy_loss`). The sequence modes need values
+            (B, T) padded or (total,) packed with cu_seqlens; "seq_mean_fixed_len" needs max_len.
+        num_seqs: global sequence count for the sequence modes (default: this batch's B).
     Returns:
         loss (0-d), metrics {"vf_clip_frac", "value_mean", "value_error"} (0-d tensors;
         vf_clip_frac: share of tokens where the clipped term is the larger one).
@@ -87,7 +95,10 @@ def value_loss(
     zero = torch.zeros((), dtype=dtype, device=v.device)
     per_token = torch.where(m, per_token, zero)
     count = m.sum().clamp(min=1)
-    loss = per_token.sum() / (count if num_tokens is None else num_tokens)
+    if aggregation == "token_mean":
+        loss = per_token.sum() / (count if num_tokens is None else num_tokens)
+    else:
+        loss = _sequence_aggregate(per_token, m, aggregation, cu_seqlens, max_len, num_seqs)
     with torch.no_grad():
         metrics = {
             "vf_clip_frac": (clipped_wins & m).sum() / count,
@@ -95,6 +106,23 @@ def value_loss(
             "value_error": torch.where(m, unclipped, zero).sum() / count,
         }
     return loss, metrics
+
+
+def _sequence_aggregate(per_token, m, aggregation, cu_seqlens, max_len, num_seqs) -> torch.Tensor:
+    """The policy loss's sequence modes applied to a masked per-token loss."""
+    from ._policy_config import AGGREGATIONS
+    from .policy_loss import _aggregate_one
+
+    if aggregation not in AGGREGATIONS:
+        raise ValueError(f"aggregation must be one of {AGGREGATIONS}, got {aggregation!r}")
+    if aggregation == "seq_mean_fixed_len" and (isinstance(max_len, bool) or not isinstance(max_len, int)
+                                                or max_len < 1):
+        raise ValueError(f"aggregation 'seq_mean_fixed_len' needs max_len, a positive int; got {max_len!r}")
+    check_normaliser("num_seqs", num_seqs)
+    layout = make_layout(per_token, cu_seqlens, name="values")
+    sums = segment_sum(per_token.reshape(-1), layout)
+    tokens = segment_sum(m.reshape(-1).to(per_token.dtype), layout)
+    return _aggregate_one(sums, tokens, layout, aggregation, max_len, None, num_seqs)
 
 
 def _mask_like(mask, like: torch.Tensor) -> torch.Tensor:
@@ -183,6 +211,7 @@ def outcome_rm_loss(
     mask: Optional[torch.Tensor] = None,
     *,
     cu_seqlens: Optional[torch.Tensor] = None,
+    labels_layout: Optional[str] = None,
     num_tokens: Optional[Number] = None,
 ) -> Tuple[torch.Tensor, Metrics]:
     """Outcome reward model: per-token BCE against the sequence's 0/1 label, masked token mean.
@@ -192,6 +221,9 @@ def outcome_rm_loss(
         labels: (B,) per-sequence 0/1 labels (float or int), or per-token of logits' shape.
         mask: None or per-token mask of logits' shape (completion tokens nonzero).
         cu_seqlens: (B + 1,) int32 when packed.
+        labels_layout: "sequence" (labels (B,)), "token" (labels per token) or None: read from
+            labels' shape, which raises ValueError when both fit (a packed batch with as many
+            tokens as sequences); pass it explicitly then.
         num_tokens: global token count for gradient accumulation.
     Returns: loss (0-d), metrics {"accuracy" (token sign agrees with label), "prob_mean"}.
     """
@@ -200,7 +232,7 @@ def outcome_rm_loss(
     check_tensor("labels", labels)
     check_normaliser("num_tokens", num_tokens)
     dtype = _dtype(logits)
-    target = per_token_or_seq("labels", labels.to(dtype), layout)
+    target = per_token_or_seq("labels", labels.to(dtype), layout, labels_layout, "labels_layout")
     m = flat_mask(mask, layout)
     z = logits.reshape(-1).to(dtype)
     bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")

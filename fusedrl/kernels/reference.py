@@ -48,8 +48,8 @@ def linear_logprobs_reference(
     """log p(label) (and entropy) of softmax((hidden @ weight.T + bias) / temperature), exact and chunked.
 
     hidden (..., H), weight (V, H), bias (V,) or None, labels (...) int32/int64 -> logp (...)
-    [, entropy (...)], float32 (float64 for float64 inputs). Tokens are processed in chunks of
-    about 4M logits and recomputed in backward, so the (N, V) logits never exist at once.
+    [, entropy (...)], float32 (float64 for float64 inputs). The logits are processed in tiles
+    (see `_tiles.tile_shape`) and recomputed in backward, so the (N, V) logits never exist at once.
     """
     from ._logprobs_ref import linear_logprobs_chunked
 

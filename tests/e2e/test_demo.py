@@ -5,10 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fusedrl.engine.cli import main
-from fusedrl.engine.config import load_config
-from fusedrl.engine.demo import DEFAULT_STAGES, DemoConfig, default_demo_config
-from fusedrl.engine.plot import read_png
+from fusedrl.cli import main
+from fusedrl.config import load_config
+from fusedrl.demo.pipeline import DEFAULT_STAGES, DemoConfig, default_demo_config
+from fusedrl.train.plot import read_png
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -64,9 +64,9 @@ def test_cli_bench_config_and_errors(tmp_path, capsys, caplog):
 def test_train_picks_the_config_class_of_the_stage(tmp_path, monkeypatch):
     from dataclasses import dataclass, field
 
-    from fusedrl.engine import stages
-    from fusedrl.engine.config import TrainConfig
-    from fusedrl.engine.run import load_run_config
+    from fusedrl import stages
+    from fusedrl.config import TrainConfig
+    from fusedrl.train.run import load_run_config
 
     @dataclass
     class ExtraTable:

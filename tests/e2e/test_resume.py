@@ -10,11 +10,11 @@ import textwrap
 import torch
 from safetensors.torch import load_file
 
-from fusedrl.engine.checkpoint import list_checkpoints
-from fusedrl.engine.config import load_config
-from fusedrl.engine.metrics import read_metrics
-from fusedrl.engine.run import run_training
-from fusedrl.engine.tasks import make_records
+from fusedrl.train.checkpoint import list_checkpoints
+from fusedrl.config import load_config
+from fusedrl.train.metrics import read_metrics
+from fusedrl.train.run import run_training
+from fusedrl.demo.tasks import make_records
 
 CONFIG = """
 [run]
@@ -53,8 +53,8 @@ plots = false
 # Runs the config and SIGKILLs itself right after step 5 (checkpoints exist for steps 2 and 4).
 KILLER = textwrap.dedent("""
     import os, signal, sys
-    from fusedrl.engine.config import load_config
-    from fusedrl.engine.run import run_training
+    from fusedrl.config import load_config
+    from fusedrl.train.run import run_training
 
     def hook(step, record):
         if step == 5:
@@ -84,7 +84,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     assert not (killed / "final").exists()
     assert max(r["step"] for r in read_metrics(killed / "metrics.jsonl")) == 5
 
-    proc = subprocess.run([sys.executable, "-m", "fusedrl.engine.cli", "train", str(config), "--resume",
+    proc = subprocess.run([sys.executable, "-m", "fusedrl.cli", "train", str(config), "--resume",
                            f"--run.out_dir={killed}"], env=_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from" in proc.stderr and "step_00000004" in proc.stderr

@@ -1,7 +1,7 @@
 """`fusedrl train` on the example configs: every examples/*.toml parses with its stage's config class, and
 the tiny CPU configs (examples/*_tiny.toml) really train through the CLI, from any working directory.
 
-The data are small fixtures of the demo's "reverse a word" task (tests/e2e/data): preference pairs
+The data are small fixtures of the demo's "reverse a word" task (examples/data): preference pairs
 ({"prompt", "chosen", "rejected"}, chosen = the reversed word, rejected = it with one letter changed)
 for reward_model / dpo, and prompts with answers ({"prompt", "answer"}) for rejection / grpo / ppo.
 """
@@ -12,15 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from fusedrl.engine.cli import main
-from fusedrl.engine.config import load_config
-from fusedrl.engine.config_io import read_toml
-from fusedrl.engine.rewards import load_verifier
-from fusedrl.engine.stage_configs_alignment import check_section
-from fusedrl.engine.stage_configs_rl import check_rollout, resolve_pg_options
-from fusedrl.engine.stages import STAGE_CONFIGS, STAGES
-from fusedrl.engine.stages.policy_gradient import PG_STAGES
-from fusedrl.engine.stages.ppo import resolve_ppo_options
+from fusedrl.cli import main
+from fusedrl.config import load_config
+from fusedrl.config_io import read_toml
+from fusedrl.rollout.rewards import load_verifier
+from fusedrl.stages.configs_alignment import check_section
+from fusedrl.stages.configs_rl import check_rollout, resolve_pg_options
+from fusedrl.stages import STAGE_CONFIGS, STAGES
+from fusedrl.stages.policy_gradient import PG_STAGES
+from fusedrl.stages.ppo import resolve_ppo_options
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted(p for p in (ROOT / "examples").glob("*.toml") if p.name != "demo.toml")  # demo.toml: DemoConfig
@@ -92,9 +92,10 @@ def test_every_example_parses_with_the_config_class_of_its_stage(path):
         if spec is not None:
             load_verifier(spec)  # the named function exists and takes (prompt, completion, **fields)
     if path.stem.endswith("_tiny"):
-        for key in ("train", "eval"):  # sft_tiny reads the files `fusedrl demo` writes
+        for key in ("train", "eval"):  # every tiny example ships its data under examples/data/
             value = getattr(cfg.data, key)
-            assert stage == "sft" or not value or (ROOT / value).is_file(), (path.name, key, value)
+            assert not value or (ROOT / value).is_file(), (path.name, key, value)
+            assert not value or value.startswith("examples/data/"), (path.name, key, value)
         assert cfg.run.device == "cpu" and cfg.model.name_or_path is None and cfg.model.tokenizer == "char"
     else:
         assert cfg.model.name_or_path and cfg.model.dtype in ("auto", "bfloat16"), path.name
@@ -117,7 +118,7 @@ def test_stage_table_checks_catch_a_bad_example_value():
     with pytest.raises(ValueError, match="rollout.group_size"):
         _check_stage_tables(load_config(path, [("rollout.group_size", "1")], cls=STAGE_CONFIGS["grpo"]), "grpo")
     path = ROOT / "examples" / "rejection_qwen2_0.5b.toml"
-    both = [("rejection.verifier", "fusedrl.engine.rewards:exact_match")]  # and the recipe's reward_model
+    both = [("rejection.verifier", "fusedrl.rollout.rewards:exact_match")]  # and the recipe's reward_model
     bad = load_config(path, both, cls=STAGE_CONFIGS["rejection"])
     with pytest.raises(ValueError, match="set exactly one"):
         _check_stage_tables(bad, "rejection")
@@ -129,6 +130,12 @@ def test_reward_model_tiny_trains(reward_model_run):
     assert all(0.0 <= r["accuracy"] <= 1.0 and "margin" in r for r in rows)
     evals = [r for r in records if r["kind"] == "eval"]
     assert evals and evals[-1]["eval/pairs"] == 8  # the whole eval file: 8 pairs
+
+
+def test_sft_tiny_trains(tmp_path):
+    """SFT on the shipped examples/data (no `fusedrl demo` needed first)."""
+    rows = _train_rows(_train("sft_tiny", tmp_path / "sft", "--loop.max_steps=3", "--loop.eval_every=0"), 3)
+    assert rows[0]["tokens"] > 0
 
 
 def test_dpo_tiny_trains(tmp_path):
@@ -151,7 +158,7 @@ def test_grpo_tiny_trains(tmp_path):
     # ends_cleanly (a format check) rewards an untrained model's samples unevenly, so the
     # group-normalised advantages are not all zero and the policy really gets a gradient
     rows = _train_rows(_train("grpo_tiny", tmp_path / "grpo", "--loop.max_steps=3",
-                              "--rollout.verifier=fusedrl.engine.rewards:ends_cleanly"), 3)
+                              "--rollout.verifier=fusedrl.rollout.rewards:ends_cleanly"), 3)
     assert any(r["reward_std"] > 0 and r["grad_norm"] > 0 for r in rows), rows
     assert all(r["generated_tokens"] > 0 and r["groups_kept"] == 4 for r in rows)
 

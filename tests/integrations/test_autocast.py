@@ -1,10 +1,12 @@
 """Every public op under CPU autocast (bf16) against float64.
 
-Before the `_autocast` decorator the reference log-prob path ran its chunk matmul under
-autocast: bf16 logits, log-p error vs float64 ~3e-2 instead of ~1e-6. The "keep" ops must
-now give their float32 results under autocast (nothing cast down; float32 logits and
-log-softmax), forward and backward; varlen_attention ("lower") casts q, k, v to the autocast
-dtype and must equal the float64 attention of those cast inputs.
+When the issue was filed the reference log-prob path ran its chunk matmul under autocast:
+bf16 logits, log-p error vs float64 ~3e-2 instead of ~1e-6 (its current tiled form writes
+through `out=` matmuls, which autocast leaves alone; the decorator now guarantees the
+property for every op whatever its inner code). The "keep" ops must give their float32
+results under autocast (nothing cast down; float32 logits and log-softmax), forward and
+backward; varlen_attention ("lower") casts q, k, v to the autocast dtype and must equal the
+float64 attention of those cast inputs.
 """
 import pytest
 import torch
@@ -54,15 +56,24 @@ def test_linear_logprobs_under_autocast_matches_float64(backend):
         assert_close(a.double(), e, atol=2e-5 * float(e.abs().max()), rtol=1e-4, name=name)
 
 
-def test_undecorated_reference_loses_precision_under_autocast():
-    """The failure the decorator fixes, measured: the same op without it computes bf16 logits."""
-    h, w, y = _head()
-    exact = _oracle(h, w, y)
-    with force_backend("reference"), torch.autocast(**BF16):
-        fixed = linear_logprobs(h, w, y)
-        broken = linear_logprobs.__wrapped__(h, w, y)
-    assert _max_err(broken, exact) > 1e-2  # ~3e-2 measured: bf16 logits
-    assert _max_err(fixed, exact) < 2e-5   # ~1e-6: float32 logits
+def test_decorator_turns_autocast_off_inside_the_op():
+    """The mechanism: an op's inner matmul runs in bf16 under autocast unless the decorator
+    turns autocast off ("keep") or casts the named inputs first ("lower")."""
+    gen = torch.Generator().manual_seed(5)
+    a, b = torch.randn(33, 40, generator=gen), torch.randn(50, 40, generator=gen)
+
+    def head(x, w):
+        return torch.logsumexp(x @ w.T, -1), (x @ w.T).dtype
+
+    exact = torch.logsumexp(a.double() @ b.double().T, -1)
+    with torch.autocast(**BF16):
+        plain, plain_dtype = head(a, b)
+        kept, kept_dtype = autocast_aware("keep")(head)(a, b)
+        seen = autocast_aware("lower", cast=("x",))(lambda x, w: (x.dtype, w.dtype, torch.is_autocast_enabled("cpu")))
+        lowered = seen(a, b)
+    assert plain_dtype == torch.bfloat16 and kept_dtype == torch.float32
+    assert _max_err(plain, exact) > 1e-2 and _max_err(kept, exact) < 1e-4  # bf16 logits vs float32 logits
+    assert lowered == (torch.bfloat16, torch.float32, False)  # only the named input is cast; autocast off inside
 
 
 def test_logprobs_from_logits_and_bf16_inputs_under_autocast():

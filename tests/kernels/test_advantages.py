@@ -140,8 +140,10 @@ def test_bad_input():
         grpo_advantages(torch.ones(4))
     with pytest.raises(ValueError, match="not a multiple of group_size=3"):
         grpo_advantages(torch.ones(4), 3)
-    with pytest.raises(ValueError, match="G >= 2"):
-        rloo_advantages(torch.ones(3, 1))
+    with pytest.raises(ValueError, match="pass group_size or group_ids, not both"):
+        rloo_advantages(torch.ones(3), 3, group_ids=torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="singleton must be one of"):
+        grpo_advantages(torch.ones(3), 3, singleton="one")
     with pytest.raises(TypeError, match="rewards must have dtype"):
         dr_grpo_advantages(torch.ones(4, dtype=torch.int64), 2)
     with pytest.raises(ValueError, match="values must have rewards' shape"):

@@ -95,3 +95,35 @@ def test_adaptive_controller():
     assert ctl.update(5.4, 1000) == pytest.approx(0.10098)
     with pytest.raises(ValueError, match="target must be a positive number"):
         AdaptiveKLController(0.1, target=0.0, horizon=10)
+
+
+def test_abs_and_k1_plus_hand_and_gradients():
+    logp = torch.tensor(LOGP, dtype=torch.float64, requires_grad=True)
+    ref = torch.tensor(REF, dtype=torch.float64)
+    up = torch.tensor([0.3, -1.1, 0.7], dtype=torch.float64)
+    delta = torch.tensor([0.0, -0.5, 0.5], dtype=torch.float64)
+    for kind, value, grad in (("abs", delta.abs(), torch.sign(delta)), ("k1+", delta, delta)):
+        out = kl_penalty(logp, ref, kind)
+        assert_close(out, value, name=kind)  # abs: |delta|; k1+: the value of k1 ...
+        (g,) = torch.autograd.grad(out, logp, up)
+        assert_close(g, up * grad, name=f"d{kind}")  # ... and the gradient of k2 (delta)
+
+
+def test_value_clamp_and_k3_precision():
+    # verl low_var_kl: delta clamped to +-20, k3 clamped to +-10; delta = -15: k3 = e^15 - 16 -> 10, no gradient
+    logp = torch.tensor([-15.0, 0.5], dtype=torch.float64, requires_grad=True)
+    ref = torch.zeros(2, dtype=torch.float64)
+    out = kl_penalty(logp, ref, "k3", clamp=20.0, value_clamp=10.0)
+    assert_close(out, torch.tensor([10.0, math.exp(-0.5) - 0.5], dtype=torch.float64))
+    (g,) = torch.autograd.grad(out.sum(), logp)
+    assert_close(g, torch.tensor([0.0, 1 - math.exp(-0.5)], dtype=torch.float64))
+    # near 0, float32 k3 keeps its digits (exp(-d) - 1 + d, even expm1(-d) + d, would be noise)
+    d = torch.tensor([1e-6, -3e-4, 2e-3, -0.05, 0.099, 0.101, 0.7])
+    exact = torch.tensor([sum((-x) ** k / math.factorial(k) for k in range(2, 30)) for x in d.double().tolist()],
+                         dtype=torch.float64)
+    assert_close(kl_penalty(d, torch.zeros(7), "k3"), exact.float(), atol=0, rtol=2e-6)
+    d64 = d.double().requires_grad_()
+    (g,) = torch.autograd.grad(kl_penalty(d64, torch.zeros(7, dtype=torch.float64), "k3").sum(), d64)
+    assert_close(g, -torch.expm1(-d64.detach()), atol=0, rtol=1e-8)
+    with pytest.raises(ValueError, match="value_clamp must be > 0"):
+        kl_penalty(logp, ref, "k3", value_clamp=-1.0)

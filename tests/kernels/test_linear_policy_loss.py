@@ -5,7 +5,7 @@ import importlib
 import pytest
 import torch
 
-from fusedrl.kernels import force_backend, linear_policy_loss
+from fusedrl.kernels import force_backend, linear_policy_loss, policy_loss
 from tests.conftest import assert_close
 
 N_SEQ, T, H, V = 3, 5, 16, 37
@@ -88,6 +88,43 @@ def test_packed_equals_padded_with_entropy_bonus(backend, seed):
     assert_close(out[1][2]["entropy"], out[0][2]["entropy"])
 
 
+NEW_OPTIONS = [
+    dict(algo="gspo_token", is_level="geometric", is_low=0.5, kl_kind="abs", kl_value_clamp=0.5,
+         aggregation="seq_mean", kl_aggregation="token_mean", entropy_aggregation="token_mean", c_ent=0.01),
+    dict(algo="gmpo", eps_low=0.4, eps_high=0.4, aggregation="seq_sum", is_mode="mask", is_cap=1.5,
+         is_scope="loss", kl_kind="k1+"),
+    dict(algo="ppo", dual_clip=True, is_level="sequence", is_mode="mask", is_low=0.1, is_cap=10.0,
+         kl_kind="k3", kl_clamp=20.0, kl_value_clamp=10.0, aggregation="token_mean"),
+    dict(algo="kl_cov", cov_ratio=0.2, kl_cov_coef=0.5),
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("case", range(len(NEW_OPTIONS)))
+def test_new_options_equal_policy_loss_on_explicit_logits(backend, case):
+    """linear_policy_loss with every new option = policy_loss on float64 log-probs of explicit logits."""
+    hidden, weight, bias, labels, mask, old, ref, adv = make(seed=3 + case)
+    sampler = old + 0.3 * torch.randn(old.shape, generator=torch.Generator().manual_seed(case))
+    opts = dict(NEW_OPTIONS[case], ref_logp=ref, beta=0.04, sampler_logp=sampler, advantages_layout="sequence")
+    leaves = [t.clone().double().requires_grad_() for t in (hidden, weight, bias)]
+    logits = (leaves[0] @ leaves[1].T + leaves[2]) / 0.7
+    logp = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1)
+    probs = torch.softmax(logits, -1)
+    ent = -(probs * torch.log_softmax(logits, -1)).sum(-1)
+    valid = (labels != -100) & (mask != 0)
+    with force_backend("reference"):
+        expected, _ = policy_loss(logp, old.double(), adv.double(), valid, entropy=ent,
+                                  **{k: v.double() if torch.is_tensor(v) else v for k, v in opts.items()})
+    g_exp = torch.autograd.grad(expected, leaves)
+    ours = [t.clone().requires_grad_() for t in (hidden, weight, bias)]
+    loss, _ = call(backend, ours[0], ours[1], labels, old, adv, mask, bias=ours[2], temperature=0.7,
+                   compute_entropy=True, **opts)
+    tol = dict(atol=2e-5, rtol=2e-4)
+    assert_close(loss, expected, **tol, name="loss")
+    for name, a, b in zip(("dhidden", "dweight", "dbias"), torch.autograd.grad(loss, ours), g_exp):
+        assert_close(a, b, **tol, name=name)
+
+
 def test_never_builds_full_logits(monkeypatch):
     """The op goes through linear_logprobs only: a matmul producing (N, V) would show up here."""
     hidden, weight, bias, labels, mask, old, ref, adv = make(seed=2)
@@ -121,7 +158,7 @@ def test_bad_input():
 
 def test_bench_grpo_smoke(tmp_path, capsys):
     """bench/bench_grpo.py at tiny CPU shapes: every provider checked against the fp32 reference."""
-    from bench import bench_grpo
+    from fusedrl.bench import bench_grpo
 
     assert bench_grpo.main(["--smoke", "--cases", "GRPO-0.5B", "--modes", "full",
                             "--results-dir", str(tmp_path)]) == 0

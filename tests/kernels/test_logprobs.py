@@ -6,7 +6,7 @@ so shapes are small and odd: V not a multiple of any block, H not either.
 import pytest
 import torch
 
-from fusedrl.kernels import _dispatch, _logprobs_ref, force_backend, linear_logprobs, logprobs_from_logits
+from fusedrl.kernels import _dispatch, _tiles, force_backend, linear_logprobs, logprobs_from_logits
 from fusedrl.kernels.reference import linear_logprobs_reference, logprobs_from_logits_reference
 from tests.conftest import assert_close
 
@@ -176,10 +176,38 @@ def test_logprobs_from_logits_matches_float64_oracle(backend, dtype, entropy, ta
     assert float(grad[0, :4].abs().max()) == 0.0  # ignored rows get no gradient
 
 
-def test_reference_chunking_gives_same_result(monkeypatch):
-    """Force many token chunks in the reference: the result must not change."""
-    monkeypatch.setattr(_logprobs_ref, "CHUNK_ELEMS", 131 * 5)
+@pytest.mark.parametrize("bias,entropy,tau", [(True, True, 0.7), (False, False, 1.0), (False, True, 1.0),
+                                               (True, False, 1.3)])
+def test_reference_tiling_gives_same_result(monkeypatch, bias, entropy, tau):
+    """Force many tiles over tokens and over the vocabulary (online log-sum-exp): the result must not change."""
+    monkeypatch.setattr(_tiles, "TILE_BYTES", {"cpu": 4 * 8 * 32, "cuda": 4 * 8 * 32})
+    monkeypatch.setattr(_tiles, "TARGET_ROWS", {"cpu": 8, "cuda": 8})
+    monkeypatch.setattr(_tiles, "COL_ALIGN", 16)
+    assert _tiles.tile_shape(37, 131, 4) == (8, 32)
+    check_linear("reference", (37,), 24, 131, torch.float32, bias, entropy, tau, seed=4)
+
+
+def test_reference_row_chunking_gives_same_result(monkeypatch):
+    """A budget below one aligned column block: tiles of whole rows, one token at a time."""
+    monkeypatch.setattr(_tiles, "TILE_BYTES", {"cpu": 4 * 37 * 5, "cuda": 4 * 37 * 5})
+    assert _tiles.tile_shape(37, 131, 4) == (1, 131)
     check_linear("reference", (37,), 24, 131, torch.float32, True, True, 0.7, seed=4)
+
+
+def test_tile_shape_from_the_shapes():
+    rows, cols = _tiles.tile_shape(8192, 151936, 4, "cpu")
+    assert rows == _tiles.TARGET_ROWS["cpu"] and cols % _tiles.COL_ALIGN == 0
+    assert rows * cols * 4 <= _tiles.TILE_BYTES["cpu"]
+    # a small vocabulary fits whole: rows grow to fill the budget, capped at 1/MIN_TILES of the logits
+    rows, cols = _tiles.tile_shape(1 << 18, 1000, 4, "cpu")
+    assert cols == 1000 and rows == _tiles.TILE_BYTES["cpu"] // 4 // 1000
+    assert _tiles.tile_shape(64, 1000, 8, "cpu") == (64, 1000)  # a small problem is one tile
+    rows, cols = _tiles.tile_shape(2048, 32768, 4, "cpu")  # at most 1/MIN_TILES of the logits
+    assert rows * cols <= 2048 * 32768 // _tiles.MIN_TILES
+    assert _tiles.tile_shape(0, 7, 4) == (1, 7)
+    assert _tiles.tile_shape(10, 7, 4, "cuda") == (10, 7)
+    with pytest.raises(ValueError, match="vocab >= 1"):
+        _tiles.tile_shape(10, 0, 4)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -311,7 +339,7 @@ def test_bench_smoke(tmp_path, capsys):
     """The bench runs end to end at tiny shapes on CPU: providers checked, rows written."""
     import json
 
-    from bench import bench_logprobs
+    from fusedrl.bench import bench_logprobs
 
     code = bench_logprobs.main(["--smoke", "--cases", "LP-0.5B", "--modes", "full", "--results-dir", str(tmp_path)])
     assert code == 0

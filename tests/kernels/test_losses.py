@@ -174,3 +174,37 @@ def test_bad_input():
         dpo_loss(**PAIR, num_pairs=0)
     with pytest.raises(ValueError, match="desirable must have policy_logp's shape"):
         kto_loss(t(0.0), t(0.0), torch.tensor([1, 0]))
+
+
+def test_outcome_rm_layout_is_explicit_when_ambiguous():
+    # 2 tokens in 2 sequences (the first empty): labels (2,) fit both readings
+    cu = torch.tensor([0, 0, 2], dtype=torch.int32)
+    logits, labels = t(0.0, 2.0), t(0.0, 1.0)
+    per_seq, _ = outcome_rm_loss(logits, labels, cu_seqlens=cu, labels_layout="sequence")
+    assert_close(per_seq, t((math.log(2) + softplus(-2.0)) / 2)[0])  # both tokens take sequence 1's label 1
+    per_seq0, _ = outcome_rm_loss(logits, t(1.0, 0.0), cu_seqlens=cu, labels_layout="sequence")
+    assert_close(per_seq0, t((math.log(2) + softplus(2.0)) / 2)[0])  # sequence 1's label is 0
+    per_tok, _ = outcome_rm_loss(logits, t(1.0, 0.0), cu_seqlens=cu, labels_layout="token")
+    assert_close(per_tok, t((math.log(2) + softplus(2.0)) / 2)[0])  # token labels 1, 0: log 2 + log(1 + e^2)
+    with pytest.raises(ValueError, match="ambiguous.*labels_layout='token' or labels_layout='sequence'"):
+        outcome_rm_loss(logits, labels, cu_seqlens=cu)
+
+
+def test_value_loss_aggregations():
+    # packed: seq 0 = 1 token (loss .5 * 1^2), seq 1 empty, seq 2 = 2 tokens (.5 * 2^2, .5 * 3^2; the last masked)
+    v = t(1.0, 2.0, 3.0).requires_grad_()
+    zeros = t(0.0, 0.0, 0.0)
+    cu = torch.tensor([0, 1, 1, 3], dtype=torch.int32)
+    mask = t(1, 1, 0)
+    expected = {"token_mean": (0.5 + 2.0) / 2, "seq_mean": (0.5 + 0 + 2.0) / 3, "seq_sum": (0.5 + 2.0) / 3,
+                "seq_mean_fixed_len": (0.5 + 2.0) / 4 / 3}
+    for mode, value in expected.items():
+        loss, _ = value_loss(v, v.detach(), zeros, mask, eps_v=None, aggregation=mode, cu_seqlens=cu, max_len=4)
+        assert_close(loss, t(value)[0], name=mode)
+        (g,) = torch.autograd.grad(loss, v)
+        # d/dV of 0.5 V^2 = V, scaled by each mode's normaliser
+        scale = {"token_mean": [1 / 2, 1 / 2], "seq_mean": [1 / 3, 1 / 3], "seq_sum": [1 / 3, 1 / 3],
+                 "seq_mean_fixed_len": [1 / 12, 1 / 12]}[mode]
+        assert_close(g, t(1.0 * scale[0], 2.0 * scale[1], 0.0), name=mode)
+    with pytest.raises(ValueError, match="aggregation must be one of"):
+        value_loss(v, v, zeros, aggregation="mean", cu_seqlens=cu)

@@ -72,13 +72,13 @@ def test_other_algos_hand():
 
 def test_kl_entropy_is_weight_hand():
     # r = 1 (old = logp), A = 0 -> pg 0; delta vs ref 0.5 -> k3 = exp(-0.5) - 0.5; entropy 2, c_ent 0.01;
-    # sampler: old - sampler = log 3 -> w = min(3, 2) = 2.   l = 2 * (0.1 k3 - 0.02)
+    # sampler: old - sampler = log 3 -> w = min(3, 2) = 2, on the pg term only (0 here): l = 0.1 k3 - 0.02
     logp = torch.tensor([-1.0], dtype=torch.float64)
     loss, m = policy_loss(logp, logp, torch.zeros(1, dtype=torch.float64), cu_seqlens=torch.tensor([0, 1]).int(),
-                          ref_logp=logp - 0.5, beta=0.1, entropy=torch.tensor([2.0], dtype=torch.float64),
+                          advantages_layout="sequence", ref_logp=logp - 0.5, beta=0.1, entropy=torch.tensor([2.0], dtype=torch.float64),
                           c_ent=0.01, sampler_logp=logp - math.log(3))
     k3 = math.exp(-0.5) - 0.5
-    assert_close(loss, torch.tensor(2 * (0.1 * k3 - 0.02), dtype=torch.float64))
+    assert_close(loss, torch.tensor(0.1 * k3 - 0.02, dtype=torch.float64))
     assert_close(m["kl_ref"], torch.tensor(k3, dtype=torch.float32))
     assert_close(m["entropy"], torch.tensor(2.0))
     assert_close(m["is_weight_mean"], torch.tensor(2.0))
@@ -127,14 +127,14 @@ def naive_loss(logp, old, adv, mask, lengths, algo, mode, *, max_len=7, eps_low=
             lt = -torch.sigmoid(tau * (r - 1)) * 4 / tau * a
         else:
             lt = -a * lp
+        if sampler is not None:  # truncated IS on the policy-gradient term only (verl, TRL, OpenRLHF)
+            lt = lt * torch.clamp(torch.exp(od - sampler[sl][m]), max=2.0)
         if ref is not None:
             d = lp - ref[sl][m]
             kl = {"k1": d, "k2": d * d / 2, "k3": torch.exp(-d) - 1 + d}[kind]
             lt = lt + beta * kl
         if ent is not None:
             lt = lt - c_ent * ent[sl][m]
-        if sampler is not None:
-            lt = lt * torch.clamp(torch.exp(od - sampler[sl][m]), max=2.0)
         total = lt.sum()
         seq_terms.append((total, k))
     if mode == "token_mean":
@@ -222,7 +222,7 @@ def test_triton_without_optional_inputs(small_block):
             outs.append((loss, torch.autograd.grad(loss, lp)[0], m))
         assert_close(outs[1][0], outs[0][0])
         assert_close(outs[1][1], outs[0][1])
-        assert set(outs[1][2]) == {"clip_frac", "ratio_mean", "approx_kl", "response_len", "kl_ref"}
+        assert set(outs[1][2]) == {"clip_frac", "ratio_mean", "approx_kl", "approx_kl_k3", "response_len", "kl_ref"}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
@@ -308,7 +308,7 @@ def test_bad_input():
         policy_loss(x, x, adv, cu_seqlens=cu, kl_kind="k5")
     with pytest.raises(ValueError, match="dual_clip must be > 1"):
         policy_loss(x, x, adv, cu_seqlens=cu, dual_clip=0.5)
-    with pytest.raises(ValueError, match="dual_clip applies to algo ppo/grpo/gspo only"):
+    with pytest.raises(ValueError, match="dual_clip applies to algo ppo/grpo/gspo/gspo_token/clip_cov only"):
         policy_loss(x, x, adv, cu_seqlens=cu, algo="cispo", dual_clip=3.0)
     with pytest.raises(ValueError, match="num_tokens must be > 0"):
         policy_loss(x, x, adv, cu_seqlens=cu, num_tokens=0)
@@ -368,3 +368,27 @@ def test_old_logp_none_is_on_policy(algo):
     assert torch.equal(losses[0], losses[1])
     assert torch.equal(grads[0], grads[1])
     assert grads[0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_layout_regression_tokens_equal_sequences(backend):
+    """Issue 13: 2 tokens in 2 sequences (one empty): per-sequence advantages must not be read per token."""
+    cu = torch.tensor([0, 0, 2], dtype=torch.int32)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    logp = torch.tensor([-1.0, -2.0], dtype=dtype, requires_grad=True)
+    adv = torch.tensor([5.0, 1.0], dtype=dtype)
+    loss, _ = call(backend, logp, None, adv, cu_seqlens=cu, algo="reinforce", advantages_layout="sequence")
+    assert_close(loss, torch.tensor(1.5, dtype=dtype))  # seq 1's A = 1 on both tokens: -(1 * -1 + 1 * -2) / 2
+    assert_close(torch.autograd.grad(loss, logp)[0], torch.tensor([-0.5, -0.5], dtype=dtype))
+    loss, _ = call(backend, logp, None, adv, cu_seqlens=cu, algo="reinforce", advantages_layout="token")
+    assert_close(loss, torch.tensor(3.5, dtype=dtype))  # -(5 * -1 + 1 * -2) / 2
+    with pytest.raises(ValueError, match="ambiguous.*advantages_layout='token' or advantages_layout='sequence'"):
+        policy_loss(logp, None, adv, cu_seqlens=cu, algo="reinforce")
+    with pytest.raises(ValueError, match=r"advantages must be per sequence \(2,\), got \(3,\)"):
+        policy_loss(logp, None, torch.zeros(3, dtype=dtype), cu_seqlens=cu, advantages_layout="sequence")
+    with pytest.raises(ValueError, match="advantages_layout must be None, 'token' or 'sequence'"):
+        policy_loss(logp, None, adv, cu_seqlens=cu, advantages_layout="seq")
+    # unambiguous shapes keep working without the argument (padded (B, T) vs (B,); packed total != B)
+    pad, _ = policy_loss(torch.tensor([[-1.0, -2.0]], dtype=dtype), None, torch.tensor([1.0], dtype=dtype),
+                         algo="reinforce")
+    assert_close(pad, torch.tensor(1.5, dtype=dtype))

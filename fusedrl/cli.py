@@ -1,0 +1,115 @@
+"""The `fusedrl` command.
+
+    fusedrl train CONFIG.toml [--resume] [--section.field=value ...]   run one stage from a TOML config
+    fusedrl demo [--out DIR] [--quick] [--config TOML]                 the CPU demo (no download)
+    fusedrl bench [ARGS ...]                                           kernel benchmarks (fusedrl.bench.run_all)
+    fusedrl config [--reference]                                       print the default config / its reference
+
+Examples:
+
+    fusedrl train examples/sft_tiny.toml --loop.max_steps=100        # after `fusedrl demo` wrote its data
+    fusedrl train examples/sft_tiny.toml --resume                     # continue after a crash
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import List, Optional
+
+logger = logging.getLogger("fusedrl")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler that looks up sys.stderr at each write (it may be replaced, e.g. by pytest)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """Log "fusedrl" messages on rank 0 only; rich formatting on a terminal."""
+    from fusedrl.train.metrics import is_rank0
+
+    root = logging.getLogger("fusedrl")
+    if root.handlers:
+        return
+    try:  # transformers' per-save progress bars would interleave with the step lines
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    if not is_rank0():  # other ranks stay quiet except for errors
+        root.addHandler(logging.NullHandler())
+        root.setLevel(logging.ERROR)
+        return
+    if sys.stderr.isatty():
+        from rich.logging import RichHandler
+        handler = RichHandler(show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fusedrl", description="A lean RLHF post-training engine on fused kernels.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="run one stage from a TOML config",
+                           description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
+    train.add_argument("config", help="the run's TOML file")
+    train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    demo = sub.add_parser("demo", help="the CPU demo: a tiny model learns a synthetic task, no download")
+    demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests, ~1 minute)")
+    demo.add_argument("--config", default=None, help="a demo TOML (default: the built-in one, = examples/demo.toml)")
+    sub.add_parser("bench", help="kernel benchmarks (forwards its arguments to fusedrl.bench.run_all)", add_help=False)
+    show = sub.add_parser("config", help="print the default config as TOML (or the field reference)")
+    show.add_argument("--reference", action="store_true", help="markdown reference of every field")
+    return parser
+
+
+def _bench(argv: List[str]) -> int:
+    from fusedrl.bench import run_all
+    return int(run_all.main(argv) or 0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "bench":
+        return _bench(argv[1:])
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    setup_logging()
+    from fusedrl.config import TrainConfig, describe_config, parse_overrides, to_toml
+
+    if args.command == "config":
+        print(describe_config() if args.reference else to_toml(TrainConfig()))
+        return 0
+    try:
+        overrides = parse_overrides(rest)
+        if args.command == "train":
+            from fusedrl.train.run import load_run_config, run_training
+            cfg = load_run_config(args.config, overrides)
+            result = run_training(cfg, resume=args.resume)
+            return 130 if result.interrupted else 0
+        if args.command == "demo":
+            from fusedrl.demo.pipeline import run_demo
+            run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
+            return 0
+    except ValueError as err:  # configuration and data errors: one clear line, no traceback
+        logger.error("%s", err)
+        return 2
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,237 @@
+"""Run configuration: one small dataclass per component, read from TOML, overridden from the CLI.
+
+A run file is TOML with one table per component:
+
+    [run]        stage to run, output folder, seed, device
+    [model]      what to train (hub id / local path, or an architecture built from scratch)
+    [data]       where the examples come from and how they are packed
+    [optim]      AdamW and gradient clipping
+    [schedule]   warm-up then constant / linear / cosine decay
+    [loop]       steps, evaluation, non-finite handling
+    [checkpoint] how often to save, how many to keep
+    [logging]    console, progress bar, plots
+    [sft]        options of the SFT stage (later stages add their own table)
+
+Every field is documented by the string literal right under it; `describe_config`
+turns those into the reference in docs/engine.md. Command-line overrides are
+`--section.field=value` (`--model.arch.hidden_size=64` reaches into a table
+field); values are type-checked against the field's annotation. Unknown
+sections or keys and ill-typed values raise `ValueError` naming the key.
+
+Adding a stage: write `XConfig` here (fields documented the same way), add one
+field `x: XConfig` to `TrainConfig`, and register the stage in
+`fusedrl.stages.STAGES`.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from fusedrl.config_io import (  # noqa: F401  (public API of this module)
+    apply_override, apply_table, coerce, describe_tables, field_docs, parse_overrides, read_toml, to_toml,
+)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "sft"
+    """Stage to run: a name in `fusedrl.stages.STAGES` (sft, reward_model, rejection, dpo, grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce, ppo)."""
+    out_dir: str = "runs/default"
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, final/, plots/, report.md."""
+    seed: int = 0
+    """Seed of python, numpy and torch RNGs (and of data shuffling)."""
+    device: str = "auto"
+    """"auto" (cuda when available, else cpu), "cpu", "cuda" or "cuda:N"."""
+    num_threads: int = 0
+    """torch intra-op CPU threads (0: torch's default). Tiny CPU models run best with 1:
+    their matrices gain nothing from more threads, which spin when the cores are shared."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: Optional[str] = None
+    """Hugging Face hub id or local folder of a causal LM; None builds `arch` from scratch."""
+    arch: Dict[str, Any] = field(default_factory=dict)
+    """Config of a model built from scratch (transformers config kwargs with `model_type`),
+    e.g. {model_type = "qwen2", hidden_size = 64, ...}. Used only when name_or_path is None."""
+    tokenizer: str = "auto"
+    """"auto" (the tokenizer saved with name_or_path), "char" (the built-in character
+    tokenizer with a chat template), or a path / hub id."""
+    dtype: str = "auto"
+    """Parameter dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    """Training examples: a .jsonl or .parquet file (format detected from the first record)."""
+    eval: Optional[str] = None
+    """Held-out examples in the same format, used by the stage's evaluation; None skips it."""
+    max_len: int = 1024
+    """Longest example in tokens; longer ones follow `overlong`."""
+    overlong: str = "truncate"
+    """What to do with examples longer than max_len: "truncate" or "drop" (both logged)."""
+    train_on: str = "all_assistant"
+    """Chat examples: train on "all_assistant" turns or only the "last_assistant" one."""
+    token_budget: int = 4096
+    """Tokens per packed micro-batch (the packer fills micro-batches up to this)."""
+    micro_batches_per_step: int = 1
+    """Micro-batches accumulated into one optimizer step (gradient accumulation)."""
+    shuffle: bool = True
+    """Shuffle the examples every epoch (seeded by run.seed)."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate of AdamW (reached after the warm-up)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay of AdamW."""
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    """AdamW (beta1, beta2)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip gradients to this global L2 norm; 0 disables clipping (the norm is still logged)."""
+
+
+@dataclass
+class ScheduleConfig:
+    warmup_steps: int = 0
+    """Steps of linear warm-up from 0 to optim.lr."""
+    decay: str = "cosine"
+    """After warm-up: "constant", "linear" or "cosine" decay to min_lr_ratio * lr at the last step."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of optim.lr."""
+
+
+@dataclass
+class LoopConfig:
+    max_steps: int = 1000
+    """Optimizer steps to run."""
+    eval_every: int = 0
+    """Evaluate every this many steps (0: only at the end)."""
+    eval_at_start: bool = False
+    """Also evaluate before the first step (a baseline for the report)."""
+    max_nonfinite_in_a_row: int = 5
+    """Stop with an error after this many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a resumable checkpoint every this many steps (0: only at the end and on SIGTERM/SIGINT)."""
+    keep: int = 2
+    """Complete checkpoints to keep (older ones are deleted after a new one is written)."""
+    save_final: bool = True
+    """Write the trained model (and tokenizer) to OUT_DIR/final in the save_pretrained layout."""
+
+
+@dataclass
+class LoggingConfig:
+    progress: bool = True
+    """Show a progress bar (rich) on the console."""
+    console_every: int = 1
+    """Print the step line every this many steps (metrics.jsonl gets every step)."""
+    plots: bool = True
+    """Write PNG plots of the logged metrics to OUT_DIR/plots at the end."""
+
+
+@dataclass
+class SFTConfig:
+    normalize_by: str = "tokens"
+    """Loss normaliser: "tokens" (mean over all trained tokens of the step) or "sequences"
+    (per-sequence sums averaged over the step's sequences)."""
+    eval_micro_batches: int = 8
+    """Micro-batches of data.eval used for the evaluation loss (0: the whole file)."""
+
+
+@dataclass
+class TrainConfig:
+    """A whole run: one field per component table."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
+
+
+# Allowed values of string fields, and lower bounds of numeric ones, by "section.field".
+CHOICES = {
+    "model.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "data.overlong": ("truncate", "drop"),
+    "data.train_on": ("all_assistant", "last_assistant"),
+    "schedule.decay": ("constant", "linear", "cosine"),
+    "sft.normalize_by": ("tokens", "sequences"),
+}
+MINIMUM = {
+    "run.num_threads": 0, "data.max_len": 2, "data.token_budget": 2, "data.micro_batches_per_step": 1,
+    "optim.lr": 0.0, "optim.weight_decay": 0.0, "optim.eps": 0.0, "optim.max_grad_norm": 0.0,
+    "schedule.warmup_steps": 0, "schedule.min_lr_ratio": 0.0,
+    "loop.max_steps": 1, "loop.eval_every": 0, "loop.max_nonfinite_in_a_row": 1,
+    "checkpoint.every": 0, "checkpoint.keep": 1, "logging.console_every": 1,
+    "sft.eval_micro_batches": 0,
+}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def validate(cfg: Any, prefix: str = "") -> None:
+    """Check choice fields and lower bounds (CHOICES, MINIMUM); raise ValueError naming the key."""
+    for f in dataclasses.fields(cfg):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            validate(value, key)
+        elif key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+        elif key in MINIMUM and value is not None and value < MINIMUM[key]:
+            raise ValueError(f"{key}: expected a value >= {MINIMUM[key]}, got {value!r}")
+    if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:
+        raise ValueError(f"optim.betas: expected 2 values, got {cfg.optim.betas!r}")
+
+
+def load_config(
+    path: Optional[str | Path] = None,
+    overrides: Sequence[Tuple[str, str]] = (),
+    *,
+    cls: type = TrainConfig,
+    base: Any = None,
+) -> Any:
+    """Build a config: defaults (or `base`), then the TOML file, then the overrides; validated.
+
+    Args:
+        path: a TOML file, or None for defaults only.
+        overrides: ("section.field", "text value") pairs, applied in order.
+        cls: the root dataclass (TrainConfig, or a subclass adding tables, as the demo's).
+        base: start from a copy of this config instead of cls() defaults.
+    Returns:
+        An instance of `cls`.
+    """
+    cfg = copy.deepcopy(base) if base is not None else cls()
+    if path is not None:
+        apply_table(cfg, read_toml(path), "")
+    for key, value in overrides:
+        apply_override(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config as TOML (reads back equal with load_config)."""
+    Path(path).write_text(to_toml(cfg))
+
+
+def describe_config(cfg: Any = None) -> str:
+    """A markdown reference of every table and field: name, type, default, documentation."""
+    return describe_tables(cfg if cfg is not None else TrainConfig())

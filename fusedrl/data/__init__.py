@@ -1,0 +1,1 @@
+"""Data: records, chat templates, tokenization, packed batches."""

@@ -1,0 +1,1 @@
+"""Models: the packed forward for Hugging Face causal LMs, scalar-head models, the attention hookup."""

@@ -1,0 +1,140 @@
+"""Models: any transformers causal LM, run on packed batches, returning final hidden states.
+
+    model = build_model(config={"model_type": "qwen2", "hidden_size": 64, ...})   # tests, demo
+    model = build_model(name_or_path="Qwen/Qwen2.5-0.5B", device="cuda")           # real runs
+    hidden = hidden_states(model, batch)        # (total, H), LM head not applied
+    weight, bias = lm_head(model)               # for the fused loss: linear_logprobs(hidden, weight, ...)
+
+The LM head runs inside the fused loss kernels, so the (total, V) logits are
+never materialised. Packed batches go through the ``fusedrl_varlen`` attention
+implementation (``fusedrl.models.packed_attention``) with explicit ``cu_seqlens``.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from fusedrl.data.batch import PackedBatch
+from fusedrl.models.packed_attention import packed_forward
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    """``dtype`` as a torch dtype; None means bf16 on GPU, float32 on CPU."""
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = None, dtype=None,
+                device=None, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa"):
+    """Build an ``AutoModelForCausalLM``.
+
+    Args:
+        name_or_path: a local ``save_pretrained`` folder or a hub id (loads weights).
+        config: instead of ``name_or_path``, a config dict with ``model_type`` and
+            its fields (e.g. ``{"model_type": "qwen2", "hidden_size": 64,
+            "num_hidden_layers": 2, ...}``); weights are initialised from the global
+            torch RNG, so seed it first.
+        dtype: torch dtype or name; default bf16 on CUDA, float32 on CPU.
+        device: where to put the model; default CUDA when available, else CPU.
+        gradient_checkpointing: recompute each layer's activations in backward.
+        attn_implementation: attention for plain (unpacked) calls and generation;
+            ``hidden_states`` switches to ``fusedrl_varlen`` itself.
+
+    Returns:
+        The model, in train mode, on ``device`` in ``dtype``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if (name_or_path is None) == (config is None):
+        raise ValueError(f"build_model: pass exactly one of name_or_path and config, got "
+                         f"name_or_path={name_or_path!r} and config={'a dict' if config is not None else None}")
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = resolve_dtype(dtype, device)
+    if config is not None:
+        if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+            raise ValueError(f"config: expected a dict with a 'model_type' string, got {config!r:.120}")
+        fields = {k: v for k, v in config.items() if k != "model_type"}
+        try:
+            model_config = AutoConfig.for_model(config["model_type"], **fields)
+        except ValueError as err:
+            raise ValueError(f"config['model_type']: {err}") from None
+        model_config._attn_implementation = attn_implementation
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    else:
+        if not isinstance(name_or_path, (str, os.PathLike)):
+            raise TypeError(f"name_or_path: expected a str path or hub id, got {type(name_or_path).__name__}")
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
+                                                     attn_implementation=attn_implementation)
+    model.to(device)
+    if gradient_checkpointing:
+        # Non-reentrant checkpointing works with inputs that do not require grad and with FSDP2.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False  # training forwards; generation passes its own cache
+    model.train()
+    return model
+
+
+def hidden_states(model, batch: PackedBatch) -> torch.Tensor:
+    """Final hidden states of ``model`` on a packed batch, the LM head NOT applied.
+
+    Args:
+        model: a transformers causal LM (e.g. from ``build_model``).
+        batch: a ``PackedBatch`` on the model's device.
+
+    Returns:
+        (total, hidden_size) hidden states after the final norm, in the model's dtype;
+        row t belongs to the document ``cu_seqlens`` puts it in, which never
+        attends to another document.
+    """
+    if not isinstance(batch, PackedBatch):
+        raise TypeError(f"batch: expected a PackedBatch, got {type(batch).__name__}")
+    device = next(model.parameters()).device
+    if batch.input_ids.device != device:
+        raise ValueError(f"batch: is on {batch.input_ids.device} but the model is on {device}; "
+                         f"call batch.to({str(device)!r}) first")
+    return packed_forward(model, batch.input_ids, batch.position_ids, batch.cu_seqlens, batch.max_seqlen)
+
+
+def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The output projection: (weight (V, H), bias (V,) or None); tied to the embeddings when the model ties them."""
+    head = model.get_output_embeddings()
+    if head is None or not hasattr(head, "weight"):
+        raise ValueError(f"model: {type(model).__name__} has no output embedding (LM head)")
+    return head.weight, getattr(head, "bias", None)
+
+
+def save_model(model, path, tokenizer=None) -> None:
+    """Save in the ``save_pretrained`` layout with safetensors weights (and the tokenizer if given)."""
+    os.makedirs(path, exist_ok=True)
+    model.save_pretrained(path)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def build_policy(cfg, tokenizer, device: torch.device):
+    """The model to train: loaded from name_or_path, or built from `arch` sized to the tokenizer."""
+    dtype = None if cfg.dtype == "auto" else cfg.dtype
+    if cfg.name_or_path is not None:
+        return build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
+                           gradient_checkpointing=cfg.gradient_checkpointing)
+    if not cfg.arch:
+        raise ValueError("model: set model.name_or_path, or model.arch (with model_type) to build one from scratch")
+    arch = dict(cfg.arch)
+    arch.setdefault("vocab_size", len(tokenizer))
+    for name in ("pad", "bos", "eos"):
+        token_id = getattr(tokenizer, f"{name}_token_id", None)
+        if token_id is not None:
+            arch.setdefault(f"{name}_token_id", token_id)
+    if arch["vocab_size"] < len(tokenizer):
+        raise ValueError(f"model.arch.vocab_size: {arch['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+    return build_model(config=arch, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)

@@ -1,0 +1,143 @@
+"""Config tables of the reward-model, rejection-sampling and direct-alignment stages.
+
+Each table is one small dataclass whose fields are documented by the string
+under them (as in `fusedrl.config`). In a run file:
+
+    [run]
+    stage = "dpo"
+    [dpo]
+    loss = "dpo"
+    beta = 0.1
+
+`AlignmentTrainConfig` is `TrainConfig` plus these three tables: the root config
+class of these stages (`fusedrl.stages.STAGE_CONFIGS`). `check_section`
+validates one table with errors that name the key (the stage builders call it).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+from fusedrl.config import TrainConfig
+
+
+RM_LOSSES = ("bradley_terry", "margin", "plackett_luce", "outcome")
+DPO_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto", "apo_zero", "apo_down", "rpo")
+REFERENCE_FREE = ("simpo", "orpo")
+SELECTIONS = ("best_per_prompt", "top_k", "random")
+
+
+@dataclass
+class RewardModelConfig:
+    loss: str = "bradley_terry"
+    """"bradley_terry" (-log sigmoid(r_c - r_r)), "margin" (minus a per-pair margin, Llama 2),
+    "plackett_luce" (K-wise ranking) or "outcome" (per-token BCE against a 0/1 label)."""
+    margin_key: str = "margin"
+    """Record field holding the margin of a pair (loss = "margin")."""
+    head_bias: bool = False
+    """Give a fresh scalar head a bias (transformers' sequence classifiers have none)."""
+    eval_micro_batches: int = 0
+    """Micro-batches of data.eval used by the evaluation (0: the whole file)."""
+
+
+@dataclass
+class RejectionConfig:
+    reward_model: Optional[str] = None
+    """Folder of a scalar-head reward model that scores the samples (or set `verifier`)."""
+    verifier: Optional[str] = None
+    """"module:function" scoring fn(prompt, completion, **record_fields) -> float (or set `reward_model`)."""
+    num_samples: int = 4
+    """Completions sampled per prompt (N)."""
+    selection: str = "best_per_prompt"
+    """"best_per_prompt" (argmax of each row of R), "top_k" (the k best of all M x N samples),
+    or "random" (a random selection of the same size, the baseline to compare with)."""
+    top_k: int = 0
+    """Samples kept by "top_k" (0: one per prompt, M)."""
+    max_new_tokens: int = 64
+    """Longest completion sampled."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1: off)."""
+    top_k_sampling: int = 0
+    """Keep the k most likely tokens when sampling (0: off)."""
+    sample_batch_size: int = 64
+    """Prompts sampled together in one generation call."""
+    max_prompts: int = 0
+    """Use only the first this many prompts of data.train (0: all)."""
+    cache_dir: Optional[str] = None
+    """Where samples and scores are cached (JSON, keyed by a hash of the settings, model and prompts);
+    None: OUT_DIR/rejection_cache."""
+
+
+@dataclass
+class DPOConfig:
+    loss: str = "dpo"
+    """"dpo", "cdpo", "ipo", "simpo", "orpo", "kto", "apo_zero", "apo_down" or "rpo" (DPO + NLL)."""
+    beta: Optional[float] = None
+    """Temperature of the implicit reward; None: the loss's default (0.1; SimPO 2.0)."""
+    label_noise: float = 0.1
+    """cDPO: assumed share of flipped labels, in [0, 0.5]."""
+    gamma: float = 0.5
+    """SimPO: target reward margin."""
+    lam: float = 0.1
+    """ORPO: weight of the odds-ratio term."""
+    alpha: float = 1.0
+    """RPO (DPO + NLL): weight of the chosen completion's length-normalised NLL."""
+    desirable_weight: float = 1.0
+    """KTO: weight of desirable examples."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of undesirable examples."""
+    kto_kl: bool = True
+    """KTO: estimate the reference point z0 from mismatched (prompt, completion) pairs (else z0 = 0)."""
+    reference: Optional[str] = None
+    """Reference model (hub id or folder); None: the policy's own weights before training."""
+    ref_cache_dir: Optional[str] = None
+    """Where reference log-probs are cached (safetensors); None: OUT_DIR/ref_cache."""
+    eval_micro_batches: int = 0
+    """Micro-batches of data.eval used by the evaluation (0: the whole file)."""
+
+
+@dataclass
+class AlignmentTrainConfig(TrainConfig):
+    """TrainConfig plus the [reward_model], [rejection] and [dpo] tables."""
+
+    reward_model: RewardModelConfig = field(default_factory=RewardModelConfig)
+    rejection: RejectionConfig = field(default_factory=RejectionConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+# Allowed values and lower bounds by "section.field" (same shape as config.CHOICES / MINIMUM).
+CHOICES = {"reward_model.loss": RM_LOSSES, "rejection.selection": SELECTIONS, "dpo.loss": DPO_LOSSES}
+MINIMUM = {"reward_model.eval_micro_batches": 0, "rejection.num_samples": 1, "rejection.top_k": 0,
+           "rejection.max_new_tokens": 1, "rejection.sample_batch_size": 1, "rejection.max_prompts": 0,
+           "rejection.top_k_sampling": 0, "dpo.label_noise": 0.0, "dpo.gamma": 0.0, "dpo.lam": 0.0,
+           "dpo.alpha": 0.0, "dpo.desirable_weight": 0.0, "dpo.undesirable_weight": 0.0,
+           "dpo.eval_micro_batches": 0}
+
+
+def check_section(section, name: str, *, require_scorer: bool = True) -> None:
+    """Validate one of these tables; raise ValueError naming "name.field", the value and what is expected.
+
+    require_scorer: for "rejection", demand exactly one of reward_model / verifier
+    (False when the caller passes its own scorer).
+    """
+    for f in fields(section):
+        key, value = f"{name}.{f.name}", getattr(section, f.name)
+        if key in CHOICES and value not in CHOICES[key]:
+            raise ValueError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+        if key in MINIMUM and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < MINIMUM[key]):
+            raise ValueError(f"{key}: expected a number >= {MINIMUM[key]}, got {value!r}")
+    if name == "dpo":
+        if section.beta is not None and (isinstance(section.beta, bool) or not section.beta > 0):
+            raise ValueError(f"dpo.beta: expected a number > 0 or None, got {section.beta!r}")
+        if section.label_noise > 0.5:
+            raise ValueError(f"dpo.label_noise: expected a value in [0, 0.5], got {section.label_noise!r}")
+    if name == "rejection":
+        if require_scorer and (section.reward_model is None) == (section.verifier is None):
+            raise ValueError(f"rejection.reward_model / rejection.verifier: set exactly one, got "
+                             f"reward_model={section.reward_model!r}, verifier={section.verifier!r}")
+        if not section.temperature > 0:
+            raise ValueError(f"rejection.temperature: expected a number > 0, got {section.temperature!r}")
+        if not 0 < section.top_p <= 1:
+            raise ValueError(f"rejection.top_p: expected a value in (0, 1], got {section.top_p!r}")

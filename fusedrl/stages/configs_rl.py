@@ -1,0 +1,278 @@
+"""Config tables of the RL stages: [rollout], [pg] (GRPO and its family, RLOO, REINFORCE), [ppo].
+
+Every field is documented by the string under it (the engine's `describe_config`
+reads these). `RLTrainConfig` is `TrainConfig` plus these three tables, so a
+TOML file for an RL run is the usual one with them added:
+
+    [run]
+    stage = "grpo"            # or dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce, ppo
+    [rollout]
+    prompts_per_rollout = 64
+    group_size = 8
+    max_new_tokens = 512
+    verifier = "fusedrl.rollout.rewards:exact_match"
+    [pg]
+    beta = 0.0
+
+Fields left at None take the algorithm's default (see `ALGORITHMS` in
+`fusedrl.stages.policy_gradient`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+from fusedrl.config import TrainConfig
+
+KL_IN = ("loss", "reward")
+AGGREGATION_CHOICES = ("token_mean", "seq_mean", "seq_mean_fixed_len")
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_rollout: int = 16
+    """Prompts drawn from data.train per rollout batch (P)."""
+    group_size: int = 4
+    """Completions sampled per prompt (G); the group-relative algorithms need G >= 2."""
+    max_new_tokens: int = 64
+    """Longest completion (L_max); a completion cut here is 'unfinished'."""
+    temperature: float = 1.0
+    """Sampling temperature tau; the trainer's log-probs are taken at the same tau."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (1 = off)."""
+    top_k: int = 0
+    """Keep the k most likely tokens (0 = off)."""
+    verifier: Optional[str] = None
+    """Reward from a Python function "module:function" called as fn(prompt, completion, **record_fields)."""
+    reward_model: Optional[str] = None
+    """Reward from a saved scalar-head reward model (folder); used when verifier is None."""
+    format_verifier: Optional[str] = None
+    """Optional "module:function" format check, added to the reward times format_weight."""
+    format_weight: float = 1.0
+    """Weight of the format verifier's score in the reward."""
+    accuracy_verifier: Optional[str] = "fusedrl.rollout.rewards:exact_match"
+    """Task accuracy logged per step (and at evaluation) when prompt records carry an `answer`; None disables."""
+    token_budget: int = 4096
+    """Tokens per packed micro-batch, for training and for the old/reference log-prob and value forwards."""
+    eval_prompts: int = 64
+    """Prompts of data.eval scored greedily by `evaluate` (0 = all)."""
+
+
+@dataclass
+class PolicyGradientConfig:
+    algo: str = "grpo"
+    """One of grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce (normally set by run.stage)."""
+    iterations: int = 1
+    """Passes over each rollout batch (GRPO's mu); > 1 recomputes old log-probs at rollout time."""
+    mini_batches: int = 1
+    """Optimizer steps per pass: the rollout batch is split into this many mini-batches."""
+    eps_low: Optional[float] = None
+    """Lower clip range (ratio >= 1 - eps_low); None: the algorithm's default."""
+    eps_high: Optional[float] = None
+    """Upper clip range (ratio <= 1 + eps_high); DAPO's clip-higher is 0.28; None: the algorithm's default."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1 for negative advantages (clipped algorithms only); None: off."""
+    aggregation: Optional[str] = None
+    """Loss aggregation: token_mean, seq_mean or seq_mean_fixed_len; None: the algorithm's default."""
+    beta: float = 0.0
+    """KL coefficient to the frozen reference; 0 loads no reference model."""
+    kl_kind: str = "k3"
+    """KL estimator: k1, k2, k3 or k3+."""
+    kl_in: str = "loss"
+    """Where the KL goes: "loss" (per-token penalty) or "reward" (R_i -= beta * sum_t KL_t)."""
+    kl_clamp: Optional[float] = None
+    """Clamp logp - ref_logp to [-c, c] before the estimator; None: exact."""
+    ref_model: Optional[str] = None
+    """Reference model folder; None: a frozen copy of the policy at the start of the stage."""
+    c_ent: float = 0.0
+    """Entropy bonus coefficient."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap C when the sampler differs from the learner (vLLM, async); None: off."""
+    dynamic_sampling: Optional[bool] = None
+    """Drop groups whose rewards are all equal (DAPO); None: the algorithm's default."""
+    resample_rounds: int = 2
+    """With dynamic sampling: extra rollouts of fresh prompts to refill dropped groups (0: none)."""
+    overlong_cache_len: Optional[int] = None
+    """DAPO soft overlong punishment window L_cache (0: off); None: the algorithm's default."""
+    whiten: bool = False
+    """Whiten advantages over the rollout batch (mean 0, std 1 over completion tokens)."""
+    adv_eps: float = 1e-4
+    """GRPO's epsilon in (R - mean) / (std + eps)."""
+    baseline_decay: Optional[float] = None
+    """REINFORCE baseline: None = running mean of all rewards, else an EMA with this decay."""
+    tau_pos: float = 1.0
+    """SAPO gate temperature for positive advantages."""
+    tau_neg: float = 1.05
+    """SAPO gate temperature for negative advantages."""
+
+
+@dataclass
+class PPOConfig:
+    epochs: int = 2
+    """Passes over each rollout batch."""
+    mini_batches: int = 2
+    """Optimizer steps per pass (the rollout batch split into mini-batches)."""
+    eps: float = 0.2
+    """Policy clip range [1 - eps, 1 + eps]."""
+    dual_clip: Optional[float] = None
+    """Dual-clip constant c > 1; None: off."""
+    aggregation: str = "token_mean"
+    """Loss aggregation: token_mean, seq_mean or seq_mean_fixed_len."""
+    gamma: float = 1.0
+    """GAE discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    whiten: bool = True
+    """Whiten the GAE advantages over the rollout batch."""
+    eps_v: Optional[float] = 0.2
+    """Value clipping range around the rollout-time values; None: unclipped."""
+    vf_coef: float = 0.5
+    """Weight of the value loss."""
+    value_lr: float = 1e-4
+    """Learning rate of the value model's own AdamW (the critic has its own optimizer)."""
+    value_model: Optional[str] = None
+    """Value model folder; None: initialised from rollout.reward_model when given, else from the policy."""
+    beta: float = 0.05
+    """KL coefficient to the frozen reference (folded into the per-token reward); 0: no reference model."""
+    kl_kind: str = "k1"
+    """KL estimator: k1, k2, k3 or k3+."""
+    kl_in: str = "reward"
+    """"reward" (r_t -= beta * KL_t, PPO style) or "loss"."""
+    ref_model: Optional[str] = None
+    """Reference model folder; None: a frozen copy of the policy at the start of the stage."""
+    c_ent: float = 0.0
+    """Entropy bonus coefficient."""
+    tis_cap: Optional[float] = None
+    """Truncated importance sampling cap when sampler and learner differ; None: off."""
+
+
+@dataclass
+class RLTrainConfig(TrainConfig):
+    """TrainConfig plus the RL tables."""
+
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    pg: PolicyGradientConfig = field(default_factory=PolicyGradientConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+
+def _positive_int(key: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{key}: expected an int >= 1, got {value!r}")
+
+
+def _nonneg(key: str, value, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ValueError(f"{key}: expected a number >= 0, got {value!r}")
+
+
+def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
+    """Validate [rollout] (and, with require_reward, that a reward is named); raise ValueError naming the key."""
+    for key in ("prompts_per_rollout", "group_size", "max_new_tokens", "token_budget"):
+        _positive_int(f"rollout.{key}", getattr(cfg, key))
+    if not cfg.temperature > 0:
+        raise ValueError(f"rollout.temperature: expected a number > 0, got {cfg.temperature!r}")
+    if not 0 < cfg.top_p <= 1:
+        raise ValueError(f"rollout.top_p: expected a number in (0, 1], got {cfg.top_p!r}")
+    _nonneg("rollout.top_k", cfg.top_k)
+    _nonneg("rollout.eval_prompts", cfg.eval_prompts)
+    if require_reward and cfg.verifier is None and cfg.reward_model is None:
+        raise ValueError("rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
+
+
+def check_policy_options(prefix: str, cfg) -> None:
+    """Validate the options [pg] and [ppo] share; raise ValueError naming the key."""
+    if cfg.kl_in not in KL_IN:
+        raise ValueError(f"{prefix}.kl_in: expected one of {KL_IN}, got {cfg.kl_in!r}")
+    _nonneg(f"{prefix}.beta", cfg.beta)
+    _nonneg(f"{prefix}.c_ent", cfg.c_ent)
+    if cfg.tis_cap is not None and not cfg.tis_cap > 0:
+        raise ValueError(f"{prefix}.tis_cap: expected None or a number > 0, got {cfg.tis_cap!r}")
+    if cfg.aggregation is not None and cfg.aggregation not in AGGREGATION_CHOICES:
+        raise ValueError(f"{prefix}.aggregation: expected one of {AGGREGATION_CHOICES}, got {cfg.aggregation!r}")
+    _positive_int(f"{prefix}.mini_batches", cfg.mini_batches)
+
+
+# ----------------------------------------------------------------------------- algorithms
+
+@dataclass(frozen=True)
+class AlgoSpec:
+    """The defaults an algorithm fixes (see the module docstring's table)."""
+
+    advantage: str  # grpo | dr_grpo | rloo | reinforce | gae (PPO)
+    loss_algo: str  # a policy_loss algo
+    aggregation: str
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    dynamic_sampling: bool = False
+    overlong_cache_frac: float = 0.0  # L_cache = frac * max_new_tokens
+
+
+ALGORITHMS: Dict[str, AlgoSpec] = {
+    "grpo": AlgoSpec("grpo", "grpo", "seq_mean"),
+    "dr_grpo": AlgoSpec("dr_grpo", "grpo", "seq_mean_fixed_len"),
+    "dapo": AlgoSpec("grpo", "grpo", "token_mean", eps_high=0.28, dynamic_sampling=True, overlong_cache_frac=0.25),
+    "gspo": AlgoSpec("grpo", "gspo", "seq_mean", eps_low=3e-4, eps_high=4e-4),
+    "cispo": AlgoSpec("grpo", "cispo", "token_mean", eps_low=1.0, eps_high=5.0),
+    "sapo": AlgoSpec("grpo", "sapo", "token_mean"),
+    "rloo": AlgoSpec("rloo", "rloo", "token_mean"),
+    "reinforce": AlgoSpec("reinforce", "reinforce", "token_mean"),
+}
+GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+
+
+@dataclass
+class ResolvedOptions:
+    """The options one run uses, None fields resolved (shared with PPO)."""
+
+    advantage: str
+    loss_algo: str
+    aggregation: str
+    eps_low: float
+    eps_high: float
+    dual_clip: Optional[float]
+    beta: float
+    kl_kind: str
+    kl_in: str
+    kl_clamp: Optional[float]
+    c_ent: float
+    tis_cap: Optional[float]
+    steps_per_rollout: int
+    mini_batches: int
+    dynamic_sampling: bool = False
+    resample_rounds: int = 0
+    overlong_cache_len: int = 0
+    whiten: bool = False
+    adv_eps: float = 1e-4
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+
+def resolve_pg_options(cfg: PolicyGradientConfig, rollout: RolloutConfig) -> ResolvedOptions:
+    """[pg] with None fields filled from ALGORITHMS[cfg.algo]; raises ValueError naming bad keys."""
+    if cfg.algo not in ALGORITHMS:
+        raise ValueError(f"pg.algo: expected one of {sorted(ALGORITHMS)}, got {cfg.algo!r}")
+    check_policy_options("pg", cfg)
+    if isinstance(cfg.iterations, bool) or not isinstance(cfg.iterations, int) or cfg.iterations < 1:
+        raise ValueError(f"pg.iterations: expected an int >= 1, got {cfg.iterations!r}")
+    spec = ALGORITHMS[cfg.algo]
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    dynamic = pick(cfg.dynamic_sampling, spec.dynamic_sampling)
+    if spec.advantage in GROUP_ADVANTAGES and rollout.group_size < 2:
+        raise ValueError(f"rollout.group_size: algo {cfg.algo!r} compares completions within a group and needs "
+                         f"group_size >= 2, got {rollout.group_size}")
+    if dynamic and rollout.group_size < 2:
+        raise ValueError(f"pg.dynamic_sampling: needs rollout.group_size >= 2, got {rollout.group_size}")
+    cache = pick(cfg.overlong_cache_len, int(spec.overlong_cache_frac * rollout.max_new_tokens))
+    if isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= rollout.max_new_tokens:
+        raise ValueError(f"pg.overlong_cache_len: expected an int in [0, rollout.max_new_tokens="
+                         f"{rollout.max_new_tokens}], got {cache!r}")
+    return ResolvedOptions(
+        advantage=spec.advantage, loss_algo=spec.loss_algo, aggregation=pick(cfg.aggregation, spec.aggregation),
+        eps_low=pick(cfg.eps_low, spec.eps_low), eps_high=pick(cfg.eps_high, spec.eps_high),
+        dual_clip=cfg.dual_clip, beta=cfg.beta, kl_kind=cfg.kl_kind, kl_in=cfg.kl_in, kl_clamp=cfg.kl_clamp,
+        c_ent=cfg.c_ent, tis_cap=cfg.tis_cap, steps_per_rollout=cfg.iterations * cfg.mini_batches,
+        mini_batches=cfg.mini_batches, dynamic_sampling=dynamic, resample_rounds=cfg.resample_rounds,
+        overlong_cache_len=cache, whiten=cfg.whiten, adv_eps=cfg.adv_eps, tau_pos=cfg.tau_pos,
+        tau_neg=cfg.tau_neg)

@@ -1,0 +1,426 @@
+"""Policy-gradient RL with group or baseline advantages: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, SAPO, RLOO, REINFORCE.
+
+One stage class; the algorithm is a row of `ALGORITHMS` choosing the advantage
+estimator and the `policy_loss` options (algorithms.md has the math):
+
+    algo       advantages                       loss (policy_loss algo, aggregation, clip)
+    grpo       (R - mean_g R) / (std_g R + eps)  grpo, seq_mean, [0.8, 1.2]
+    dr_grpo    R - mean_g R                      grpo, seq_mean_fixed_len (L_max), [0.8, 1.2]
+    dapo       as grpo                           grpo, token_mean, [0.8, 1.28]; dynamic sampling; overlong shaping
+    gspo       as grpo                           gspo (sequence ratio), seq_mean, [1 - 3e-4, 1 + 4e-4]
+    cispo      as grpo                           cispo (sg(clipped ratio) * A * logp), token_mean, upper 1 + 5
+    sapo       as grpo                           sapo (soft gate), token_mean
+    rloo       R - mean_{j != i} R (leave-one-out)  reinforce (-A logp), token_mean
+    reinforce  R - b, b a running mean (or EMA)  reinforce, token_mean
+
+Every [pg] field left at None takes the row's value.
+
+Rollout reuse. `micro_batches(model, step)` gives one optimizer step. The stage
+keeps the current rollout batch (an `Experience`) and draws a new one every
+K = iterations * mini_batches steps: step s uses pass (s mod K) // mini_batches
+over the batch, mini-batch (s mod K) mod mini_batches of that pass's seeded
+permutation. The experience is part of `state_dict()`, so a run resumed in the
+middle of a rollout batch continues with the same samples.
+
+Per rollout (timed as generate / score / logprobs; the update is timed from the
+end of `micro_batches` to `host_metrics`): sample P prompts x G completions,
+score, shape, drop constant-reward groups when dynamic sampling is on (refilling
+from fresh prompts for up to `resample_rounds` rounds), compute old log-probs
+(only when K > 1 or truncated IS needs them; otherwise old = sg(logp), exact
+for one on-policy step) and reference log-probs (only when beta > 0: with
+beta = 0 no reference model is ever built) with the fused `linear_logprobs`,
+fold the KL into the reward when kl_in = "reward", compute advantages.
+
+The loss: `linear_logprobs` on the final hidden states (no logits) then
+`policy_loss` with the step's global normaliser (the composition
+`fusedrl.kernels.linear_policy_loss` packages; composed here so that old = sg(logp)).
+
+Run it (docs/rl_stages.md has a full config):
+
+    fusedrl train grpo.toml                              # [run] stage = "grpo", [rollout], [pg]
+    fusedrl train grpo.toml --run.stage=dapo --pg.beta=0.01
+    torchrun --nproc-per-node 8 -m fusedrl.cli train grpo.toml   # each rank samples its own prompts
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Dict, List, Optional
+
+import torch
+
+from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
+from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
+                                    policy_logprobs, rollout_metrics, sample_rollout, shape_rewards, token_forward)
+from fusedrl.stages.configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
+                                              resolve_pg_options)
+from fusedrl.stages.base import BaseStage
+from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty, policy_loss,
+                             rloo_advantages, whiten)
+
+logger = logging.getLogger("fusedrl")
+
+
+def _rank_and_world():
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class PolicyGradientStage(BaseStage):
+    """The RL stage of the loop for every algorithm in ALGORITHMS (PPO subclasses it).
+
+    Args:
+        records: prompt records ({"prompt": ..., plus fields the verifier reads, e.g. "answer"}).
+        tokenizer: renders prompts (chat template) and decodes completions.
+        rollout: the [rollout] table.
+        options: resolved algorithm options (`resolve_pg_options`).
+        rewards: the reward source (verifier or reward model).
+        eval_records: held-out prompt records for `evaluate` (greedy), or None.
+        ref_model: a frozen reference model, or None to copy the policy on first use
+            (only when beta > 0; with beta = 0 no reference exists).
+        seed: prompt order and sampling seed.
+        baseline_decay: REINFORCE's baseline (None: running mean).
+    """
+
+    name = "pg"
+    value_forward = False  # PPO: a value-model forward at every rollout
+
+    def __init__(self, *, records: List[dict], tokenizer, rollout: RolloutConfig, options: ResolvedOptions,
+                 rewards: RewardSource, eval_records: Optional[List[dict]] = None, ref_model=None, seed: int = 0,
+                 baseline_decay: Optional[float] = None, name: Optional[str] = None):
+        check_rollout(rollout, require_reward=False)
+        if not records:
+            raise ValueError("records: the RL stage needs at least one prompt record")
+        self.name = name or self.name
+        self.records, self.tokenizer, self.rollout, self.opt = list(records), tokenizer, rollout, options
+        self.rewards, self.eval_records = rewards, list(eval_records or [])
+        self.normalize_by = "tokens" if options.aggregation == "token_mean" else "sequences"
+        self.ref_model = ref_model if options.beta > 0 else None
+        self._ref_is_copy, self._ref_state = False, None
+        self.prompts = PromptSampler(len(self.records), seed)
+        self.seed = seed
+        self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
+        self._generator_state: Optional[torch.Tensor] = None  # restored from a checkpoint, applied on creation
+        self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage == "reinforce" else None
+        self.exp: Optional[Experience] = None
+        self.rollouts_done = 0
+        self._host: Dict[str, float] = {}
+        self._step_tokens, self._step_seqs, self._batches_ready_at = 1, 1, None
+
+    # ------------------------------------------------------------------ the step's batches
+
+    def micro_batches(self, model, step: int) -> List[PackedBatch]:
+        phase = step % self.opt.steps_per_rollout
+        timer = Timer()
+        self._host = {}
+        if phase == 0 or self.exp is None:
+            if phase != 0:
+                raise RuntimeError(f"{self.name}: step {step} reuses a rollout batch that is not in memory; "
+                                   "resume from the checkpoint's stage state")
+            self._before_rollout(model)
+            self.exp = self._make_experience(model, timer)
+            self.rollouts_done += 1
+        indices = self._mini_batch_indices(phase)
+        batches = self.exp.pack(indices, self.rollout.token_budget)
+        self._step_tokens = max(1, sum(b.num_tokens for b in batches))
+        self._step_seqs = max(1, sum(b.num_seqs for b in batches))
+        self._host.update(self._timing_metrics(timer))
+        self._host["rollout_phase"] = float(phase)
+        self._batches_ready_at = time.perf_counter()
+        return batches
+
+    def _mini_batch_indices(self, phase: int) -> List[int]:
+        n, parts = len(self.exp), self.opt.mini_batches
+        epoch, part = divmod(phase, parts)
+        order = list(range(n))
+        if parts > 1 or epoch > 0:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.rollouts_done * 101 + epoch)
+            order = torch.randperm(n, generator=g).tolist()
+        chunks = [c for c in torch.tensor(order).chunk(min(parts, n))]
+        return chunks[part % len(chunks)].tolist()
+
+    def _before_rollout(self, model) -> None:
+        """Hook run before each new rollout (PPO applies its pending value update here)."""
+
+    def _make_experience(self, model, timer: Timer) -> Experience:
+        rollout, everything, kept, dropped = self._sample_and_score(model, timer)
+        exp = Experience.from_rollout(rollout)
+        device = next(model.parameters()).device
+        tau = self.rollout.temperature
+        need_old = self.opt.steps_per_rollout > 1 or self.opt.tis_cap is not None
+        budget, forwards = self.rollout.token_budget, 0
+        if need_old or self.opt.beta > 0 or self.value_forward:
+            with timer("logprobs"):
+                if need_old or self.opt.beta > 0:
+                    exp.tok["old_logp"] = token_forward(exp, lambda b: policy_logprobs(model, b, tau), budget, device)
+                    forwards += 1
+                if self.opt.beta > 0:
+                    ref = self._reference(model)
+                    exp.tok["ref_logp"] = token_forward(exp, lambda b: policy_logprobs(ref, b, tau), budget, device)
+                    forwards += 1
+                forwards += self._extra_forwards(exp, device)
+        with timer("advantages"):
+            self._advantages(exp, rollout)
+        if not need_old:
+            exp.tok.pop("old_logp", None)  # computed only for the KL to the reference
+        self._host.update(rollout_metrics(everything, kept, dropped))
+        self._host["rollout_tokens"] = float(sum(len(e) for e in exp.examples))
+        self._host["forward_tokens"] = forwards * self._host["rollout_tokens"]
+        self._host["generated_tokens"] = float(sum(exp.completion_lengths()))
+        return exp
+
+    def _extra_forwards(self, exp: Experience, device) -> int:
+        """Hook for more rollout-time forwards (PPO's values); returns how many passes it made."""
+        return 0
+
+    def _sample_and_score(self, model, timer: Timer):
+        """Sample and score P groups; with dynamic sampling keep only groups with distinct rewards."""
+        r = self.rollout
+        parts, kept_parts, kept, dropped = [], [], 0, 0
+        rounds = 1 + (self.opt.resample_rounds if self.opt.dynamic_sampling else 0)
+        for _ in range(rounds):
+            with timer("generate"):
+                rank, world = _rank_and_world()
+                # Every rank walks the same prompt stream and samples its own slice of it.
+                indices = self.prompts.next(r.prompts_per_rollout * world)[rank * r.prompts_per_rollout:
+                                                                           (rank + 1) * r.prompts_per_rollout]
+                part = sample_rollout(model, self.tokenizer, self.records, indices, group_size=r.group_size,
+                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
+                                      top_k=r.top_k, generator=self._sampling_generator(model))
+            with timer("score"):
+                raw = self.rewards(part, self.records)
+                part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids],
+                                             max_new_tokens=r.max_new_tokens,
+                                             overlong_cache_len=self.opt.overlong_cache_len).float()
+                part.accuracy = self.rewards.accuracy(part, self.records)
+            parts.append(part)
+            if not self.opt.dynamic_sampling:
+                kept_parts.append(part)
+                kept += part.num_groups
+                break
+            constant = constant_groups(part.rewards, r.group_size).tolist()
+            keep = [g for g, c in enumerate(constant) if not c][: r.prompts_per_rollout - kept]
+            dropped += sum(constant)
+            if keep:
+                kept_parts.append(part.select_groups(keep))
+                kept += len(keep)
+            if kept >= r.prompts_per_rollout:
+                break
+        everything = Rollout.concat(parts)
+        if not kept_parts:  # every group was constant: nothing to learn from, but the step must run
+            logger.warning("%s: every sampled group had equal rewards; training on the last round as is", self.name)
+            kept_parts = [parts[-1]]
+        return Rollout.concat(kept_parts), everything, kept, dropped
+
+    def _sampling_generator(self, model) -> torch.Generator:
+        """The sampler's random stream, on the policy's device (multinomial needs them to match)."""
+        device = next(model.parameters()).device
+        if self.generator is None or self.generator.device != device:
+            self.generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * _rank_and_world()[0])
+            if self._generator_state is not None:
+                self.generator.set_state(self._generator_state)
+                self._generator_state = None
+        return self.generator
+
+    # ------------------------------------------------------------------ advantages
+
+    def _reference(self, model):
+        """The frozen reference: given, or a copy of the policy made the first time it is needed.
+
+        A copy is saved in `state_dict()` (a resumed run must not copy the trained policy); pass
+        ref_model (or set model.name_or_path in a config) to keep it out of checkpoints.
+        """
+        if self.ref_model is None:
+            self.ref_model = copy.deepcopy(model)
+            self.ref_model.requires_grad_(False)
+            self._ref_is_copy = True
+            if self._ref_state is not None:
+                self.ref_model.load_state_dict(self._ref_state)
+                self._ref_state = None
+        return self.ref_model
+
+    def _sequence_kl(self, exp: Experience) -> torch.Tensor:
+        """(N,) sum over completion tokens of KL_t(old || ref) with the configured estimator."""
+        kl = kl_penalty(exp.completion_view("old_logp"), exp.completion_view("ref_logp"), self.opt.kl_kind,
+                        clamp=self.opt.kl_clamp)
+        seq_ids = torch.repeat_interleave(torch.arange(len(exp)), torch.tensor(exp.completion_lengths()))
+        return torch.zeros(len(exp)).index_add(0, seq_ids, kl.float())
+
+    def _advantages(self, exp: Experience, rollout: Rollout) -> None:
+        """Sequence advantages, broadcast to the completion tokens as tok["advantages"]."""
+        rewards = exp.seq["rewards"]
+        if self.opt.beta > 0 and self.opt.kl_in == "reward":
+            kl = self._sequence_kl(exp)
+            rewards = rewards - self.opt.beta * kl
+            self._host["kl_reward"] = kl.mean().item()
+        g = self.rollout.group_size
+        kind = self.opt.advantage
+        if kind == "grpo":
+            adv = grpo_advantages(rewards, g, eps=self.opt.adv_eps)
+        elif kind == "dr_grpo":
+            adv = dr_grpo_advantages(rewards, g)
+        elif kind == "rloo":
+            adv = rloo_advantages(rewards, g)
+        else:
+            adv = self.baseline.advantages(rewards)
+        per_token = torch.repeat_interleave(adv.float(), torch.tensor(exp.completion_lengths()))
+        if self.opt.whiten:
+            per_token = whiten(per_token)
+        exp.set_from_completion_view("advantages", per_token)
+        exp.seq["advantages"] = adv.float()
+
+    # ------------------------------------------------------------------ the loss
+
+    def _policy_terms(self, model, batch: PackedBatch, normalizer: float):
+        """(loss, metrics) of the policy part of one micro-batch (additive metrics)."""
+        logp, entropy = policy_logprobs(model, batch, self.rollout.temperature, return_entropy=True)
+        mask = batch.labels != IGNORE_INDEX
+        ex = batch.extras
+        old = ex["old_logp"] if "old_logp" in ex else logp.detach()
+        token_mean = self.opt.aggregation == "token_mean"
+        loss, metrics = policy_loss(
+            logp, old, ex["advantages"], mask, cu_seqlens=batch.cu_seqlens, algo=self.opt.loss_algo,
+            eps_low=self.opt.eps_low, eps_high=self.opt.eps_high, dual_clip=self.opt.dual_clip,
+            tau_pos=self.opt.tau_pos, tau_neg=self.opt.tau_neg, ref_logp=ex.get("ref_logp"),
+            beta=self.opt.beta if self.opt.kl_in == "loss" else 0.0, kl_kind=self.opt.kl_kind,
+            kl_clamp=self.opt.kl_clamp, entropy=entropy, c_ent=self.opt.c_ent,
+            sampler_logp=ex["sampler_logp"] if self.opt.tis_cap is not None else None,
+            is_cap=self.opt.tis_cap or 2.0, aggregation=self.opt.aggregation, max_len=self.rollout.max_new_tokens,
+            num_tokens=normalizer if token_mean else None, num_seqs=None if token_mean else normalizer)
+        share = batch.num_tokens / self._step_tokens  # token means over this micro-batch -> additive
+        out = {k: v * share for k, v in metrics.items() if k != "response_len"}
+        return loss, out
+
+    def loss(self, model, batch: PackedBatch, normalizer: float):
+        return self._policy_terms(model, batch, normalizer)
+
+    # ------------------------------------------------------------------ host side
+
+    def _timing_metrics(self, timer: Timer) -> Dict[str, float]:
+        out = {}
+        for phase, tokens_key in (("generate", "generated_tokens"), ("score", "rollout_tokens"),
+                                  ("logprobs", "forward_tokens")):
+            if phase in timer.seconds:
+                seconds = timer.seconds[phase]
+                out[f"time_{phase}"] = seconds
+                out[f"{phase}_tokens_per_s"] = self._host.get(tokens_key, 0.0) / max(seconds, 1e-9)
+        if "advantages" in timer.seconds:
+            out["time_advantages"] = timer.seconds["advantages"]
+        return out
+
+    def host_metrics(self) -> Dict[str, float]:
+        out = dict(self._host)
+        if self._batches_ready_at is not None:
+            seconds = time.perf_counter() - self._batches_ready_at
+            out["time_update"] = seconds
+            out["update_tokens_per_s"] = self._step_tokens / max(seconds, 1e-9)
+        return out
+
+    def evaluate(self, model) -> Dict[str, float]:
+        """Greedy completions of up to rollout.eval_prompts held-out prompts: mean reward and accuracy."""
+        if not self.eval_records:
+            return {}
+        n = self.rollout.eval_prompts or len(self.eval_records)
+        records = self.eval_records[:n]
+        from fusedrl.rollout.hf import generate
+        from fusedrl.data.records import tokenize_prompt
+
+        prompts = [tokenize_prompt(r, self.tokenizer) for r in records]
+        out = generate(model, prompts, max_new_tokens=self.rollout.max_new_tokens, greedy=True,
+                       eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
+        rollout = Rollout(prompts, out.tokens, out.logprobs, list(out.finished), list(range(len(records))),
+                          [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], 1)
+        result = {"reward": self.rewards(rollout, records).mean().item()}
+        accuracy = self.rewards.accuracy(rollout, records)
+        if accuracy is not None:
+            result["accuracy"] = accuracy.mean().item()
+        return result
+
+    def state_dict(self) -> dict:
+        generator = self.generator.get_state() if self.generator is not None else self._generator_state
+        state = {"prompts": self.prompts.state_dict(), "generator": generator,
+                 "rollouts_done": self.rollouts_done,
+                 "experience": self.exp.state_dict() if self.exp is not None else {}}
+        if self.baseline is not None and self.baseline.mean is not None:
+            state["baseline"] = {"mean": self.baseline.mean, "count": self.baseline.count}
+        if self._ref_is_copy or self._ref_state is not None:
+            state["reference"] = self.ref_model.state_dict() if self._ref_is_copy else self._ref_state
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.prompts.load_state_dict(state["prompts"])
+        self.generator, self._generator_state = None, state["generator"]
+        self.rollouts_done = int(state["rollouts_done"])
+        self.exp = Experience.from_state_dict(state["experience"]) if state["experience"] else None
+        if "baseline" in state and self.baseline is not None:
+            self.baseline.mean, self.baseline.count = state["baseline"]["mean"], state["baseline"]["count"]
+        if "reference" in state:
+            if self.ref_model is not None and self._ref_is_copy:
+                self.ref_model.load_state_dict(state["reference"])
+            elif self.ref_model is None:
+                self._ref_state = state["reference"]  # applied when the copy is made
+
+
+# ----------------------------------------------------------------------------- builders
+
+
+def load_prompt_records(cfg) -> tuple:
+    """(train records, eval records or None) of data.train / data.eval; every record needs a prompt."""
+    from fusedrl.data.records import load_records
+
+    if not cfg.data.train:
+        raise ValueError("data.train: the RL stages need a file of prompt records (set data.train)")
+    out = []
+    for key in ("train", "eval"):
+        source = getattr(cfg.data, key)
+        records = load_records(source) if source else None
+        for i, record in enumerate(records or []):
+            if "prompt" not in record and "messages" not in record:
+                raise ValueError(f"data.{key}: record {i} of {source!r} has no 'prompt' (keys {sorted(record)})")
+        out.append(records)
+    return out[0], out[1]
+
+
+def load_reference(cfg, path: Optional[str], device):
+    """The frozen reference: `path`, else model.name_or_path (the run's initial weights, so a resumed
+    run gets the same reference), else None (the stage copies the policy when first needed)."""
+    source = path or cfg.model.name_or_path
+    if source is None:
+        return None
+    from fusedrl.models.causal_lm import build_model
+
+    dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
+    ref = build_model(name_or_path=source, dtype=dtype, device=device)
+    return ref.eval().requires_grad_(False)
+
+
+def build_policy_gradient_stage(cfg, model, tokenizer, *, algo: Optional[str] = None) -> PolicyGradientStage:
+    """The stage of an `RLTrainConfig`: [rollout], [pg] (algo overridden by `algo`), data.train / data.eval."""
+    import dataclasses
+
+    from fusedrl.rollout.experience import build_reward_source
+
+    pg = cfg.pg if algo is None else dataclasses.replace(cfg.pg, algo=algo)
+    options = resolve_pg_options(pg, cfg.rollout)
+    check_rollout(cfg.rollout)
+    records, eval_records = load_prompt_records(cfg)
+    device = next(model.parameters()).device
+    ref = load_reference(cfg, pg.ref_model, device) if options.beta > 0 else None
+    return PolicyGradientStage(records=records, tokenizer=tokenizer, rollout=cfg.rollout, options=options,
+                               rewards=build_reward_source(cfg.rollout, device), eval_records=eval_records,
+                               ref_model=ref, seed=cfg.run.seed, baseline_decay=pg.baseline_decay, name=pg.algo)
+
+
+def _builder(algo: str):
+    def build(cfg, model, tokenizer):
+        return build_policy_gradient_stage(cfg, model, tokenizer, algo=algo)
+    build.__name__ = f"build_{algo}_stage"
+    build.__doc__ = f"The {algo} stage (see build_policy_gradient_stage)."
+    return build
+
+
+# run.stage name -> builder, for fusedrl.stages.STAGES
+PG_STAGES = {algo: _builder(algo) for algo in ALGORITHMS}

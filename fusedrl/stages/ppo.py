@@ -1,0 +1,188 @@
+"""PPO: clipped surrogate with a learned value model, GAE, value clipping, KL folded into the reward.
+
+Per rollout batch (P prompts x G completions, see `PolicyGradientStage` for the
+sampling, scoring and reuse schedule), with t over completion tokens:
+
+    V_t      value model (a backbone with a scalar head) at rollout time   -> old_values
+    r_t      = -beta * KL_t(old || ref) + R on the last token               (fold_kl_into_rewards)
+    A_t, G_t = GAE(r, V; gamma, lambda) per sequence on the packed layout    (kernels.gae, cu_seqlens)
+    A_t      whitened over the batch (option)
+    loss     = policy_loss(ppo clip, eps) + vf_coef * value_loss(V, old_values, G, eps_v)
+
+Several optimizer steps per rollout: `epochs` passes, each split into
+`mini_batches` steps; the stage draws a new rollout every epochs * mini_batches
+steps (the buffer is in `state_dict()`).
+
+The critic has its own AdamW (`ppo.value_lr`), as OpenRLHF and TRL's PPO do: the
+loop's optimizer holds the policy only. The loop's backward fills the value
+model's gradients too (the value loss is part of the returned loss); the
+stage clips and applies them at the start of the next step (`micro_batches`),
+before anything reads the value model, which is the same update as applying
+it right after the backward. `state_dict()` applies a pending update first so
+checkpoints hold it; `finish()` applies the last step's.
+
+The value model: `ppo.value_model` if given, else a copy of the reward model
+(`rollout.reward_model`), else the policy's backbone (copied) with a zero head.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+
+from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
+from fusedrl.rollout.experience import Experience, Rollout, token_forward
+from fusedrl.stages.configs_rl import PPOConfig, check_policy_options, check_rollout
+from fusedrl.stages.policy_gradient import (PolicyGradientStage, ResolvedOptions, load_prompt_records,
+                                                   load_reference)
+from fusedrl.kernels import fold_kl_into_rewards, gae, value_loss, whiten
+
+
+def resolve_ppo_options(cfg: PPOConfig) -> ResolvedOptions:
+    """[ppo] as the options the shared stage code reads; raises ValueError naming bad keys."""
+    check_policy_options("ppo", cfg)
+    for key in ("epochs", "mini_batches"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"ppo.{key}: expected an int >= 1, got {value!r}")
+    for key in ("gamma", "lam"):
+        if not 0.0 <= getattr(cfg, key) <= 1.0:
+            raise ValueError(f"ppo.{key}: expected a number in [0, 1], got {getattr(cfg, key)!r}")
+    if cfg.eps_v is not None and not cfg.eps_v > 0:
+        raise ValueError(f"ppo.eps_v: expected None or a number > 0, got {cfg.eps_v!r}")
+    if not cfg.value_lr > 0 or cfg.vf_coef < 0:
+        raise ValueError(f"ppo.value_lr / ppo.vf_coef: expected > 0 / >= 0, got {cfg.value_lr!r} / {cfg.vf_coef!r}")
+    return ResolvedOptions(advantage="gae", loss_algo="ppo", aggregation=cfg.aggregation, eps_low=cfg.eps,
+                           eps_high=cfg.eps, dual_clip=cfg.dual_clip, beta=cfg.beta, kl_kind=cfg.kl_kind,
+                           kl_in=cfg.kl_in, kl_clamp=None, c_ent=cfg.c_ent, tis_cap=cfg.tis_cap,
+                           steps_per_rollout=cfg.epochs * cfg.mini_batches, mini_batches=cfg.mini_batches,
+                           whiten=cfg.whiten)
+
+
+class PPOStage(PolicyGradientStage):
+    """PPO on top of the policy-gradient stage machinery (see the module docstring).
+
+    Args:
+        value_model: a `ScalarHeadModel` (token_values(batch) -> (total,)) on the policy's device.
+        ppo: the [ppo] table (gamma, lam, eps_v, vf_coef, value_lr).
+        max_grad_norm: clip of the value model's gradient norm (0/None: none).
+        **kwargs: as `PolicyGradientStage` (options from `resolve_ppo_options`).
+    """
+
+    name = "ppo"
+    value_forward = True
+
+    def __init__(self, *, value_model, ppo: PPOConfig, max_grad_norm: Optional[float] = 1.0, **kwargs):
+        super().__init__(**kwargs)
+        self.value_model = value_model
+        self.ppo = ppo
+        self.max_grad_norm = max_grad_norm
+        params = [p for p in value_model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("value_model: has no trainable parameter")
+        self.value_optimizer = torch.optim.AdamW(params, lr=ppo.value_lr, weight_decay=0.0)
+        self._value_pending = False
+
+    # ------------------------------------------------------------------ the critic's update
+
+    def finish(self) -> None:
+        """Apply the value gradients of the last step (call after the loop ends)."""
+        self._apply_value_update()
+
+    def _apply_value_update(self) -> None:
+        if not self._value_pending:
+            return
+        params = [p for g in self.value_optimizer.param_groups for p in g["params"]]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm or float("inf"))
+        finite = math.isfinite(float(norm))  # host side, once per step
+        if finite:
+            self.value_optimizer.step()
+        self.value_optimizer.zero_grad(set_to_none=True)
+        self._value_pending = False
+        self._host_value = {"value_grad_norm": float(norm), "value_step_skipped": float(not finite)}
+
+    def micro_batches(self, model, step: int):
+        self._host_value = {}
+        self._apply_value_update()
+        batches = super().micro_batches(model, step)
+        self._host.update(self._host_value)
+        return batches
+
+    # ------------------------------------------------------------------ rollout-time values and GAE
+
+    def _extra_forwards(self, exp: Experience, device) -> int:
+        exp.tok["old_values"] = token_forward(exp, self.value_model.token_values, self.rollout.token_budget, device)
+        return 1
+
+    def _advantages(self, exp: Experience, rollout: Rollout) -> None:
+        cu_seqlens = exp.completion_cu_seqlens()
+        values = exp.completion_view("old_values")  # (T,) completion tokens of all samples, back to back
+        if self.opt.beta > 0 and self.opt.kl_in == "reward":
+            old, ref, beta = exp.completion_view("old_logp"), exp.completion_view("ref_logp"), self.opt.beta
+        else:
+            old = ref = torch.zeros_like(values)
+            beta = 0.0
+        rewards = fold_kl_into_rewards(exp.seq["rewards"], old, ref, cu_seqlens=cu_seqlens, beta=beta,
+                                       kind=self.opt.kl_kind)  # (T,)
+        advantages, returns = gae(rewards, values, cu_seqlens=cu_seqlens, gamma=self.ppo.gamma, lam=self.ppo.lam)
+        if self.opt.whiten:
+            advantages = whiten(advantages)
+        exp.set_from_completion_view("advantages", advantages)
+        exp.set_from_completion_view("returns", returns)
+        self._host["value_rollout_mean"] = values.mean().item() if values.numel() else 0.0
+        if beta > 0:
+            self._host["kl_reward"] = (-(rewards.sum() - exp.seq["rewards"].sum()) / beta / len(exp)).item()
+
+    # ------------------------------------------------------------------ the loss
+
+    def loss(self, model, batch: PackedBatch, normalizer: float):
+        loss, metrics = self._policy_terms(model, batch, normalizer)
+        values = self.value_model.token_values(batch)  # (total,) position t: the state before label t
+        mask = batch.labels != IGNORE_INDEX
+        v_loss, v_metrics = value_loss(values, batch.extras["old_values"], batch.extras["returns"], mask,
+                                       eps_v=self.ppo.eps_v, num_tokens=self._step_tokens)
+        self._value_pending = True
+        share = batch.num_tokens / self._step_tokens
+        metrics.update({k: v * share for k, v in v_metrics.items()})
+        metrics["value_loss"] = v_loss.detach()
+        return loss + self.ppo.vf_coef * v_loss, metrics
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict:
+        self._apply_value_update()  # the update the next step would apply first: the same weights
+        return {**super().state_dict(), "value_model": self.value_model.state_dict(),
+                "value_optimizer": self.value_optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.value_model.load_state_dict(state["value_model"])
+        self.value_optimizer.load_state_dict(state["value_optimizer"])
+
+
+def build_value_model(cfg, policy, device):
+    """ppo.value_model, else a copy of rollout.reward_model, else the policy's backbone (copied) with a zero head."""
+    from fusedrl.models.scalar_head import ScalarHeadModel
+
+    source = cfg.ppo.value_model or cfg.rollout.reward_model
+    if source is not None:
+        return ScalarHeadModel.from_pretrained(source, device=device)
+    return ScalarHeadModel.from_causal_lm(copy.deepcopy(policy), init_std=0.0)
+
+
+def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
+    """The PPO stage of an `RLTrainConfig`: [rollout], [ppo], data.train / data.eval."""
+    from fusedrl.rollout.experience import build_reward_source
+
+    options = resolve_ppo_options(cfg.ppo)
+    check_rollout(cfg.rollout)
+    records, eval_records = load_prompt_records(cfg)
+    device = next(model.parameters()).device
+    ref = load_reference(cfg, cfg.ppo.ref_model, device) if options.beta > 0 else None
+    return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
+                    max_grad_norm=cfg.optim.max_grad_norm, records=records, tokenizer=tokenizer,
+                    rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device),
+                    eval_records=eval_records, ref_model=ref, seed=cfg.run.seed)

@@ -1,0 +1,259 @@
+"""Resumable checkpoints, written atomically and verified before loading.
+
+Layout of OUT_DIR/checkpoints/step_00000040/:
+
+    model/           the model in the save_pretrained layout (safetensors), or
+                     model/model.safetensors for a plain nn.Module
+    optimizer.pt     optimizer.state_dict()        (tensors and numbers only)
+    scheduler.pt     scheduler.state_dict()
+    rng.pt           torch / cuda / numpy / python RNG states, as tensors and ints
+    stage.pt         the stage's state_dict() (data position, ...)
+    trainer.json     step, skipped steps, ... (the loop's counters)
+    manifest.json    sha256 of every file above, written last
+
+Everything is written into a temporary sibling folder (".tmp-step_...") that
+is renamed into place only when complete, so a run killed at any moment
+leaves either the whole checkpoint or none. Loading checks the manifest
+(every file present, every checksum equal) and reads tensors only through
+safetensors or `torch.load(weights_only=True)`: never an arbitrary pickle.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_model as save_safetensors_module
+
+logger = logging.getLogger("fusedrl")
+
+FORMAT_VERSION = 1
+REQUIRED = ("optimizer.pt", "scheduler.pt", "rng.pt", "stage.pt", "trainer.json")
+_NAME = re.compile(r"^step_(\d{8})$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing files, fails its checksums or cannot be read."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- RNG
+
+def rng_state() -> Dict[str, Any]:
+    """All RNG states as tensors / ints / lists (loadable with weights_only=True)."""
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    numpy_state = state["numpy"]
+    np.random.set_state((numpy_state["kind"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                         numpy_state["has_gauss"], numpy_state["cached_gaussian"]))
+    python_state = state["python"]
+    random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------- model weights
+
+def save_weights(model: torch.nn.Module, path: Path) -> None:
+    """save_pretrained layout for transformers models, one safetensors file otherwise."""
+    if hasattr(model, "save_pretrained"):
+        from fusedrl.models.causal_lm import save_model
+        save_model(model, path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        save_safetensors_module(model, str(path / "model.safetensors"))
+
+
+def load_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load every *.safetensors file under `path` into `model` (strict, tied weights allowed)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{path}: no .safetensors weights found")
+    state: Dict[str, torch.Tensor] = {}
+    for file in files:
+        state.update(load_file(str(file)))
+    result = model.load_state_dict(state, strict=False)
+    # save_pretrained drops tied copies (lm_head.weight = embed_tokens.weight): a missing key
+    # is fine when its tensor shares storage with a loaded one.
+    own = model.state_dict()
+    loaded_ptrs = {own[k].data_ptr() for k in state if k in own}
+    missing = [k for k in result.missing_keys if own[k].data_ptr() not in loaded_ptrs]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{path}: weights do not match the model: missing {missing[:5]}, "
+                              f"unexpected {list(result.unexpected_keys)[:5]}")
+
+
+# ----------------------------------------------------------------------------- save
+
+def save_checkpoint(
+    root: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    stage_state: Dict[str, Any],
+    trainer_state: Dict[str, Any],
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints.
+
+    Returns:
+        The final checkpoint folder, root/step_XXXXXXXX.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / checkpoint_name(step)
+    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(model, tmp / "model")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    torch.save(stage_state, tmp / "stage.pt")
+    (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
+    files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_tree(tmp)
+    if final.exists():  # re-saving a step (a resumed run): move the old one aside first
+        old = root / f".old-{final.name}-{os.getpid()}"
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+    _prune(root, keep)
+    return final
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush file contents before the rename publishes them (a power cut must not leave empty files)."""
+    for path in folder.rglob("*"):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+
+
+def _prune(root: Path, keep: int) -> None:
+    for stale in root.glob(".tmp-*"):  # left by killed runs (ours was just renamed)
+        shutil.rmtree(stale, ignore_errors=True)
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ----------------------------------------------------------------------------- load
+
+def list_checkpoints(root: str | Path) -> List[Path]:
+    """Checkpoint folders under `root` by increasing step (temporary folders excluded)."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name)]
+    return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
+
+
+def verify_checkpoint(path: str | Path) -> Dict[str, Any]:
+    """Check a checkpoint is complete and intact; returns its manifest.
+
+    Raises:
+        CheckpointError naming the checkpoint and the missing file or the file whose checksum differs.
+    """
+    path = Path(path)
+    manifest_path = path / "manifest.json"
+    if not manifest_path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no manifest.json (partial or not a checkpoint)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
+    for name in REQUIRED:
+        if name not in files:
+            raise CheckpointError(f"checkpoint {path}: manifest lists no {name}")
+    if not any(name.startswith("model/") and name.endswith(".safetensors") for name in files):
+        raise CheckpointError(f"checkpoint {path}: manifest lists no model/*.safetensors")
+    for name, digest in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path}: missing file {name}")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint {path}: checksum mismatch in {name} (corrupt)")
+    return manifest
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+) -> Dict[str, Any]:
+    """Verify, then restore model, optimizer, scheduler and RNG states from `path`.
+
+    Returns:
+        {"stage": the stage's saved state, "trainer": the loop's counters (dict)}.
+    """
+    path = Path(path)
+    verify_checkpoint(path)
+    map_location = next(iter(model.parameters())).device
+    try:
+        load_weights(model, path / "model")
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        stage_state = torch.load(path / "stage.pt", weights_only=True)
+        trainer_state = json.loads((path / "trainer.json").read_text())
+        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+    except CheckpointError:
+        raise
+    except Exception as err:  # an unreadable file that still matches its checksum: a format mismatch
+        raise CheckpointError(f"checkpoint {path}: cannot be loaded: {type(err).__name__}: {err}") from err
+    return {"stage": stage_state, "trainer": trainer_state}
+
+
+def latest_valid_checkpoint(root: str | Path) -> Optional[Path]:
+    """The newest checkpoint under `root` that passes `verify_checkpoint`, or None.
+
+    Invalid newer checkpoints are skipped with a warning naming what is wrong.
+    """
+    for path in reversed(list_checkpoints(root)):
+        try:
+            verify_checkpoint(path)
+            return path
+        except CheckpointError as err:
+            logger.warning("skipping %s; falling back to an older checkpoint", err)
+    return None

@@ -1,0 +1,351 @@
+"""The one training loop every stage runs in.
+
+    result = train(model, stage, cfg, run_dir="runs/x")             # fresh run
+    result = train(model, stage, cfg, run_dir="runs/x", resume=True)  # continue from the last checkpoint
+
+A step: the stage produces the step's packed micro-batches; the loop computes
+the global normaliser on the host (trained tokens or sequences over all
+micro-batches, and over ranks when distributed), runs forward/backward on each
+micro-batch (so accumulation equals one big batch), clips by global norm,
+syncs once with the host (loss, grad norm, metrics in one transfer), skips the
+update when anything is non-finite, and steps AdamW and the schedule.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from fusedrl.data.batch import PackedBatch
+from fusedrl.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
+from fusedrl.config import OptimConfig, ScheduleConfig, TrainConfig
+from fusedrl.train.metrics import MetricsLogger, is_rank0
+from fusedrl.stages.base import NORMALIZE_BY
+
+logger = logging.getLogger("fusedrl")
+
+
+class NonFiniteError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+@dataclass
+class TrainState:
+    """The loop's counters (saved in every checkpoint's trainer.json)."""
+
+    step: int = 0
+    skipped_steps: int = 0
+    nonfinite_in_a_row: int = 0
+    tokens_seen: int = 0
+
+
+@dataclass
+class TrainResult:
+    state: TrainState
+    last_metrics: Dict[str, float] = field(default_factory=dict)
+    eval_metrics: Dict[str, float] = field(default_factory=dict)
+    interrupted: bool = False
+    checkpoint: Optional[Path] = None
+
+
+# ----------------------------------------------------------------------------- optimisation
+
+def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:
+    """Learning-rate multiplier of optimizer step `step` (0-based).
+
+    Warm-up: (step + 1) / warmup_steps, reaching 1 at the last warm-up step.
+    Then progress p = (step - warmup) / (total - warmup - 1) from 0 to 1 at the
+    last step, and the factor is 1 (constant), m + (1 - m)(1 - p) (linear) or
+    m + (1 - m)(1 + cos(pi p)) / 2 (cosine), with m = min_lr_ratio.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if decay == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps - 1))
+    if decay == "linear":
+        shape = 1.0 - progress
+    elif decay == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        raise ValueError(f"schedule.decay: expected constant, linear or cosine, got {decay!r}")
+    return min_lr_ratio + (1.0 - min_lr_ratio) * shape
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+    """AdamW over the trainable parameters; no weight decay on vectors (biases, norms)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("model: has no parameter with requires_grad=True to train")
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int):
+    def factor(step: int) -> float:
+        return lr_factor(step, total_steps=total_steps, warmup_steps=cfg.warmup_steps,
+                         decay=cfg.decay, min_lr_ratio=cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def global_normalizer(batches: Sequence[PackedBatch], normalize_by: str, device: torch.device) -> float:
+    """What the step's loss is divided by: trained tokens or sequences over all micro-batches.
+
+    Host ints only on one device. Under torch.distributed the count is summed
+    over ranks and divided by the world size, because data-parallel gradient
+    reduction averages over ranks: sum_r (loss_r * W / N) / W = the global mean.
+    """
+    if normalize_by not in NORMALIZE_BY:
+        raise ValueError(f"stage.normalize_by: expected one of {NORMALIZE_BY}, got {normalize_by!r}")
+    count = sum(b.num_tokens if normalize_by == "tokens" else b.num_seqs for b in batches)
+    if _distributed():
+        total = torch.tensor([float(count)], device=device)
+        torch.distributed.all_reduce(total)
+        return max(total.item(), 1.0) / torch.distributed.get_world_size()
+    return float(max(count, 1))  # an all-masked step gives loss 0, not a division by zero
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
+
+
+def train_step(model, stage, batches: List[PackedBatch], optimizer, max_grad_norm: Optional[float],
+               device: torch.device) -> Dict[str, float]:
+    """Forward/backward over the micro-batches, clip, and (if finite) step; returns host floats.
+
+    The optimizer step is taken only when the summed loss and the gradient
+    norm are finite; `record["nonfinite"]` says whether it was skipped. This
+    function syncs with the host exactly once.
+    """
+    normalizer = global_normalizer(batches, stage.normalize_by, device)
+    loss_sum = torch.zeros((), device=device, dtype=torch.float32)
+    metric_sums: Dict[str, torch.Tensor] = {}
+    for batch in batches:
+        loss, metrics = stage.loss(model, batch.to(device), normalizer)
+        loss.backward()
+        loss_sum += loss.detach().float()
+        for name, value in metrics.items():
+            value = torch.as_tensor(value, device=device).detach().float().reshape(())
+            metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"),
+                                               foreach=None)
+    names = list(metric_sums)
+    stats = torch.stack([loss_sum, grad_norm.to(device, torch.float32)] + [metric_sums[n] for n in names])
+    if _distributed():
+        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
+    values = stats.tolist()  # the one host sync of the step
+    finite = math.isfinite(values[0]) and math.isfinite(values[1])
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    record = {"loss": values[0], "grad_norm": values[1], **dict(zip(names, values[2:]))}
+    record["nonfinite"] = not finite
+    return record
+
+
+# ----------------------------------------------------------------------------- signals
+
+class _StopFlag:
+    def __init__(self):
+        self.signal: Optional[int] = None
+
+
+@contextmanager
+def _graceful_stop():
+    """SIGTERM/SIGINT set a flag the loop checks after each step (a checkpoint is then written).
+
+    A second SIGINT interrupts at once. Handlers are installed only in the main thread.
+    """
+    flag = _StopFlag()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signal = signum
+        logger.warning("received %s: stopping after this step and writing a checkpoint",
+                       signal.Signals(signum).name)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def _evaluate(stage, model, extra_eval=None) -> Dict[str, float]:
+    """The stage's evaluate(model) and extra_eval(model), merged; model in eval mode, no grad."""
+    hooks = [h for h in (getattr(stage, "evaluate", None), extra_eval) if h is not None]
+    if not hooks:
+        return {}
+    was_training = model.training
+    model.eval()
+    result: Dict[str, float] = {}
+    try:
+        with torch.no_grad():
+            for hook in hooks:
+                result.update(hook(model) or {})
+    finally:
+        model.train(was_training)
+    return result
+
+
+def train(
+    model: torch.nn.Module,
+    stage,
+    cfg: TrainConfig,
+    *,
+    run_dir: str | Path,
+    resume: bool = False,
+    on_step_end: Optional[Callable[[int, Dict[str, float]], None]] = None,
+    extra_eval: Optional[Callable[[torch.nn.Module], Dict[str, float]]] = None,
+) -> TrainResult:
+    """Run `cfg.loop.max_steps` optimizer steps of `stage` on `model`.
+
+    Args:
+        model: the module to train (its trainable parameters go to AdamW).
+        stage: a `fusedrl.stages.base.Stage`.
+        cfg: the run's config (optim, schedule, loop, checkpoint, logging are used here).
+        run_dir: where metrics.jsonl and checkpoints/ go.
+        resume: continue from the newest valid checkpoint in run_dir/checkpoints
+            (newer corrupt or partial ones are skipped with a warning).
+        on_step_end: called as on_step_end(step, record) after each step (tests, custom hooks).
+        extra_eval: called at each evaluation besides stage.evaluate (e.g. a task score);
+            its dict is merged into the logged eval metrics.
+    Returns:
+        A TrainResult: counters, the last step's metrics, the last evaluation.
+    Raises:
+        NonFiniteError after cfg.loop.max_nonfinite_in_a_row consecutive non-finite steps.
+    """
+    _check_stage(stage)
+    run_dir = Path(run_dir)
+    device = next(model.parameters()).device
+    total = cfg.loop.max_steps
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule, total)
+    state = _resume(run_dir, model, optimizer, scheduler, stage) if resume else TrainState()
+    result = TrainResult(state=state)
+    metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
+                            progress=cfg.logging.progress, console_every=cfg.logging.console_every)
+
+    def checkpoint() -> Optional[Path]:
+        if not is_rank0():  # full state dicts, one writer
+            return None
+        return save_checkpoint(run_dir / "checkpoints", state.step, model=model, optimizer=optimizer,
+                               scheduler=scheduler, stage_state=stage.state_dict(),
+                               trainer_state=asdict(state), keep=cfg.checkpoint.keep)
+
+    def evaluate_now() -> None:
+        result.eval_metrics = _evaluate(stage, model, extra_eval)
+        if result.eval_metrics:
+            metrics.log_eval(state.step, result.eval_metrics)
+
+    try:
+        with _graceful_stop() as stop:
+            if cfg.loop.eval_at_start and state.step == 0:
+                evaluate_now()
+            while state.step < total:
+                record = _run_step(model, stage, optimizer, scheduler, cfg, state, device)
+                metrics.log_step(state.step, record)
+                result.last_metrics = record
+                if on_step_end is not None:
+                    on_step_end(state.step, record)
+                _check_nonfinite(state, record, cfg.loop.max_nonfinite_in_a_row)
+                if cfg.loop.eval_every and state.step % cfg.loop.eval_every == 0 and state.step < total:
+                    evaluate_now()
+                if stop.signal is not None:
+                    result.checkpoint, result.interrupted = checkpoint(), True
+                    logger.warning("stopped at step %d; checkpoint %s (continue with --resume)",
+                                   state.step, result.checkpoint)
+                    return result
+                if cfg.checkpoint.every and state.step % cfg.checkpoint.every == 0 and state.step < total:
+                    result.checkpoint = checkpoint()
+            evaluate_now()
+            result.checkpoint = checkpoint()
+    finally:
+        metrics.close()
+    return result
+
+
+def _check_stage(stage) -> None:
+    missing = [name for name in ("micro_batches", "loss", "state_dict", "load_state_dict")
+               if not callable(getattr(stage, name, None))]
+    missing += [name for name in ("name", "normalize_by") if not isinstance(getattr(stage, name, None), str)]
+    if missing:
+        raise TypeError(f"stage: {type(stage).__name__} lacks {missing}; a stage implements "
+                        "fusedrl.stages.base.Stage (subclass BaseStage for the optional parts)")
+
+
+def _check_nonfinite(state: TrainState, record: Dict[str, float], limit: int) -> None:
+    if state.nonfinite_in_a_row >= limit:
+        raise NonFiniteError(
+            f"stopping at step {state.step}: {state.nonfinite_in_a_row} steps in a row had a non-finite loss "
+            f"or gradient (last: loss={record['loss']}, grad_norm={record['grad_norm']}; {state.skipped_steps} "
+            "skipped in all). Lower optim.lr, check the data, or raise loop.max_nonfinite_in_a_row.")
+
+
+def _run_step(model, stage, optimizer, scheduler, cfg: TrainConfig, state: TrainState,
+              device: torch.device) -> Dict[str, float]:
+    """One optimizer step; updates `state` and returns the step's log record."""
+    start = time.perf_counter()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    lr = scheduler.get_last_lr()[0]
+    batches = stage.micro_batches(model, state.step)
+    if not batches:
+        raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
+    record = train_step(model, stage, batches, optimizer, cfg.optim.max_grad_norm, device)
+    scheduler.step()  # skipped steps advance the schedule too: it follows the step count
+    state.step += 1
+    tokens = sum(b.total for b in batches)
+    state.tokens_seen += tokens
+    if record.pop("nonfinite"):
+        state.skipped_steps += 1
+        state.nonfinite_in_a_row += 1
+        logger.warning("step %d: non-finite loss (%s) or grad norm (%s); update skipped (%d in a row)",
+                       state.step, record["loss"], record["grad_norm"], state.nonfinite_in_a_row)
+    else:
+        state.nonfinite_in_a_row = 0
+    host_metrics = getattr(stage, "host_metrics", None)
+    if host_metrics is not None:
+        record.update(host_metrics())
+    elapsed = time.perf_counter() - start
+    record.update(lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), memory_gb=peak_memory_gb(device),
+                  skipped_steps=state.skipped_steps, micro_batches=len(batches))
+    return record
+
+
+def _resume(run_dir: Path, model, optimizer, scheduler, stage) -> TrainState:
+    path = latest_valid_checkpoint(run_dir / "checkpoints")
+    if path is None:
+        logger.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir / "checkpoints")
+        return TrainState()
+    restored = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    stage.load_state_dict(restored["stage"])
+    fields = {k: v for k, v in restored["trainer"].items() if k in TrainState.__dataclass_fields__}
+    state = TrainState(**fields)
+    logger.info("resumed from %s at step %d", path, state.step)
+    return state

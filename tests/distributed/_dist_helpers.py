@@ -1,0 +1,164 @@
+"""Shared pieces of the distributed tests: a tiny Qwen2, a deterministic global batch, packing,
+the SFT and GRPO losses on packed batches, and a world-size-2 launcher (torch.multiprocessing)."""
+from __future__ import annotations
+
+import os
+import socket
+from typing import List, Sequence
+
+import torch
+import torch.distributed as dist
+
+from fusedrl.models.packed_attention import packed_forward
+from fusedrl.kernels import grpo_advantages, linear_logprobs, policy_loss
+from fusedrl.packing import pack_by_budget
+from fusedrl.train.dp_balance import agree_micro_batches, global_counts, loss_divisor, split_for_ranks
+from fusedrl.train.parallel import run_forward
+
+VOCAB, IGNORE = 97, -100
+# Per-rank token budgets chosen so that ranks get different micro-batch counts (sft step 2, the grpo step).
+BUDGET = {"sft": 24, "grpo": 40}
+
+
+def tiny_model(seed: int = 0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = Qwen2Config(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
+                      max_position_embeddings=128)
+    return Qwen2ForCausalLM(cfg).float()
+
+
+def global_batch(step: int, n: int = 7, group_size: int = 1):
+    """The step's sequences (identical on every rank): token lists, prompt lengths, group ids, rewards."""
+    gen = torch.Generator().manual_seed(1000 + step)
+    lengths = torch.randint(5, 24, (n,), generator=gen).tolist()
+    seqs = [torch.randint(0, VOCAB, (L,), generator=gen) for L in lengths]
+    prompts = [int(torch.randint(1, L - 2, (1,), generator=gen)) for L in lengths]
+    groups = [i // group_size for i in range(n)]
+    rewards = torch.rand(n, generator=gen)
+    return seqs, prompts, groups, rewards
+
+
+def pack(seqs: Sequence[torch.Tensor], prompts: Sequence[int]):
+    """One packed micro-batch: ids, labels (prompt and last token ignored), positions, cu_seqlens."""
+    ids = torch.cat(list(seqs))
+    labels, positions = [], []
+    for seq, prompt in zip(seqs, prompts):
+        lab = torch.full_like(seq, IGNORE)
+        lab[prompt - 1:-1] = seq[prompt:]  # predict the completion tokens
+        labels.append(lab)
+        positions.append(torch.arange(seq.numel()))
+    lens = torch.tensor([s.numel() for s in seqs])
+    cu = torch.nn.functional.pad(torch.cumsum(lens, 0), (1, 0)).to(torch.int32)
+    return {"input_ids": ids, "labels": torch.cat(labels), "position_ids": torch.cat(positions),
+            "cu_seqlens": cu, "max_seqlen": int(lens.max())}
+
+
+def _token_logprobs(model, batch):
+    hidden = packed_forward(model, batch["input_ids"], batch["position_ids"], batch["cu_seqlens"],
+                            batch["max_seqlen"])  # (total, H)
+    return linear_logprobs(hidden, model.lm_head.weight, batch["labels"])  # (total,)
+
+
+def sft_loss_sum(model, batch):
+    logp = _token_logprobs(model, batch)
+    return -(logp * (batch["labels"] != IGNORE)).sum()
+
+
+def grpo_loss(model, batch, advantages, divisor):
+    logp = _token_logprobs(model, batch)
+    mask = batch["labels"] != IGNORE
+    loss, _ = policy_loss(logp, None, advantages, mask, cu_seqlens=batch["cu_seqlens"], algo="grpo",
+                          num_tokens=divisor)
+    return loss
+
+
+def step_batch(step: int, algo: str):
+    group_size = 2 if algo == "grpo" else 1
+    return global_batch(step, n=8 if algo == "grpo" else 7, group_size=group_size) + (group_size,)
+
+
+def micro_batch_counts(step: int, algo: str, world: int) -> List[int]:
+    """Micro-batches each rank packs its share into (before agree_micro_batches)."""
+    seqs, _, groups, _, _ = step_batch(step, algo)
+    lengths = [s.numel() for s in seqs]
+    parts = split_for_ranks(lengths, world, group_ids=groups)
+    return [len(pack_by_budget([lengths[i] for i in part], BUDGET[algo])) for part in parts]
+
+
+def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int) -> dict:
+    """One global-batch step on this rank's balanced share; returns the global loss and grad norm."""
+    seqs, prompts, groups, rewards, group_size = step_batch(step, algo)
+    lengths = [s.numel() for s in seqs]
+    mine = split_for_ranks(lengths, world, group_ids=groups)[rank] if world > 1 else list(range(len(seqs)))
+    # Each rank normalises only its own groups' rewards: right because whole groups stay on one rank.
+    advantages = torch.zeros(len(seqs))
+    if algo == "grpo":
+        advantages[mine] = grpo_advantages(rewards[mine], group_size)
+    micro = [[mine[i] for i in part] for part in pack_by_budget([lengths[i] for i in mine], BUDGET[algo])]
+    trained = sum(lengths[i] - prompts[i] for i in mine)
+    tokens, _ = global_counts(trained, len(mine))
+    divisor = loss_divisor(tokens, world)
+    total = agree_micro_batches(len(micro))
+    loss_sum = torch.zeros(())
+    for k in range(total):
+        idx = micro[min(k, len(micro) - 1)]
+        batch = pack([seqs[i] for i in idx], [prompts[i] for i in idx])
+        if algo == "grpo":
+            loss = run_forward(model, grpo_loss, batch, advantages[idx], divisor)  # (a 0-d tensor)
+        else:
+            loss = run_forward(model, sft_loss_sum, batch) / divisor
+        if k >= len(micro):
+            loss = loss * 0.0  # a padding micro-batch: the collectives run, the gradient is zero
+        loss.backward()
+        loss_sum += loss.detach()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)
+    if hasattr(grad_norm, "full_tensor"):
+        grad_norm = grad_norm.full_tensor()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if world > 1:
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)  # sum_r loss_r * W/N / W = total / N
+    return {"loss": float(loss_sum), "grad_norm": float(grad_norm)}
+
+
+def full_weights(model) -> dict:
+    """Every parameter as a full CPU tensor (a collective on a sharded model)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def setup_rank(rank: int, world: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
+def spawn(fn, world: int, *args) -> None:
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(world, free_port()) + tuple(args), nprocs=world, join=True)
+
+
+def optimizer_for(model):
+    # AdamW's update lr * g / (|g| + eps) has slope lr / eps at g ~ 0: with the default eps (1e-8) a
+    # near-zero gradient's float32 summation-order noise (~1e-10) moves a weight by ~1e-5 and any
+    # two reduction orders disagree beyond 1e-6. eps = 1e-4 bounds that gain to 10.
+    return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
+
+
+def reference_run(steps: List[str]):
+    """The one-process oracle: the same steps on the whole global batch, no process group."""
+    model = tiny_model()
+    optimizer = optimizer_for(model)
+    records = [train_step(model, optimizer, s, algo=algo, rank=0, world=1) for s, algo in enumerate(steps)]
+    return model, optimizer, records
