@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autocast import autocast_off_backward
 from ._dispatch import TRITON_INTERPRET
 
 
@@ -137,6 +138,7 @@ class LogitsLogprobsTriton(torch.autograd.Function):
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, g_logp, g_ent=None):
         logits, labels, lse, pz = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

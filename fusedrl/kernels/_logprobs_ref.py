@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import _tiles
+from ._autocast import autocast_off_backward
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_shape, check_tensor
 
 def compute_dtype(*tensors: Optional[torch.Tensor]) -> torch.dtype:
@@ -247,6 +248,7 @@ class LinearLogprobsRef(torch.autograd.Function):
         return logp, torch.where(valid, lse - pz, torch.zeros((), dtype=cd, device=lse.device))
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, g_logp, g_ent=None):
         hidden, weight, bias, labels, lse, pz = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
@@ -295,6 +297,7 @@ class LogitsLogprobsRef(torch.autograd.Function):
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, g_logp, g_ent=None):
         logits, labels, lse, pz = ctx.saved_tensors
         if not ctx.needs_input_grad[0]:

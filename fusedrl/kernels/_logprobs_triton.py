@@ -11,6 +11,10 @@ tile reduces its logits to a per-row partial log-sum-exp and partial sum p*z, an
 tile holding a row's label writes that label logit; `_lse_combine_kernel` merges the
 (N, cdiv(V, BLOCK_V)) partials. Tokens go in host-side chunks so the partials stay under
 `PARTIALS_BYTES`. Saved for backward: lse and sum_v p_v z_v, float32 (N,) each.
+With STATS (`return_logit_stats`), each tile also writes the row's sum of z and the max of
+z before and after the label column (three more (N, P) partials); the combine kernel turns
+them into mean_logits = sum / V and is_top1 = z[label] > max_before and >= max_after (argmax
+with ties to the first maximum). No gradient flows through them.
 
 Backward: V is walked in host-side chunks of VC columns, VC chosen so the chunk's
 d(logits) (N, VC), in the input dtype, stays under `DZ_BYTES` (256 MiB). Per chunk:
@@ -30,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._autocast import autocast_off_backward
 from ._dispatch import TRITON_INTERPRET
 
 # Loop bounds (H, V, the partial count, the chunk width) are constexpr: H and V are model
@@ -96,9 +101,11 @@ def _linear_logprobs_fwd_kernel(
     lse_part_ptr,  # (N, num_pid_v) float32, contiguous: per-tile logsumexp
     pz_part_ptr,  # (N, num_pid_v) float32: per-tile sum softmax_tile(z) * z (ENTROPY only)
     zl_ptr,  # (N,) float32, zero-initialised: the label's logit
+    stats_part_ptr,  # (3, N, num_pid_v) float32 (STATS only): per-tile sum z, max z before / after the label
     N, V, H: tl.constexpr, stride_hn, stride_hh, stride_wv, stride_wh, inv_tau,
     HAS_BIAS: tl.constexpr, ENTROPY: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr, GROUP_N: tl.constexpr,
+    STATS: tl.constexpr = False,
 ):
     pid = tl.program_id(0).to(tl.int64)
     num_pid_v = tl.cdiv(V, BLOCK_V)
@@ -120,6 +127,13 @@ def _linear_logprobs_fwd_kernel(
     zl = tl.sum(tl.where(cols[None, :] == labels[:, None], z, 0.0), axis=1)
     mine = row_ok & (labels >= pid_v * BLOCK_V) & (labels < pid_v * BLOCK_V + BLOCK_V) & (labels < V)
     tl.store(zl_ptr + rows, zl, mask=mine)
+    if STATS:  # z is -inf past V: those columns add 0 to the sum and never win a max
+        plane = N * num_pid_v
+        part = stats_part_ptr + rows * num_pid_v + pid_v
+        tl.store(part, tl.sum(tl.where(cols[None, :] < V, z, 0.0), axis=1), mask=row_ok)
+        tl.store(part + plane, tl.max(tl.where(cols[None, :] < labels[:, None], z, float("-inf")), axis=1), mask=row_ok)
+        tl.store(part + 2 * plane, tl.max(tl.where(cols[None, :] > labels[:, None], z, float("-inf")), axis=1),
+                 mask=row_ok)
 
 
 @triton.jit
@@ -132,14 +146,20 @@ def _lse_combine_kernel(
     ent_ptr,  # (N,) float32 out (ENTROPY only)
     lse_ptr,  # (N,) float32 out, saved for backward
     pz_ptr,  # (N,) float32 out, saved for backward (ENTROPY only)
-    N, P: tl.constexpr, ignore_index,
-    ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
+    stats_part_ptr,  # (3, N, P) float32 (STATS only)
+    mean_ptr,  # (N,) float32 out: mean scaled logit (STATS only)
+    top1_ptr,  # (N,) int8 out: label is the first argmax (STATS only)
+    N, P: tl.constexpr, ignore_index, V,
+    ENTROPY: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr, STATS: tl.constexpr = False,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
     row_ok = rows < N
     m = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     s = tl.zeros((BLOCK_R,), tl.float32)
     t = tl.zeros((BLOCK_R,), tl.float32)
+    z_sum = tl.zeros((BLOCK_R,), tl.float32)
+    max_before = tl.full((BLOCK_R,), float("-inf"), tl.float32)
+    max_after = tl.full((BLOCK_R,), float("-inf"), tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         mask = row_ok[:, None] & (ps[None, :] < P)
@@ -152,6 +172,11 @@ def _lse_combine_kernel(
         if ENTROPY:
             pz_part = tl.load(pz_part_ptr + rows[:, None] * P + ps[None, :], mask=mask, other=0.0)
             t = t * scale + tl.sum(e * pz_part, axis=1)
+        if STATS:
+            sp = stats_part_ptr + rows[:, None] * P + ps[None, :]
+            z_sum += tl.sum(tl.load(sp, mask=mask, other=0.0), axis=1)
+            max_before = tl.maximum(max_before, tl.max(tl.load(sp + N * P, mask=mask, other=float("-inf")), axis=1))
+            max_after = tl.maximum(max_after, tl.max(tl.load(sp + 2 * N * P, mask=mask, other=float("-inf")), axis=1))
         m = m_new
     lse = m + tl.log(tl.where(row_ok, s, 1.0))
     valid = tl.load(labels_ptr + rows, mask=row_ok, other=ignore_index) != ignore_index
@@ -162,6 +187,10 @@ def _lse_combine_kernel(
         pz = t / tl.where(row_ok, s, 1.0)
         tl.store(ent_ptr + rows, tl.where(valid, lse - pz, 0.0), mask=row_ok)
         tl.store(pz_ptr + rows, pz, mask=row_ok)
+    if STATS:  # argmax semantics: ties go to the first maximum, as torch.argmax
+        tl.store(mean_ptr + rows, tl.where(valid, z_sum / V, 0.0), mask=row_ok)
+        top1 = valid & (zl > max_before) & (zl >= max_after)
+        tl.store(top1_ptr + rows, top1.to(tl.int8), mask=row_ok)
 
 
 @triton.jit
@@ -301,9 +330,10 @@ def _promote(hidden, weight):
     return hidden.to(dtype), weight.to(dtype)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy):
+def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, stats=False):
     """hidden (N, H), weight (V, H) one dtype, bias (V,)|None, labels (N,) ->
-    (logp, entropy|None, lse, pz|None), float32 (N,) each."""
+    (logp, entropy|None, lse, pz|None), float32 (N,) each; with `stats` also
+    (mean_logits float32 (N,), is_top1 bool (N,))."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -311,10 +341,13 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
     logp, lse = torch.empty(n, **f32), torch.empty(n, **f32)
     ent, pz = (torch.empty(n, **f32), torch.empty(n, **f32)) if entropy else (None, None)
     num_vb = triton.cdiv(vocab, FWD_BLOCK_V)
-    step = max(_MIN_ROWS, PARTIALS_BYTES // (num_vb * 4 * (1 + entropy)) // _MIN_ROWS * _MIN_ROWS)
+    step = max(_MIN_ROWS, PARTIALS_BYTES // (num_vb * 4 * (1 + entropy + 3 * stats)) // _MIN_ROWS * _MIN_ROWS)
     rows = min(n, step)
     lse_part = torch.empty(rows, num_vb, **f32)
     pz_part = torch.empty(rows, num_vb, **f32) if entropy else lse_part
+    stats_part = torch.empty(3, rows, num_vb, **f32) if stats else lse_part
+    mean = torch.empty(n, **f32) if stats else logp
+    top1 = torch.empty(n, dtype=torch.int8, device=dev) if stats else None
     zl = torch.empty(rows, **f32)
     b = bias if bias is not None else lse  # dummy pointer, never read
     dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype))
@@ -323,13 +356,16 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
         m, h = e - s, hidden[s:e]
         zl.zero_()
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]) * num_vb,)  # noqa: E731
-        _FWD[grid](h, weight, b, labels[s:e], lse_part, pz_part, zl, m, vocab, hdim, h.stride(0), h.stride(1),
-                   weight.stride(0), weight.stride(1), 1.0 / temperature, HAS_BIAS=bias is not None,
-                   ENTROPY=entropy, **dot, BLOCK_V=FWD_BLOCK_V, **_FWD_META)
+        _FWD[grid](h, weight, b, labels[s:e], lse_part, pz_part, zl, stats_part, m, vocab, hdim, h.stride(0),
+                   h.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature, HAS_BIAS=bias is not None,
+                   ENTROPY=entropy, **dot, BLOCK_V=FWD_BLOCK_V, STATS=stats, **_FWD_META)
         cgrid = (triton.cdiv(m, _COMBINE_META["BLOCK_R"]),)
         _lse_combine_kernel[cgrid](lse_part, pz_part, zl, labels[s:e], logp[s:e], ent[s:e] if entropy else logp,
-                                   lse[s:e], pz[s:e] if entropy else lse, m, num_vb, ignore_index,
-                                   ENTROPY=entropy, **_COMBINE_META)
+                                   lse[s:e], pz[s:e] if entropy else lse, stats_part, mean[s:e],
+                                   top1[s:e] if stats else zl, m, num_vb, ignore_index, vocab,
+                                   ENTROPY=entropy, STATS=stats, **_COMBINE_META)
+    if stats:
+        return logp, ent, lse, pz, mean, top1.bool()
     return logp, ent, lse, pz
 
 
@@ -380,18 +416,24 @@ class LinearLogprobsTriton(torch.autograd.Function):
     """Fused Triton op on 2-D hidden (N, H), weight (V, H), bias (V,)|None, labels (N,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, return_stats=False):
         h, w = _promote(hidden, weight)
-        logp, ent, lse, pz = linear_logprobs_fwd(h, w, bias, labels, temperature, ignore_index, return_entropy)
+        out = linear_logprobs_fwd(h, w, bias, labels, temperature, ignore_index, return_entropy, return_stats)
+        logp, ent, lse, pz = out[:4]
         ctx.save_for_backward(hidden, weight, bias, labels, lse, pz)
         ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        if return_stats:  # statistics of the logits: no gradient
+            ctx.mark_non_differentiable(*out[4:])
+            return ((logp, ent) if return_entropy else (logp,)) + tuple(out[4:])
         return (logp, ent) if return_entropy else logp
 
     @staticmethod
-    def backward(ctx, g_logp, g_ent=None):
+    @autocast_off_backward
+    def backward(ctx, g_logp, *rest):
+        g_ent = rest[0] if ctx.saved_tensors[5] is not None else None
         hidden, weight, bias, labels, lse, pz = ctx.saved_tensors
         h, w = _promote(hidden, weight)
         dh, dw, db = linear_logprobs_bwd(h, w, bias, labels, lse, pz, g_logp, g_ent, ctx.temperature,
                                          ctx.ignore_index, *ctx.needs_input_grad[:3])
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None)
+                None if db is None else db.to(bias.dtype), None, None, None, None, None)

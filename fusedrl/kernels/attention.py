@@ -24,6 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from ._autocast import autocast_aware
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
 from ._attention_cpu import varlen_attention_batched
@@ -163,6 +164,7 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
     )
 
 
+@autocast_aware("lower", cast=("q", "k", "v"))
 def varlen_attention(
     q: torch.Tensor,
     k: torch.Tensor,

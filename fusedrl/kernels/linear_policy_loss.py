@@ -14,11 +14,13 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._autocast import autocast_aware
 from ._validate import check_tensor
 from .logprobs import linear_logprobs
 from .policy_loss import policy_loss
 
 
+@autocast_aware("keep")
 def linear_policy_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from . import _dispatch
+from ._autocast import autocast_aware
 from ._logprobs_ref import (
     LinearLogprobsRef,
     LogitsLogprobsRef,
@@ -31,6 +32,7 @@ def _triton_ok(*tensors: Optional[torch.Tensor]) -> bool:
     return _dispatch.use_triton(*tensors) and all(t.dtype in _TRITON_DTYPES for t in floats)
 
 
+@autocast_aware("keep")
 def linear_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -40,6 +42,7 @@ def linear_logprobs(
     temperature: float = 1.0,
     ignore_index: int = -100,
     return_entropy: bool = False,
+    return_logit_stats: bool = False,
 ):
     """Per-token log p(label) (and entropy) of softmax((hidden @ weight.T + bias) / temperature).
 
@@ -56,12 +59,24 @@ def linear_logprobs(
         temperature: > 0; the softmax is taken over logits / temperature.
         ignore_index: label value whose positions give 0 and receive 0 gradient.
         return_entropy: also return the entropy of the distribution per token.
+        return_logit_stats: also return `mean_logits` (...), the mean over the vocabulary of
+            the temperature-scaled logits, and `is_top1` (...) bool, whether the label is the
+            argmax (first maximum on ties); both 0/False at ignored positions, no gradient.
+            The Triton path computes them in the same pass; the reference path in one
+            extra no-grad pass.
+
+    Under `torch.autocast` nothing is cast down: the inputs keep their dtypes, logits are
+    accumulated and log-softmaxed in float32 (see `fusedrl.kernels._autocast`).
 
     Returns:
-        logp (...) float32 (float64 for float64 inputs), and entropy (...) of the same dtype
-        when `return_entropy`. Differentiable w.r.t. hidden, weight and bias.
+        logp (...) float32 (float64 for float64 inputs); then entropy (...) of the same dtype
+        when `return_entropy`; then mean_logits (...) and is_top1 (...) when
+        `return_logit_stats` (a tuple whenever more than logp is returned).
+        Differentiable w.r.t. hidden, weight and bias.
     """
     validate_linear(hidden, weight, labels, bias, temperature, ignore_index)
+    if not isinstance(return_logit_stats, bool):
+        raise TypeError(f"return_logit_stats must be a bool, got {type(return_logit_stats).__name__}")
     lead = tuple(hidden.shape[:-1])
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels densely
@@ -69,12 +84,22 @@ def linear_logprobs(
     if _triton_ok(hidden, weight, bias, labels):
         from ._logprobs_triton import LinearLogprobsTriton
 
+        if return_logit_stats:
+            out = LinearLogprobsTriton.apply(*args, True)
+            return tuple(t.reshape(lead) for t in out)
         out = LinearLogprobsTriton.apply(*args)
     else:
         out = LinearLogprobsRef.apply(*args)
+        if return_logit_stats:
+            from ._logit_stats import logit_stats_reference
+
+            stats = logit_stats_reference(hidden2d, weight, bias, labels1d, float(temperature), ignore_index)
+            out = (out if return_entropy else (out,)) + stats
+            return tuple(t.reshape(lead) for t in out)
     return unflatten_outputs(out, lead, return_entropy)
 
 
+@autocast_aware("keep")
 def logprobs_from_logits(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -55,6 +55,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ._autocast import autocast_aware
 from . import _dispatch
 from ._policy_config import (AGGREGATIONS, ALGOS, CLIPPED_ALGOS, DUAL_CLIP_DEFAULT, IS_LEVELS, IS_MODES,
                              IS_SCOPES, PolicyLossConfig)
@@ -275,6 +276,7 @@ def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, 
     return x, layout
 
 
+@autocast_aware("keep")
 def policy_loss(
     logp: torch.Tensor,
     old_logp: Optional[torch.Tensor],

@@ -35,6 +35,7 @@ from typing import Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -84,6 +85,7 @@ def _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp):
     return c - rc, r - rr
 
 
+@autocast_aware("keep")
 def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              num_pairs: Optional[Number] = None) -> Result:
     """DPO: -log sigmoid(beta h). All inputs (P,) float sequence sums. Returns (loss, metrics)."""
@@ -94,6 +96,7 @@ def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return loss, _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
               label_noise: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
     """Conservative DPO: -(1 - e) log sigmoid(beta h) - e log sigmoid(-beta h), e = label_noise in [0, 0.5]."""
@@ -106,6 +109,7 @@ def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *,
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def ipo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              chosen_len=None, rejected_len=None, num_pairs: Optional[Number] = None) -> Result:
     """IPO: (h - 1 / (2 beta))^2. Returns (loss, metrics).
@@ -133,6 +137,7 @@ def _per_token(lc, lr, chosen_len, rejected_len):
     return lc / nc.to(lc.dtype), lr / nr.to(lr.dtype)
 
 
+@autocast_aware("keep")
 def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
                label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
     """SimPO: -(1 - e) log sigmoid(z) - e log sigmoid(-z), z = beta (logp_c / len_c - logp_r / len_r) - gamma.
@@ -152,6 +157,7 @@ def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: fl
     return loss, _metrics(beta * avg_c, beta * avg_r)
 
 
+@autocast_aware("keep")
 def orpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, lam: float = 0.1, nll: str = "pair_mean",
               nll_logp=None, nll_len=None, num_pairs: Optional[Number] = None,
               num_tokens: Optional[Number] = None) -> Result:
@@ -199,6 +205,7 @@ def nll_term(chosen_logp, chosen_len, mode: str, nll_logp=None, nll_len=None, nu
     return -chosen_logp.sum() / denom
 
 
+@autocast_aware("keep")
 def kto_loss(policy_logp, ref_logp, desirable, *, kl_policy_logp=None, kl_ref_logp=None, kl_baseline=None,
              beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
              kl_grad: bool = False, num_pairs: Optional[Number] = None) -> Result:
@@ -259,6 +266,7 @@ def _kto_baseline(kl_policy_logp, kl_ref_logp, kl_baseline, like: torch.Tensor, 
     return z0 if grad else z0.detach()
 
 
+@autocast_aware("keep")
 def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
     """APO-zero: (1 - sigmoid(beta r_c)) + sigmoid(beta r_r), r = logp - ref (sequence sums; TRL's value)."""
@@ -269,6 +277,7 @@ def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
     """APO-down: sigmoid(beta r_c) + (1 - sigmoid(beta (r_c - r_r))), r = logp - ref (sequence sums; TRL's value)."""
@@ -279,6 +288,7 @@ def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def rpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, *, beta: float = 0.1,
              alpha: float = 1.0, nll: str = "pair_mean", num_pairs: Optional[Number] = None,
              num_tokens: Optional[Number] = None) -> Result:

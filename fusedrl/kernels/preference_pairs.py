@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser, make_layout, segment_sum
 from ._validate import check_tensor
 from .preference import Result, _coef, _inputs, _logratios, _metrics, _per_token, nll_term
@@ -48,6 +49,7 @@ def _pairs(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta,
     return _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
 
 
+@autocast_aware("keep")
 def dpo_norm_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, rejected_len, *,
                   beta: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
     """DPO on length-averaged log-probs (policy and reference each divided by the completion length)."""
@@ -56,6 +58,7 @@ def dpo_norm_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(-F.logsigmoid(beta * (lc - lr)), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def hinge_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                num_pairs: Optional[Number] = None) -> Result:
     """SLiC hinge: relu(1 - beta h)."""
@@ -63,6 +66,7 @@ def hinge_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *
     return batch_mean(torch.relu(1 - beta * (lc - lr)), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def robust_dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                     label_smoothing: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
     """Robust DPO: (-(1 - e) log sigmoid(beta h) + e log sigmoid(-beta h)) / (1 - 2e), e in [0, 0.5)."""
@@ -75,6 +79,7 @@ def robust_dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_lo
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def bco_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   delta=0.0, num_pairs: Optional[Number] = None) -> Result:
     """BCO (paired): -log sigmoid(beta r_c - delta) - log sigmoid(-(beta r_r - delta)).
@@ -92,6 +97,7 @@ def bco_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr, reward_mean=reward_mean)
 
 
+@autocast_aware("keep")
 def sppo_hard_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                    num_pairs: Optional[Number] = None) -> Result:
     """SPPO (hard labels): (r_c - 1 / (2 beta))^2 + (r_r + 1 / (2 beta))^2."""
@@ -100,6 +106,7 @@ def sppo_hard_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_log
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def nca_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
     """NCA (paired): -log sigmoid(beta r_c) - 0.5 log sigmoid(-beta r_c) - 0.5 log sigmoid(-beta r_r)."""
@@ -109,6 +116,7 @@ def nca_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(c, r)
 
 
+@autocast_aware("keep")
 def exo_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   label_smoothing: float = 1e-3, num_pairs: Optional[Number] = None) -> Result:
     """EXO (paired): the reverse KL between sigmoid(beta h) and the smoothed label (1 - e, e); e = 1e-3 if 0."""
@@ -121,6 +129,7 @@ def exo_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def aot_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              paired: bool = True, label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
     """AOT: DPO's (smoothed) form on sorted quantities over the batch.
@@ -139,6 +148,7 @@ def aot_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return batch_mean(_smoothed(beta * delta, label_smoothing), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@autocast_aware("keep")
 def discopop_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   tau: float = 0.05, num_pairs: Optional[Number] = None) -> Result:
     """DiscoPOP (log-ratio modulated): (1 - m) softplus(-beta h) + m exp(-beta h), m = sigmoid(beta h / tau)."""
@@ -163,6 +173,7 @@ def wpo_weights(chosen_logp, rejected_logp, chosen_len, rejected_len, *, chosen_
     return torch.exp(c.detach() / nc + r.detach() / nr).clamp(max=1.0)
 
 
+@autocast_aware("keep")
 def wpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, rejected_len, *,
              beta: float = 0.1, chosen_adjust=None, rejected_adjust=None,
              num_pairs: Optional[Number] = None) -> Result:
@@ -174,6 +185,7 @@ def wpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, cho
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr, weight_mean=w.mean())
 
 
+@autocast_aware("keep")
 def cpo_loss(chosen_logp, rejected_logp, chosen_len, *, beta: float = 0.1, alpha: float = 1.0,
              label_smoothing: float = 0.0, nll: str = "token_mean", num_pairs: Optional[Number] = None,
              num_tokens: Optional[Number] = None) -> Result:
@@ -192,6 +204,7 @@ def cpo_loss(chosen_logp, rejected_logp, chosen_len, *, beta: float = 0.1, alpha
     return loss, _metrics(beta * c, beta * r, nll=nll_term(c, n, nll))
 
 
+@autocast_aware("keep")
 def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
                  alpha: float = 0.25, label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
     """AlphaPO: SimPO with the reward u = (1 - exp(-alpha avg)) / alpha, avg = logp / len (alpha 0: SimPO).

@@ -32,7 +32,7 @@ def configs(tuner, dt, which, **kw):
     return kept if which == "all" else kept[:1]
 
 
-def matmul_kernel(kind, arch, dt, hdim, bias, ent, prec, which):
+def matmul_kernel(kind, arch, dt, hdim, bias, ent, prec, which, stats=False):
     # the launcher's own precision policy: fp32 follows torch's allow_tf32, bf16 always runs tensor cores
     torch.backends.cuda.matmul.allow_tf32 = prec == "tf32"
     dot = dict(DOT_PRECISION=L._dot_precision(DTYPES[dt]), UPCAST=L._upcast(DTYPES[dt]))
@@ -42,8 +42,8 @@ def matmul_kernel(kind, arch, dt, hdim, bias, ent, prec, which):
     if kind == "fwd":
         tuner, extra = L._FWD, dict(BLOCK_V=L.FWD_BLOCK_V)
         types = dict(h_ptr=ptr, w_ptr=ptr, b_ptr=ptr if bias else "*fp32", labels_ptr="*i64",
-                     lse_part_ptr="*fp32", pz_part_ptr="*fp32", zl_ptr="*fp32", inv_tau="fp32")
-        consts = dict(H=hdim, HAS_BIAS=bias, ENTROPY=ent, stride_hh=1, stride_wh=1, **dot, **extra)
+                     lse_part_ptr="*fp32", pz_part_ptr="*fp32", zl_ptr="*fp32", stats_part_ptr="*fp32", inv_tau="fp32")
+        consts = dict(H=hdim, HAS_BIAS=bias, ENTROPY=ent, STATS=stats, stride_hh=1, stride_wh=1, **dot, **extra)
         aligned = ("stride_hn", "stride_wv")
     elif kind == "bwd":
         tuner, extra = L._BWD, {}
@@ -59,18 +59,21 @@ def matmul_kernel(kind, arch, dt, hdim, bias, ent, prec, which):
         aligned = ("K", "K2", "stride_bk")
     for cfg in configs(tuner, dt, which, **extra):
         name = f"sm_{arch} {kind} {dt} H={hdim} bias={bias} ent={ent} {prec} " + \
-            " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}"
+            " ".join(f"{k}={v}" for k, v in cfg.kwargs.items()) + f" w={cfg.num_warps} s={cfg.num_stages}" + \
+            (" stats" if stats else "")
         out[name] = compile_kernel(tuner.fn, types, {**consts, **cfg.kwargs}, arch, cfg.num_warps, cfg.num_stages,
                                    aligned)
     return out
 
 
-def combine_kernel(arch, ent):
+def combine_kernel(arch, ent, stats=False):
     meta = dict(L._COMBINE_META)
     warps = meta.pop("num_warps")
     types = {a: "*i64" if a == "labels_ptr" else "*fp32" for a in L._lse_combine_kernel.arg_names if a.endswith("_ptr")}
-    consts = dict(P=triton.cdiv(VOCAB, L.FWD_BLOCK_V), ENTROPY=ent, **meta)
-    return {f"sm_{arch} combine ent={ent}": compile_kernel(L._lse_combine_kernel, types, consts, arch, warps)}
+    types["top1_ptr"] = "*i8"
+    consts = dict(P=triton.cdiv(VOCAB, L.FWD_BLOCK_V), ENTROPY=ent, STATS=stats, **meta)
+    name = f"sm_{arch} combine ent={ent} stats={stats}"
+    return {name: compile_kernel(L._lse_combine_kernel, types, consts, arch, warps)}
 
 
 def logits_kernel(kind, arch, dt, vocab, ent):
@@ -106,6 +109,7 @@ MATMUL_CASES = [
     (kind, "90", "fp32", 4096, True, True, "tf32", "all") for kind in ("fwd", "bwd")  # tf32 tiles: the largest
 ] + [
     ("fwd", "90", "bf16", 896, False, False, "tf32", "first"),
+    ("fwd", "90", "bf16", 4096, False, True, "tf32", "first", True),  # DPO's logit statistics in the same pass
     ("fwd", "90", "fp32", 896, True, False, "tf32", "first"),  # fp32 under allow_tf32
     ("bwd", "90", "bf16", 896, False, True, "tf32", "first"),
     ("bwd", "90", "fp32", 896, True, False, "tf32", "first"),
@@ -115,7 +119,7 @@ MATMUL_CASES = [
     ("acc", "80", "fp32", 896, False, False, "ieee", "first"),
 ]
 OTHER_CASES = [
-    ("combine", "90", True), ("combine", "90", False), ("combine", "80", True),
+    ("combine", "90", True), ("combine", "90", False), ("combine", "80", True), ("combine", "90", False, True),
     ("logits_fwd", "90", "bf16", 151936, True), ("logits_fwd", "90", "fp32", 151936, False),
     ("logits_fwd", "90", "bf16", 1000, False),
     ("logits_bwd", "90", "bf16", 151936, True), ("logits_bwd", "90", "fp32", 151936, False),
@@ -125,7 +129,7 @@ OTHER_CASES = [
 
 def test_logprob_kernels_compile_ahead_of_time(tmp_path):
     report = run_aot(SCRIPT, MATMUL_CASES + OTHER_CASES, tmp_path, timeout=600)
-    for kind, arch, dt, hdim, bias, ent, prec, which in MATMUL_CASES:
+    for kind, arch, dt, hdim, bias, ent, prec, which, *_stats in MATMUL_CASES:
         prefix = f"sm_{arch} {kind} {dt} H={hdim} bias={bias} ent={ent} {prec} "
         names = [n for n in report if n.startswith(prefix)]
         assert names, prefix  # at least one config survives pruning
