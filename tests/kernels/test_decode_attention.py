@@ -105,3 +105,26 @@ def test_bad_input_names_the_argument(bad, match):
     kw = {k: args.pop(k) for k in ("softmax_scale", "backend", "num_splits") if k in args}
     with pytest.raises((ValueError, TypeError), match=match):
         paged_decode_attention(*args.values(), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_matches_oracle(dtype):
+    q, kc, vc, tables, ctx = make(5, 14, 2, 64, 16, [1, 300, 129, 1000, 64], dtype=dtype, seed=4)
+    want = oracle(q, kc, vc, tables, ctx, 0.125)
+    got = paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), ctx.cuda(), softmax_scale=0.125,
+                                 backend="triton")
+    assert_close(got.cpu(), want, dtype=dtype if dtype != torch.float32 else None, atol=None if dtype != torch.float32
+                 else 2e-5, rtol=None if dtype != torch.float32 else 2e-5, name="cuda triton")
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_agrees_when_installed():
+    from fusedrl.kernels import HAS_FLASH_ATTN
+
+    if not HAS_FLASH_ATTN:
+        pytest.skip("flash_attn not installed")
+    q, kc, vc, tables, ctx = make(3, 8, 2, 128, 256, [1, 700, 300], dtype=torch.bfloat16, seed=5)
+    args = (q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), ctx.cuda())
+    got = paged_decode_attention(*args, backend="flash_attn")
+    assert_close(got.cpu(), oracle(q, kc, vc, tables, ctx, 128 ** -0.5), dtype=torch.bfloat16, name="flash_attn")
