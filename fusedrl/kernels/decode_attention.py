@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from . import _dispatch
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
 
@@ -83,9 +84,10 @@ def _pick(backend, q, k_cache, num_splits) -> str:
                                f"is a multiple of 256 and a head dim multiple of 8 <= 256; got {q.dtype} on "
                                f"{q.device}, page {k_cache.shape[1]}, head dim {q.shape[2]}")
         return "flash_attn"
-    if backend == "reference":
+    forced = _dispatch.get_backend()
+    if backend == "reference" or (backend in (None, "auto") and forced == "reference"):
         return "reference"
-    if backend in (None, "auto") and flash_ok and not use_triton_forced():
+    if backend in (None, "auto") and flash_ok and forced != "triton":
         return "flash_attn"
     if backend == "triton" or use_triton(q, k_cache):
         if not HAS_TRITON:
@@ -96,12 +98,6 @@ def _pick(backend, q, k_cache, num_splits) -> str:
             raise TypeError(f"the Triton kernel takes q in float16, bfloat16 or float32, got {q.dtype}")
         return "triton"
     return "reference"
-
-
-def use_triton_forced() -> bool:
-    from . import _dispatch
-
-    return _dispatch.get_backend() == "triton"
 
 
 def default_num_splits(batch: int, num_heads: int, capacity: int) -> int:

@@ -128,3 +128,11 @@ def test_gpu_flash_attn_agrees_when_installed():
     args = (q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), ctx.cuda())
     got = paged_decode_attention(*args, backend="flash_attn")
     assert_close(got.cpu(), oracle(q, kc, vc, tables, ctx, 128 ** -0.5), dtype=torch.bfloat16, name="flash_attn")
+
+
+def test_forced_reference_and_auto_pick_the_torch_path_on_cpu():
+    q, kc, vc, tables, ctx = make(2, 4, 2, 16, 4, [5, 9], seed=6)
+    want = paged_decode_attention(q, kc, vc, tables, ctx, backend="reference")
+    with force_backend("reference"):
+        assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx), want)
+    assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx), want)  # auto on CPU tensors
