@@ -136,6 +136,7 @@ def test_sleep_releases_the_pool_and_generate_wakes_it(model):
     engine.sleep()
     assert not engine.runner.kv
     engine.wake()
+    assert engine.runner.num_blocks == 40 and engine.runner.kv  # a fixed-size pool is taken back at once
     again = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=5))
     assert [g[0].token_ids for g in again] == [g[0].token_ids for g in first]
 

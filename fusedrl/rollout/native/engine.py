@@ -107,7 +107,12 @@ class NativeEngine(Sampler):
         self.asleep = True
 
     def wake(self) -> None:
+        """Re-take the KV pool now when its size does not depend on the request (CUDA, or a fixed size)."""
         self.asleep = False
+        if not self.runner.kv:
+            blocks = self._pool_blocks([], SamplingParams())
+            if blocks:
+                self._ensure_pool(blocks)
 
     def sync_weights(self) -> None:
         """No-op: the engine reads the policy's parameters in place."""
