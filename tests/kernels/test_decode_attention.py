@@ -48,11 +48,13 @@ SHAPES = [  # (batch, Hq, Hkv, D, page, context lengths)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_reference_matches_oracle(shape):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_reference_matches_oracle(shape, dtype):
     batch, hq, hkv, d, page, lens = shape
-    q, kc, vc, tables, ctx = make(batch, hq, hkv, d, page, lens, dtype=torch.float64)
+    q, kc, vc, tables, ctx = make(batch, hq, hkv, d, page, lens, dtype=dtype)
     out = paged_decode_attention(q, kc, vc, tables, ctx, backend="reference")
-    assert_close(out, oracle(q, kc, vc, tables, ctx, d ** -0.5), dtype=torch.float64, name="reference")
+    assert out.dtype == dtype
+    assert_close(out, oracle(q, kc, vc, tables, ctx, d ** -0.5), dtype=dtype, name=f"reference {dtype}")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
