@@ -151,6 +151,10 @@ def test_refusals_and_bad_input(model):
     scaled = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="linear"):
         NativeEngine(scaled)
+    wrapped = tiny_model("llama")
+    wrapped.model.layers[1].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[1].mlp.up_proj)
+    with pytest.raises(UnsupportedModelError, match="up_proj"):
+        NativeEngine(wrapped)
     windowed = NativeEngine(tiny_model("mistral", sliding_window=16))
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         windowed.generate([[1] * 10], SamplingParams(max_new_tokens=8))

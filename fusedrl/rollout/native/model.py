@@ -76,6 +76,22 @@ def _sliding_window(config) -> Optional[int]:
     return None
 
 
+def _check_structure(hf_model) -> None:
+    """The modules the forward reads must be the plain ones (no LoRA / quantised / wrapped linears)."""
+    decoder = getattr(hf_model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "embed_tokens"):
+        raise UnsupportedModelError("native rollout engine: expected a transformers *ForCausalLM with .model.layers "
+                                    f"and .model.embed_tokens, got {type(hf_model).__name__}")
+    for i, layer in enumerate(decoder.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if type(getattr(layer.self_attn, name, None)) is not torch.nn.Linear:
+                raise UnsupportedModelError(f"native rollout engine: layers[{i}].self_attn.{name} is not a plain "
+                                            "nn.Linear (adapters / quantisation are not supported)")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if type(getattr(layer.mlp, name, None)) is not torch.nn.Linear:
+                raise UnsupportedModelError(f"native rollout engine: layers[{i}].mlp.{name} is not a plain nn.Linear")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: normalise in float32, cast back, scale."""
     xf = x.float()
@@ -100,6 +116,7 @@ class NativeCausalLM:
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"native rollout engine: hidden_act {act!r} is not supported (silu only)")
+        _check_structure(hf_model)
         self.hf = hf_model
         self.config = config
         self.family = family
