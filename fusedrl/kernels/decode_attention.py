@@ -115,9 +115,9 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     batch, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    tables = block_tables.long()
-    keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).to(acc)  # (B, W * page, Hkv, D)
-    values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).to(acc)
+    pages = block_tables.reshape(-1).long()  # index_select: several times faster than advanced indexing on CPU
+    keys = k_cache.index_select(0, pages).view(batch, -1, num_kv_heads, head_dim).to(acc)  # (B, W * page, Hkv, D)
+    values = v_cache.index_select(0, pages).view(batch, -1, num_kv_heads, head_dim).to(acc)
     valid = torch.arange(keys.shape[1], device=q.device)[None, :] < context_lens[:, None].long()  # (B, N)
     if acc == torch.float32:
         out = torch.nn.functional.scaled_dot_product_attention(

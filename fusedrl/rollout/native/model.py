@@ -187,7 +187,7 @@ class NativeCausalLM:
                                     softmax_scale=self.scale)
         # Chunks continuing a cached sequence: attend over every cached key; the query rows of the
         # cached positions are zeros whose outputs are dropped (causal masking keeps the rest exact).
-        keys, values = flat_k[attn.context_slots], flat_v[attn.context_slots]
+        keys, values = flat_k.index_select(0, attn.context_slots), flat_v.index_select(0, attn.context_slots)
         queries = q.new_zeros(keys.shape[0], self.num_heads, self.head_dim)
         queries[attn.query_index] = q
         out = varlen_attention(queries, keys, values, attn.cu_seqlens_k, attn.max_seqlen_k, causal=True,
