@@ -12,7 +12,7 @@
 #                 more than 5, since few files come back from a device machine)
 #   PYTHON        interpreter (default python3)
 #   TOTAL_S       overall budget in seconds (default 285)
-#   INSTALL_S, TEST_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 120)
+#   INSTALL_S, TEST_S, ROLLOUT_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 60, 120)
 #   BENCHES       comma-separated bench names, in order (default: all, packing last)
 # Wheels in .whl/ (if any) are installed to /tmp/site and put on PYTHONPATH first.
 # The pure-Python peers travel that way (.whl/ is git-ignored; name it in the device
@@ -93,6 +93,12 @@ PYTEST_OPTS=()
 # pytest's rc 5 (nothing collected) is not a failure here
 stage "gpu tests" "${TEST_S:-90}" bash -c '"$@"; rc=$?; [ $rc = 5 ] && echo "no GPU tests collected" && rc=0; exit $rc' _ \
   "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} tests
+
+# 3b. the native rollout engine on the GPU: the split-KV decode kernel (and flash-attn's kvcache path
+#     when installed) vs a float64 oracle; CUDA-graphed multi-step decode vs eager vs HF greedy.
+#     (Also collected by the stage above; run here on its own so its status shows in the summary.)
+stage "rollout engine" "${ROLLOUT_S:-60}" "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} \
+  tests/rollout/test_engine_cuda.py tests/kernels/test_decode_attention.py
 
 # 4. benchmarks, one process each; each gets a fair share of the time left (capped)
 if [ -n "${BENCHES:-}" ]; then

@@ -7,7 +7,7 @@ ROLLOUT-CPU (the G8 pattern on a ~30M-parameter Qwen2-shaped model in float32 on
 top-p, no stop token: every completion runs to its full length.
 
 Providers: fusedrl native (`fusedrl.rollout.native.NativeEngine`); transformers `generate`
-(`do_sample=True, top_k=0, num_return_sequences=n`, dynamic cache, SDPA); vLLM (`LLM.generate`
+(`do_sample=True`, no top-k, `num_return_sequences=n`, dynamic cache, SDPA); vLLM (`LLM.generate`
 on the same weights saved to a temporary folder, `ignore_eos`) when importable, else a skipped row.
 Each provider is first checked: its greedy first token must agree with the model's own argmax on
 every prompt (>= 90% in bf16), and its completions must have the full length. Then one warm-up

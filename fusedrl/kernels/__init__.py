@@ -5,6 +5,7 @@ force_backend); whether the C++ packing core is built is `fusedrl.packing.HAS_CS
 """
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, force_backend, get_backend, set_backend
 from .attention import check_cu_seqlens, varlen_attention
+from .decode_attention import paged_decode_attention
 from .logprobs import linear_logprobs, logprobs_from_logits
 from .kl import KL_KINDS, AdaptiveKLController, kl_penalty
 from .advantages import (RunningMeanBaseline, dr_grpo_advantages, fold_kl_into_rewards, gae, grpo_advantages,
@@ -30,6 +31,7 @@ __all__ = [
     "logprobs_from_logits",
     "varlen_attention",
     "check_cu_seqlens",
+    "paged_decode_attention",
     "KL_KINDS",
     "AdaptiveKLController",
     "kl_penalty",

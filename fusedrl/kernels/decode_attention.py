@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from . import _dispatch
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
 
@@ -83,9 +84,10 @@ def _pick(backend, q, k_cache, num_splits) -> str:
                                f"is a multiple of 256 and a head dim multiple of 8 <= 256; got {q.dtype} on "
                                f"{q.device}, page {k_cache.shape[1]}, head dim {q.shape[2]}")
         return "flash_attn"
-    if backend == "reference":
+    forced = _dispatch.get_backend()
+    if backend == "reference" or (backend in (None, "auto") and forced == "reference"):
         return "reference"
-    if backend in (None, "auto") and flash_ok and not use_triton_forced():
+    if backend in (None, "auto") and flash_ok and forced != "triton":
         return "flash_attn"
     if backend == "triton" or use_triton(q, k_cache):
         if not HAS_TRITON:
@@ -98,12 +100,6 @@ def _pick(backend, q, k_cache, num_splits) -> str:
     return "reference"
 
 
-def use_triton_forced() -> bool:
-    from . import _dispatch
-
-    return _dispatch.get_backend() == "triton"
-
-
 def default_num_splits(batch: int, num_heads: int, capacity: int) -> int:
     """Splits per (sequence, head): enough programs to fill a GPU (~1024), at least 256 keys per split."""
     want = max(1, -(-1024 // max(1, batch * num_heads)))
@@ -111,20 +107,28 @@ def default_num_splits(batch: int, num_heads: int, capacity: int) -> int:
 
 
 def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_lens, scale: float) -> torch.Tensor:
-    """Exact torch path: gather each sequence's pages, mask past its length, softmax in float32 (float64)."""
+    """Exact torch path: gather each sequence's pages, mask past its length, softmax in float32 (float64).
+
+    float64 inputs take an explicit einsum / softmax (the oracle path); other dtypes run SDPA (GQA, a
+    key mask) on the gathered float32 keys, the same math with a faster CPU kernel.
+    """
     batch, num_heads, head_dim = q.shape
-    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    num_kv_heads = k_cache.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    tables = block_tables.long()
-    keys = k_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).to(acc)  # (B, W * page, Hkv, D)
-    values = v_cache[tables].reshape(batch, -1, num_kv_heads, head_dim).to(acc)
+    pages = block_tables.reshape(-1).long()  # index_select: several times faster than advanced indexing on CPU
+    keys = k_cache.index_select(0, pages).view(batch, -1, num_kv_heads, head_dim).to(acc)  # (B, W * page, Hkv, D)
+    values = v_cache.index_select(0, pages).view(batch, -1, num_kv_heads, head_dim).to(acc)
+    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < context_lens[:, None].long()  # (B, N)
+    if acc == torch.float32:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.to(acc)[:, :, None], keys.transpose(1, 2), values.transpose(1, 2), attn_mask=valid[:, None, None, :],
+            scale=scale, enable_gqa=True)
+        return out[:, :, 0].to(q.dtype)
     group = num_heads // num_kv_heads
     qg = q.to(acc).view(batch, num_kv_heads, group, head_dim)
     scores = torch.einsum("bkgd,bnkd->bkgn", qg, keys) * scale
-    valid = torch.arange(keys.shape[1], device=q.device)[None, :] < context_lens[:, None].long()
     scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("bkgn,bnkd->bkgd", probs, values)
+    out = torch.einsum("bkgn,bnkd->bkgd", torch.softmax(scores, dim=-1), values)
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 

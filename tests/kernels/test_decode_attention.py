@@ -48,11 +48,13 @@ SHAPES = [  # (batch, Hq, Hkv, D, page, context lengths)
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-def test_reference_matches_oracle(shape):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_reference_matches_oracle(shape, dtype):
     batch, hq, hkv, d, page, lens = shape
-    q, kc, vc, tables, ctx = make(batch, hq, hkv, d, page, lens, dtype=torch.float64)
+    q, kc, vc, tables, ctx = make(batch, hq, hkv, d, page, lens, dtype=dtype)
     out = paged_decode_attention(q, kc, vc, tables, ctx, backend="reference")
-    assert_close(out, oracle(q, kc, vc, tables, ctx, d ** -0.5), dtype=torch.float64, name="reference")
+    assert out.dtype == dtype
+    assert_close(out, oracle(q, kc, vc, tables, ctx, d ** -0.5), dtype=dtype, name=f"reference {dtype}")
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -105,3 +107,34 @@ def test_bad_input_names_the_argument(bad, match):
     kw = {k: args.pop(k) for k in ("softmax_scale", "backend", "num_splits") if k in args}
     with pytest.raises((ValueError, TypeError), match=match):
         paged_decode_attention(*args.values(), **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_triton_matches_oracle(dtype):
+    q, kc, vc, tables, ctx = make(5, 14, 2, 64, 16, [1, 300, 129, 1000, 64], dtype=dtype, seed=4)
+    want = oracle(q, kc, vc, tables, ctx, 0.125)
+    got = paged_decode_attention(q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), ctx.cuda(), softmax_scale=0.125,
+                                 backend="triton")
+    assert_close(got.cpu(), want, dtype=dtype if dtype != torch.float32 else None, atol=None if dtype != torch.float32
+                 else 2e-5, rtol=None if dtype != torch.float32 else 2e-5, name="cuda triton")
+
+
+@pytest.mark.gpu
+def test_gpu_flash_attn_agrees_when_installed():
+    from fusedrl.kernels import HAS_FLASH_ATTN
+
+    if not HAS_FLASH_ATTN:
+        pytest.skip("flash_attn not installed")
+    q, kc, vc, tables, ctx = make(3, 8, 2, 128, 256, [1, 700, 300], dtype=torch.bfloat16, seed=5)
+    args = (q.cuda(), kc.cuda(), vc.cuda(), tables.cuda(), ctx.cuda())
+    got = paged_decode_attention(*args, backend="flash_attn")
+    assert_close(got.cpu(), oracle(q, kc, vc, tables, ctx, 128 ** -0.5), dtype=torch.bfloat16, name="flash_attn")
+
+
+def test_forced_reference_and_auto_pick_the_torch_path_on_cpu():
+    q, kc, vc, tables, ctx = make(2, 4, 2, 16, 4, [5, 9], seed=6)
+    want = paged_decode_attention(q, kc, vc, tables, ctx, backend="reference")
+    with force_backend("reference"):
+        assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx), want)
+    assert torch.equal(paged_decode_attention(q, kc, vc, tables, ctx), want)  # auto on CPU tensors

@@ -40,8 +40,9 @@ def hf_greedy(model, prompt, max_new_tokens: int, stop_ids=()):
     """A plain argmax loop over full forwards of the HF model (no cache)."""
     ids = list(prompt)
     out = []
+    device = next(model.parameters()).device
     for _ in range(max_new_tokens):
-        logits = model(torch.tensor([ids])).logits[0, -1]
+        logits = model(torch.tensor([ids], device=device)).logits[0, -1]
         token = int(logits.argmax())
         out.append(token)
         ids.append(token)

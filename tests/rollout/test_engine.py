@@ -136,6 +136,7 @@ def test_sleep_releases_the_pool_and_generate_wakes_it(model):
     engine.sleep()
     assert not engine.runner.kv
     engine.wake()
+    assert engine.runner.num_blocks == 40 and engine.runner.kv  # a fixed-size pool is taken back at once
     again = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=5))
     assert [g[0].token_ids for g in again] == [g[0].token_ids for g in first]
 
@@ -150,6 +151,10 @@ def test_refusals_and_bad_input(model):
     scaled = tiny_model("llama", rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0})
     with pytest.raises(UnsupportedModelError, match="linear"):
         NativeEngine(scaled)
+    wrapped = tiny_model("llama")
+    wrapped.model.layers[1].mlp.up_proj = torch.nn.Sequential(wrapped.model.layers[1].mlp.up_proj)
+    with pytest.raises(UnsupportedModelError, match="up_proj"):
+        NativeEngine(wrapped)
     windowed = NativeEngine(tiny_model("mistral", sliding_window=16))
     with pytest.raises(UnsupportedModelError, match="sliding window"):
         windowed.generate([[1] * 10], SamplingParams(max_new_tokens=8))

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fusedrl.rollout.native.sampler import TokenSampler, as_int64, mix32, stream_key, uniforms
+from fusedrl.rollout.native.sampler import TokenSampler, as_int64, draw, mix32, stream_key, uniforms
 from fusedrl.rollout.sampling import SamplingParams
 
 DRAWS = 20_000
@@ -100,12 +100,21 @@ def test_logprobs_are_full_vocab_before_truncation_and_greedy_at_temperature_one
     torch.testing.assert_close(logp.double(), torch.log_softmax(logits.double(), -1).max(-1).values, atol=1e-6, rtol=0)
 
 
-def test_uniforms_are_in_the_open_interval_and_uncorrelated_across_vocab():
-    u = uniforms(torch.tensor([as_int64(stream_key(0, 0, 0)), -1, 0]), torch.tensor([0, 5, 2**40]), 4096)
+def test_uniforms_are_in_the_open_interval_and_uncorrelated_across_steps():
+    u = uniforms(torch.full((4096,), as_int64(stream_key(0, 0, 0))), torch.arange(4096))
     assert u.dtype == torch.float32 and float(u.min()) > 0 and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01
-    a, b = u[0, :-1].double() - 0.5, u[0, 1:].double() - 0.5
+    a, b = u[:-1].double() - 0.5, u[1:].double() - 0.5
     assert abs(float((a * b).mean() / (a * a).mean())) < 0.05
+    streams = torch.tensor([as_int64(stream_key(0, i, j)) for i in range(64) for j in range(64)])
+    v = uniforms(streams, torch.zeros_like(streams))
+    assert abs(float(v.mean()) - 0.5) < 0.01 and len(set(v.tolist())) > 4000
+
+
+def test_draw_never_picks_a_truncated_token_even_at_the_edges():
+    kept = torch.tensor([[float("-inf"), 0.0, float("-inf"), 1.0, float("-inf")]]).expand(3, -1)
+    u = torch.tensor([1e-9, 0.5, 1.0 - 2 ** -24])
+    assert draw(kept, u).tolist() == [1, 3, 3]
 
 
 def test_mix32_matches_the_reference_hash():
@@ -120,4 +129,4 @@ def test_mix32_matches_the_reference_hash():
     assert mix32(torch.tensor(xs)).tolist() == [ref(x) for x in xs]
     assert stream_key(0, 1, 2) != stream_key(0, 2, 1) and stream_key(0, 0, 0) != stream_key(1, 0, 0)
     assert all(0 <= stream_key(s, 3, 4) < 2**64 for s in (-5, 0, 2**70))
-    assert math.isfinite(float(uniforms(torch.tensor([as_int64(2**64 - 1)]), torch.tensor([0]), 3).sum()))
+    assert math.isfinite(float(uniforms(torch.tensor([as_int64(2**64 - 1)]), torch.tensor([0])).sum()))

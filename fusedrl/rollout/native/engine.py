@@ -78,12 +78,15 @@ class NativeEngine(Sampler):
 
     # --- KV pool sizing -----------------------------------------------------------------------
     def _pool_blocks(self, prompts: List[List[int]], params: SamplingParams) -> int:
-        cfg, bs = self.config, self.config.block_size
+        """Pages of the pool for this request; an allocated pool is kept when it is large enough."""
+        cfg, bs, have = self.config, self.config.block_size, self.runner.num_blocks if self.runner.kv else 0
         if cfg.num_blocks:
             return cfg.num_blocks
         if cfg.max_num_tokens:
             return -(-cfg.max_num_tokens // bs)
         if self.runner.device.type == "cuda":
+            if have:
+                return have
             free, total = torch.cuda.mem_get_info(self.runner.device)
             budget = min(free, cfg.memory_fraction * total - torch.cuda.memory_allocated(self.runner.device))
             blocks = int(budget // self.runner.bytes_per_block())
@@ -91,7 +94,7 @@ class NativeEngine(Sampler):
                 raise RuntimeError(f"memory_fraction={cfg.memory_fraction} leaves no room for the KV pool")
             return blocks
         full = sum(-(-len(p) // bs) + params.n * -(-(len(p) + params.max_new_tokens) // bs) for p in prompts)
-        return full
+        return max(full, have)
 
     def _ensure_pool(self, blocks: int) -> None:
         if self.runner.num_blocks != blocks or not self.runner.kv:
@@ -104,7 +107,12 @@ class NativeEngine(Sampler):
         self.asleep = True
 
     def wake(self) -> None:
+        """Re-take the KV pool now when its size does not depend on the request (CUDA, or a fixed size)."""
         self.asleep = False
+        if not self.runner.kv:
+            blocks = self._pool_blocks([], SamplingParams())
+            if blocks:
+                self._ensure_pool(blocks)
 
     def sync_weights(self) -> None:
         """No-op: the engine reads the policy's parameters in place."""

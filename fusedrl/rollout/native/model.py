@@ -76,6 +76,22 @@ def _sliding_window(config) -> Optional[int]:
     return None
 
 
+def _check_structure(hf_model) -> None:
+    """The modules the forward reads must be the plain ones (no LoRA / quantised / wrapped linears)."""
+    decoder = getattr(hf_model, "model", None)
+    if decoder is None or not hasattr(decoder, "layers") or not hasattr(decoder, "embed_tokens"):
+        raise UnsupportedModelError("native rollout engine: expected a transformers *ForCausalLM with .model.layers "
+                                    f"and .model.embed_tokens, got {type(hf_model).__name__}")
+    for i, layer in enumerate(decoder.layers):
+        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            if type(getattr(layer.self_attn, name, None)) is not torch.nn.Linear:
+                raise UnsupportedModelError(f"native rollout engine: layers[{i}].self_attn.{name} is not a plain "
+                                            "nn.Linear (adapters / quantisation are not supported)")
+        for name in ("gate_proj", "up_proj", "down_proj"):
+            if type(getattr(layer.mlp, name, None)) is not torch.nn.Linear:
+                raise UnsupportedModelError(f"native rollout engine: layers[{i}].mlp.{name} is not a plain nn.Linear")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm: normalise in float32, cast back, scale."""
     xf = x.float()
@@ -83,9 +99,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' x * cos + rotate_half(x) * sin on the two halves (cos/sin of one half: the same values)."""
     half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
 class NativeCausalLM:
@@ -100,6 +118,7 @@ class NativeCausalLM:
         act = getattr(config, "hidden_act", "silu")
         if act not in ("silu", "swish"):
             raise UnsupportedModelError(f"native rollout engine: hidden_act {act!r} is not supported (silu only)")
+        _check_structure(hf_model)
         self.hf = hf_model
         self.config = config
         self.family = family
@@ -136,8 +155,7 @@ class NativeCausalLM:
         if inv is None:
             inv = self._inv_freq[positions.device] = self._inv_freq_cpu.to(positions.device)
         freqs = positions[:, None].float() * inv[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
+        return freqs.cos().to(dtype)[:, None, :], freqs.sin().to(dtype)[:, None, :]
 
     def _attention(self, layer, h, cos, sin, attn: AttentionInputs, k_cache, v_cache):
         sa = layer.self_attn
@@ -148,8 +166,8 @@ class NativeCausalLM:
         if self.family == "qwen3":
             q = rms_norm(q, sa.q_norm.weight, sa.q_norm.variance_epsilon)
             k = rms_norm(k, sa.k_norm.weight, sa.k_norm.variance_epsilon)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
         flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
         flat_k.index_copy_(0, attn.slot_mapping, k.to(k_cache.dtype))
@@ -170,7 +188,7 @@ class NativeCausalLM:
                                     softmax_scale=self.scale)
         # Chunks continuing a cached sequence: attend over every cached key; the query rows of the
         # cached positions are zeros whose outputs are dropped (causal masking keeps the rest exact).
-        keys, values = flat_k[attn.context_slots], flat_v[attn.context_slots]
+        keys, values = flat_k.index_select(0, attn.context_slots), flat_v.index_select(0, attn.context_slots)
         queries = q.new_zeros(keys.shape[0], self.num_heads, self.head_dim)
         queries[attn.query_index] = q
         out = varlen_attention(queries, keys, values, attn.cu_seqlens_k, attn.max_seqlen_k, causal=True,
@@ -189,7 +207,7 @@ class NativeCausalLM:
             mlp = layer.mlp
             gate = F.linear(h, mlp.gate_proj.weight, mlp.gate_proj.bias)
             up = F.linear(h, mlp.up_proj.weight, mlp.up_proj.bias)
-            x = x + F.linear(F.silu(gate) * up, mlp.down_proj.weight, mlp.down_proj.bias)
+            x = x + F.linear(F.silu(gate, inplace=True).mul_(up), mlp.down_proj.weight, mlp.down_proj.bias)
         norm = self.decoder.norm
         return rms_norm(x, norm.weight, norm.variance_epsilon)
 

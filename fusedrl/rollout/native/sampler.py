@@ -1,12 +1,12 @@
 """Next-token sampling on the device, with one counter-based random stream per completion.
 
 Completion j of prompt i draws from the stream `stream_key(seed, i, j)`; its t-th token uses the
-uniforms hash(stream, t, v) for every vocabulary entry v (a 32-bit integer hash evaluated
-elementwise on the device), so a completion is a function of its seed, its indices and the
-weights, whatever else shares the batch, and no generator state lives on the host. A token is
-drawn by the exponential race: argmax_v (log q_v - log E_v) with E_v = -log u_v ~ Exp(1), which
-selects v with probability q_v, q the truncated distribution softmax(logits / T) after top-k,
-top-p and min-p. Greedy (T = 0) takes the argmax.
+uniform u = hash(stream, t) (a 32-bit integer hash evaluated on the device), so a completion is a
+function of its seed, its indices and the weights, whatever else shares the batch, and no
+generator state lives on the host. A token is drawn by inversion: the first v whose cumulative
+probability exceeds u * total under q, the truncated distribution softmax(logits / T) after
+top-k, top-p and min-p (so v is drawn with probability q_v; truncated tokens never). Greedy
+(T = 0) takes the argmax.
 
 Log-probs: log softmax(logits / T) of the sampled token over the FULL vocabulary, before
 truncation (T = 1 when greedy), what the trainer's `linear_logprobs(..., temperature=T)` gives.
@@ -57,13 +57,20 @@ def as_int64(key: int) -> int:
     return key - (1 << 64) if key >= (1 << 63) else key
 
 
-def uniforms(streams: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 uniforms in (0, 1): row b is stream streams[b] at counter steps[b]."""
+def uniforms(streams: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(B,) float32 uniforms in (0, 1): row b is stream streams[b] at counter steps[b]."""
     lo, hi = streams & _M32, (streams >> 32) & _M32
-    row = mix32(mix32(lo ^ mix32(steps & _M32)) ^ hi)  # (B,)
-    v = torch.arange(vocab, device=streams.device, dtype=torch.int64)
-    bits = mix32(mix32(row[:, None] ^ v[None, :]) ^ 0x5BD1E995)
+    bits = mix32(mix32(mix32(lo ^ mix32(steps & _M32)) ^ hi) ^ 0x5BD1E995)
     return ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))
+
+
+def draw(kept: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row from softmax(kept) (-inf entries never drawn) with uniforms u (B,)."""
+    probs = torch.softmax(kept, dim=-1)
+    cdf = torch.cumsum(probs, dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1).contiguous()
+    index = torch.searchsorted(cdf, target, right=True).squeeze(1)
+    return index.clamp_(max=kept.shape[-1] - 1)
 
 
 def truncate(scaled: torch.Tensor, top_k: int, top_p: float, min_p: float) -> torch.Tensor:
@@ -101,8 +108,7 @@ class TokenSampler:
             tokens = logits.argmax(dim=-1)
         else:
             kept = truncate(logp, p.top_k, p.top_p, p.min_p)  # log-softmax is a shift of the scaled logits
-            race = kept - torch.log(-torch.log(uniforms(streams, steps, logits.shape[-1])))
-            tokens = race.argmax(dim=-1)
+            tokens = draw(kept, uniforms(streams, steps))
         chosen = logp.gather(1, tokens[:, None]).squeeze(1)
         top = None
         if p.logprobs_topk:
