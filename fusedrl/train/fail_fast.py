@@ -151,7 +151,7 @@ def fail_together(timeout_s: float = 60.0, poll_s: float = 0.5) -> Iterator[None
         try:
             other = _diagnose(watchdog, err)
         except Exception as store_err:  # noqa: BLE001 - the store host is gone too
-            other = f"the rendezvous store is gone ({type(store_err).__name__}): rank 0 or the launcher died"
+            other = f"lost the rendezvous store (rank 0 or the launcher died?): {type(store_err).__name__}"
         if other is not None and not other.startswith(f"rank {rank} failed"):
             raise RankFailure(f"rank {rank} stopping: {other}") from err
         tail = "".join(traceback.format_exception_only(type(err), err)).strip()
