@@ -116,11 +116,11 @@ def init_distributed(*, backend: Optional[str] = None, timeout_s: float = 600.0)
     Returns:
         A DistInfo.
     """
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if backend not in (None, "nccl", "gloo"):
-        raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
@@ -175,10 +175,15 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
 
 
 def _activation_checkpointing(model: torch.nn.Module) -> None:
-    if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable")
-    # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoints stay loadable).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoints stay loadable),
+    # unlike wrapping layers in torch's checkpoint_wrapper. Non-reentrant: required under FSDP2.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no activation_checkpointing_enable")
 
 
 def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, *, mesh=None) -> torch.nn.Module:

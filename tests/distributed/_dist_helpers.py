@@ -99,15 +99,17 @@ def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int)
         advantages[mine] = grpo_advantages(rewards[mine], group_size)
     micro = [[mine[i] for i in part] for part in pack_by_budget([lengths[i] for i in mine], BUDGET[algo])]
     trained = sum(lengths[i] - prompts[i] for i in mine)
-    tokens, _ = global_counts(trained, len(mine))
+    tokens, _ = global_counts(trained, len(mine), next(model.parameters()).device)
     divisor = loss_divisor(tokens, world)
-    total = agree_micro_batches(len(micro))
-    loss_sum = torch.zeros(())
+    device = next(model.parameters()).device
+    total = agree_micro_batches(len(micro), device)
+    loss_sum = torch.zeros((), device=device)
     for k in range(total):
         idx = micro[min(k, len(micro) - 1)]
         batch = pack([seqs[i] for i in idx], [prompts[i] for i in idx])
+        batch = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
         if algo == "grpo":
-            loss = run_forward(model, grpo_loss, batch, advantages[idx], divisor)  # (a 0-d tensor)
+            loss = run_forward(model, grpo_loss, batch, advantages[idx].to(device), divisor)  # (a 0-d tensor)
         else:
             loss = run_forward(model, sft_loss_sum, batch) / divisor
         if k >= len(micro):
