@@ -251,9 +251,9 @@ def run_forward(model: torch.nn.Module, fn: Callable, *args, **kwargs):
 class GatherReport:
     """What `gathered_params` costs on this rank, in bytes."""
 
-    sharded_bytes: int  # parameters this rank holds outside the context
-    full_bytes: int  # parameters it holds inside (the whole model, in the gathered dtype)
-    extra_bytes: int  # full - sharded: the additional memory the rollout needs for weights
+    sharded_bytes: int  # this rank's parameter shards (they stay allocated inside the context)
+    full_bytes: int  # the gathered parameters: the whole model, in the gathered (compute) dtype
+    extra_bytes: int  # what the context adds: full_bytes on a sharded model (new buffers), 0 otherwise
     device_delta_bytes: Optional[int]  # measured torch.cuda.memory_allocated change (None on CPU)
 
 
@@ -285,7 +285,7 @@ def gathered_params(model: torch.nn.Module) -> Iterator[GatherReport]:
             module.unshard()  # all-gathers; the module's parameters become the full tensors
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         delta = torch.cuda.memory_allocated() - before if cuda else None
-        yield GatherReport(sharded, full, full - sharded, delta)
+        yield GatherReport(sharded, full, full, delta)
     finally:
         for module in modules:
             module.reshard()

@@ -121,7 +121,7 @@ def test_gathered_params_for_rollout(runs):
     report = g["report"]
     full = sum(p.numel() * 4 for p in h.tiny_model().parameters())
     assert report.full_bytes == full
-    assert 0 < report.sharded_bytes < full and report.extra_bytes == full - report.sharded_bytes
+    assert 0 < report.sharded_bytes < full and report.extra_bytes == full  # the shards stay allocated
     with torch.no_grad():
         want = h.tiny_model()(torch.arange(11)[None] % h.VOCAB).logits
     torch.testing.assert_close(g["logits"], want, atol=1e-6, rtol=0)
