@@ -224,8 +224,11 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, *, mesh=None) -> tor
     for layer in layers:
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
         layer._fusedrl_reshard_after_forward = cfg.reshard_after_forward  # restored by gathered_params
-    # The root's weights (embeddings, LM head) are needed again right away in backward: keep them gathered.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    # A trained root's weights (embeddings, LM head) are needed again right away in backward: keep
+    # them gathered. A frozen model has no backward to reshard them: free them after forward.
+    trainable = any(p.requires_grad for p in model.parameters())
+    fully_shard(model, reshard_after_forward=not trainable, **kwargs)
+    model._fusedrl_reshard_after_forward = not trainable
     setattr(model, _CALL, types.MethodType(lambda self, fn, *a, **k: fn(self, *a, **k), model))
     register_fsdp_forward_method(model, _CALL)
     return model
@@ -290,9 +293,4 @@ def gathered_params(model: torch.nn.Module) -> Iterator[GatherReport]:
         for module in modules:
             module.reshard()
         for module in modules:
-            root = module is model
-            module.set_reshard_after_forward(False if root else _reshard_default(module), recurse=False)
-
-
-def _reshard_default(module) -> bool:
-    return getattr(module, "_fusedrl_reshard_after_forward", True)
+            module.set_reshard_after_forward(getattr(module, "_fusedrl_reshard_after_forward", True), recurse=False)

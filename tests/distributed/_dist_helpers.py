@@ -67,12 +67,17 @@ def sft_loss_sum(model, batch):
     return -(logp * (batch["labels"] != IGNORE)).sum()
 
 
-def grpo_loss(model, batch, advantages, divisor):
+def grpo_loss(model, batch, advantages, divisor, ref_logp):
     logp = _token_logprobs(model, batch)
     mask = batch["labels"] != IGNORE
     loss, _ = policy_loss(logp, None, advantages, mask, cu_seqlens=batch["cu_seqlens"], algo="grpo",
-                          num_tokens=divisor)
+                          ref_logp=ref_logp, beta=0.04, num_tokens=divisor)
     return loss
+
+
+def frozen_reference():
+    """The KL reference: the initial weights, no grads (sharded like the policy in the FSDP runs)."""
+    return tiny_model().requires_grad_(False).eval()
 
 
 def step_batch(step: int, algo: str):
@@ -88,8 +93,11 @@ def micro_batch_counts(step: int, algo: str, world: int) -> List[int]:
     return [len(pack_by_budget([lengths[i] for i in part], BUDGET[algo])) for part in parts]
 
 
-def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int) -> dict:
-    """One global-batch step on this rank's balanced share; returns the global loss and grad norm."""
+def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int, ref=None) -> dict:
+    """One global-batch step on this rank's balanced share; returns the global loss and grad norm.
+
+    GRPO steps need `ref`, the frozen reference model (KL penalty beta = 0.04).
+    """
     seqs, prompts, groups, rewards, group_size = step_batch(step, algo)
     lengths = [s.numel() for s in seqs]
     mine = split_for_ranks(lengths, world, group_ids=groups)[rank] if world > 1 else list(range(len(seqs)))
@@ -109,7 +117,9 @@ def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int)
         batch = pack([seqs[i] for i in idx], [prompts[i] for i in idx])
         batch = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
         if algo == "grpo":
-            loss = run_forward(model, grpo_loss, batch, advantages[idx].to(device), divisor)  # (a 0-d tensor)
+            with torch.no_grad():
+                ref_logp = run_forward(ref, _token_logprobs, batch)  # (total,) from the frozen reference
+            loss = run_forward(model, grpo_loss, batch, advantages[idx].to(device), divisor, ref_logp)
         else:
             loss = run_forward(model, sft_loss_sum, batch) / divisor
         if k >= len(micro):
@@ -156,11 +166,3 @@ def optimizer_for(model):
     # near-zero gradient's float32 summation-order noise (~1e-10) moves a weight by ~1e-5 and any
     # two reduction orders disagree beyond 1e-6. eps = 1e-4 bounds that gain to 10.
     return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
-
-
-def reference_run(steps: List[str]):
-    """The one-process oracle: the same steps on the whole global batch, no process group."""
-    model = tiny_model()
-    optimizer = optimizer_for(model)
-    records = [train_step(model, optimizer, s, algo=algo, rank=0, world=1) for s, algo in enumerate(steps)]
-    return model, optimizer, records

@@ -23,14 +23,15 @@ from tests.distributed import _dist_helpers as h
 
 
 def _run(cfg, device, steps=("sft", "grpo")):
-    model = h.tiny_model().to(device)
+    model, ref = h.tiny_model().to(device), h.frozen_reference().to(device)
     if cfg is not None:
-        model = apply_fsdp(model, cfg)
+        model, ref = apply_fsdp(model, cfg), apply_fsdp(ref, cfg)
     optimizer = h.optimizer_for(model)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    records = [h.train_step(model, optimizer, s, algo=algo, rank=0, world=1) for s, algo in enumerate(steps)]
+    records = [h.train_step(model, optimizer, s, algo=algo, rank=0, world=1, ref=ref)
+               for s, algo in enumerate(steps)]
     if device.type == "cuda":
         torch.cuda.synchronize()
     return model, optimizer, records, time.perf_counter() - start

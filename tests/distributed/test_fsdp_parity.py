@@ -32,15 +32,17 @@ def _worker(rank, world, port, out_dir):
                         "plain": not isinstance(model.lm_head.weight, DTensor), "report": report,
                         "logits": model(torch.arange(11)[None] % h.VOCAB).logits}
         gathered["resharded"] = isinstance(model.lm_head.weight, DTensor)
+        ref = apply_fsdp(h.frozen_reference(), ParallelConfig())  # frozen: sharded, no grads
         optimizer = h.optimizer_for(model)
         records, snapshots = [], []
         for step, algo in enumerate(STEPS):
             if step == RESUME_AT:
                 save_dist_checkpoint(out_dir / "ckpt", step, model=model, optimizer=optimizer,
                                      trainer_state={"step": step}, rank_state={"rank": rank})
-            records.append(h.train_step(model, optimizer, step, algo=algo, rank=rank, world=world))
+            records.append(h.train_step(model, optimizer, step, algo=algo, rank=rank, world=world, ref=ref))
             snapshots.append(h.full_weights(model))
-        resumed = _resume_same_world(out_dir, rank, world)
+        gathered["ref_resharded"] = all(isinstance(p, DTensor) and p.grad is None for p in ref.parameters())
+        resumed = _resume_same_world(out_dir, rank, world, ref)
         save_final_hf(model, out_dir / "hf")
         if rank == 0:
             torch.save({"records": records, "snapshots": snapshots, "gathered": gathered, "resumed": resumed,
@@ -48,7 +50,7 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _resume_same_world(out_dir, rank, world):
+def _resume_same_world(out_dir, rank, world, ref):
     """A fresh sharded model + optimizer loads the step-2 checkpoint and redoes the last step."""
     from fusedrl.train.dist_checkpoint import load_dist_checkpoint
     from fusedrl.train.parallel import ParallelConfig, apply_fsdp
@@ -57,7 +59,7 @@ def _resume_same_world(out_dir, rank, world):
     optimizer = h.optimizer_for(model)
     restored = load_dist_checkpoint(out_dir / "ckpt" / "step_00000002", model=model, optimizer=optimizer)
     for step in range(RESUME_AT, len(STEPS)):
-        h.train_step(model, optimizer, step, algo=STEPS[step], rank=rank, world=world)
+        h.train_step(model, optimizer, step, algo=STEPS[step], rank=rank, world=world, ref=ref)
     return {"weights": h.full_weights(model), "rank_state": restored["rank_state"],
             "resharded": restored["resharded"]}
 
@@ -71,7 +73,7 @@ def runs(tmp_path_factory):
     optimizer = h.optimizer_for(model)
     records, snapshots = [], []
     for step, algo in enumerate(STEPS):
-        records.append(h.train_step(model, optimizer, step, algo=algo, rank=0, world=1))
+        records.append(h.train_step(model, optimizer, step, algo=algo, rank=0, world=1, ref=h.frozen_reference()))
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return {"out": out, "ws2": ws2, "records": records, "snapshots": snapshots, "model": model,
             "optimizer": optimizer}
@@ -102,6 +104,7 @@ def test_sft_step_matches_one_process(runs, step):
 
 
 def test_grpo_step_matches_one_process(runs):
+    # GRPO with a KL penalty against a frozen reference model, itself sharded with FSDP2.
     got, want = runs["ws2"]["records"][2], runs["records"][2]
     assert want["loss"] != 0.0
     assert abs(got["loss"] - want["loss"]) <= 1e-6, (got, want)
@@ -118,6 +121,7 @@ def test_weights_moved(runs):
 def test_gathered_params_for_rollout(runs):
     g = runs["ws2"]["gathered"]
     assert g["shape"] == (h.VOCAB, 32) and g["plain"] and g["resharded"]
+    assert g["ref_resharded"]  # the frozen reference frees its gathered root after forward, has no grads
     report = g["report"]
     full = sum(p.numel() * 4 for p in h.tiny_model().parameters())
     assert report.full_bytes == full
@@ -149,7 +153,8 @@ def test_dcp_checkpoint_ws2_loads_at_ws1(runs):
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name  # loading is a copy: bit for bit
     # The optimizer state came along: the grpo step at world size 1 gives the one-process run's weights.
-    record = h.train_step(model, optimizer, RESUME_AT, algo=STEPS[RESUME_AT], rank=0, world=1)
+    record = h.train_step(model, optimizer, RESUME_AT, algo=STEPS[RESUME_AT], rank=0, world=1,
+                          ref=h.frozen_reference())
     assert abs(record["loss"] - runs["records"][RESUME_AT]["loss"]) <= 1e-6
     _assert_weights(model.state_dict(), runs["snapshots"][RESUME_AT], "grpo step after the ws2 -> ws1 load")
 
