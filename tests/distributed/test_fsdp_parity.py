@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from tests.distributed import _dist_helpers as h
 
-STEPS = ["sft", "sft", "grpo"]
+STEPS = ["sft", "sft", "grpo", "dpo"]
 RESUME_AT = 2  # the checkpoint is written before this step
 TOL = dict(atol=1e-6, rtol=0)
 
@@ -88,7 +88,7 @@ def _assert_weights(actual, expected, label):
 def test_split_is_uneven():
     # The parity below covers ranks with different micro-batch counts (the padding path).
     counts = [h.micro_batch_counts(step, algo, 2) for step, algo in enumerate(STEPS)]
-    assert counts[1][0] != counts[1][1] and counts[2][0] != counts[2][1], counts
+    assert all(counts[step][0] != counts[step][1] for step in (1, 2, 3)), counts
 
 
 def test_process_group_is_gloo_world_2(runs):
@@ -103,13 +103,15 @@ def test_sft_step_matches_one_process(runs, step):
     _assert_weights(runs["ws2"]["snapshots"][step], runs["snapshots"][step], f"after sft step {step + 1}")
 
 
-def test_grpo_step_matches_one_process(runs):
-    # GRPO with a KL penalty against a frozen reference model, itself sharded with FSDP2.
-    got, want = runs["ws2"]["records"][2], runs["records"][2]
+@pytest.mark.parametrize("step", [2, 3], ids=["grpo", "dpo"])
+def test_rl_and_preference_steps_match_one_process(runs, step):
+    # GRPO (KL penalty) and DPO against a frozen reference model, itself sharded with FSDP2;
+    # GRPO groups and DPO pairs stay on one rank.
+    got, want = runs["ws2"]["records"][step], runs["records"][step]
     assert want["loss"] != 0.0
     assert abs(got["loss"] - want["loss"]) <= 1e-6, (got, want)
     assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-6 * max(1.0, want["grad_norm"]), (got, want)
-    _assert_weights(runs["ws2"]["snapshots"][2], runs["snapshots"][2], "after the grpo step")
+    _assert_weights(runs["ws2"]["snapshots"][step], runs["snapshots"][step], f"after the {STEPS[step]} step")
 
 
 def test_weights_moved(runs):
