@@ -18,13 +18,14 @@ ROOT = Path(__file__).resolve().parents[2]
 BOUND_S = 60  # generous: two cold imports of torch + transformers on a loaded 2-core machine
 
 
-def _launch(mode: str, victim: int):
+def _launch(mode: str, victim: int, *extra: str):
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                    LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2", PYTHONPATH=str(ROOT))
-        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed._failing_worker", mode, str(victim)],
+        procs.append(subprocess.Popen([sys.executable, "-m", "tests.distributed._failing_worker", mode, str(victim),
+                                       *extra],
                                       cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     outs = []
     deadline = time.monotonic() + 240
@@ -73,6 +74,23 @@ def test_sigkill_while_the_other_is_busy_is_caught_by_the_heartbeat():
     assert outs[1][0] == -9
     assert rc != 0 and "rank 1 stopped responding for 6s" in err, err[-3000:]
     assert ended - _victim_time(outs[1][1]) < 30  # the 6 s heartbeat timeout, not the 60 s sleep
+
+
+@pytest.mark.slow
+def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path):
+    import torch
+
+    killed = _launch("kill", 1, str(tmp_path / "killed"))
+    assert killed[1][0] == -9 and killed[0][0] != 0
+    resumed = _launch("resume", -1, str(tmp_path / "killed"))
+    full = _launch("full", -1, str(tmp_path / "full"))
+    for rc, out, err, _ in resumed + full:
+        assert rc == 0, err[-3000:]
+    assert "STEP 1" not in resumed[0][1] and "STEP 2" in resumed[0][1]  # continued from the step-2 checkpoint
+    got, want = torch.load(tmp_path / "killed" / "final.pt"), torch.load(tmp_path / "full" / "final.pt")
+    assert got.keys() == want.keys()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name  # bit for bit
 
 
 def test_guard_is_a_no_op_without_a_process_group():
