@@ -125,8 +125,11 @@ def init_distributed(*, backend: Optional[str] = None, timeout_s: float = 600.0)
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), local_world, device, dist.get_backend())
     if world == 1 and "MASTER_ADDR" not in os.environ:
@@ -279,7 +282,7 @@ def gathered_params(model: torch.nn.Module) -> Iterator[GatherReport]:
         yield GatherReport(size, size, 0, None)
         return
     sharded = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = torch.cuda.is_available()  # (with CPU offload the shards live on CPU, the gathered copy on the GPU)
     before = torch.cuda.memory_allocated() if cuda else None
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)

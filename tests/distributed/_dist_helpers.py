@@ -132,10 +132,11 @@ def _micro_loss(model, ref, batch, algo, advantages, divisor):
     return run_forward(model, sft_loss_sum, batch) / divisor
 
 
-def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int, ref=None) -> dict:
+def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int, ref=None, device=None) -> dict:
     """One global-batch step on this rank's balanced share; returns the global loss and grad norm.
 
     GRPO (KL penalty beta = 0.04) and DPO steps need `ref`, the frozen reference model.
+    `device`: where the batches go (default: the parameters' device; with CPU offload, the GPU).
     """
     seqs, prompts, groups, rewards, group_size = step_batch(step, algo)
     lengths = [s.numel() for s in seqs]
@@ -145,7 +146,7 @@ def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int,
     if algo == "grpo":
         advantages[mine] = grpo_advantages(rewards[mine], group_size)
     micro = _micro_batches(mine, lengths, groups, algo)
-    device = next(model.parameters()).device
+    device = device if device is not None else next(model.parameters()).device
     tokens, num_seqs = global_counts(sum(lengths[i] - prompts[i] for i in mine), len(mine), device)
     divisor = loss_divisor(num_seqs // 2 if algo == "dpo" else tokens, world)  # pairs or trained tokens
     total = agree_micro_batches(len(micro), device)

@@ -30,7 +30,7 @@ def _run(cfg, device, steps=("sft", "grpo")):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    records = [h.train_step(model, optimizer, s, algo=algo, rank=0, world=1, ref=ref)
+    records = [h.train_step(model, optimizer, s, algo=algo, rank=0, world=1, ref=ref, device=device)
                for s, algo in enumerate(steps)]
     if device.type == "cuda":
         torch.cuda.synchronize()
