@@ -99,6 +99,14 @@ stage "gpu tests" "${TEST_S:-90}" bash -c '"$@"; rc=$?; [ $rc = 5 ] && echo "no 
 #     (Also collected by the stage above; run here on its own so its status shows in the summary.)
 stage "rollout engine" "${ROLLOUT_S:-60}" "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} \
   tests/rollout/test_engine_cuda.py tests/kernels/test_decode_attention.py
+# 3c. 1-GPU FSDP2 smoke (issue 16): a world-size-1 NCCL group, sharded SFT/GRPO steps, bf16 + AC,
+#     CPU offload, gathered params, DCP round trip; skipped without CUDA
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  stage "fsdp2 smoke" "${FSDP_S:-60}" "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+    -m tests.distributed.gpu_smoke
+else
+  note "$(printf '%-22s skipped: no CUDA device' "fsdp2 smoke")"
+fi
 
 # 4. benchmarks, one process each; each gets a fair share of the time left (capped)
 if [ -n "${BENCHES:-}" ]; then

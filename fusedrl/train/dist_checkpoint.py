@@ -155,6 +155,8 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
     _barrier()  # every rank's files are complete
     if rank == 0:
         _publish(tmp, final, step)
+        for stale in root.glob(".tmp-step_*"):  # left by runs killed while saving
+            shutil.rmtree(stale, ignore_errors=True)
         for old in list_dist_checkpoints(root)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     _barrier()

@@ -120,11 +120,13 @@ def _diagnose(watchdog: _Watchdog, err: BaseException) -> Optional[str]:
 
 
 @contextmanager
-def fail_together(timeout_s: float = 60.0, poll_s: float = 0.5) -> Iterator[None]:
+def fail_together(timeout_s: float = 120.0, poll_s: float = 0.5) -> Iterator[None]:
     """Run the body on every rank so that any rank's failure stops all of them (see the module doc).
 
     Args:
-        timeout_s: how long a silent peer may go without a heartbeat before the others stop.
+        timeout_s: how long a silent peer may go without a heartbeat before the others stop; keep it
+            above the longest pause a rank may spend holding the GIL (the heartbeat is a Python thread).
+            Dead peers are usually caught sooner, by the next collective failing.
         poll_s: heartbeat / check period (seconds).
     Raises:
         The body's own exception on the failing rank; RankFailure (with the first failing rank's
@@ -151,7 +153,7 @@ def fail_together(timeout_s: float = 60.0, poll_s: float = 0.5) -> Iterator[None
         try:
             other = _diagnose(watchdog, err)
         except Exception as store_err:  # noqa: BLE001 - the store host is gone too
-            other = f"the rendezvous store is gone ({type(store_err).__name__}): rank 0 or the launcher died"
+            other = f"lost the rendezvous store (rank 0 or the launcher died?): {type(store_err).__name__}"
         if other is not None and not other.startswith(f"rank {rank} failed"):
             raise RankFailure(f"rank {rank} stopping: {other}") from err
         tail = "".join(traceback.format_exception_only(type(err), err)).strip()

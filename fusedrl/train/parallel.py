@@ -116,17 +116,20 @@ def init_distributed(*, backend: Optional[str] = None, timeout_s: float = 600.0)
     Returns:
         A DistInfo.
     """
+    if backend not in (None, "nccl", "gloo"):
+        raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     world = _env_int("WORLD_SIZE", 1)
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     local_world = _env_int("LOCAL_WORLD_SIZE", world)
-    if backend not in (None, "nccl", "gloo"):
-        raise ValueError(f"backend must be None, 'nccl' or 'gloo', got {backend!r}")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     if backend == "nccl":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     else:
-        device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        device = torch.device("cpu")
     if dist.is_available() and dist.is_initialized():
         return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), local_world, device, dist.get_backend())
     if world == 1 and "MASTER_ADDR" not in os.environ:
@@ -175,10 +178,15 @@ def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
 
 
 def _activation_checkpointing(model: torch.nn.Module) -> None:
-    if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no gradient_checkpointing_enable")
-    # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoints stay loadable).
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # HF's own per-layer checkpointing keeps parameter names unchanged (checkpoints stay loadable),
+    # unlike wrapping layers in torch's checkpoint_wrapper. Non-reentrant: required under FSDP2.
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif hasattr(model, "gradient_checkpointing_enable"):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(f"activation_checkpointing: {type(model).__name__} has no activation_checkpointing_enable")
 
 
 def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, *, mesh=None) -> torch.nn.Module:
@@ -219,8 +227,11 @@ def apply_fsdp(model: torch.nn.Module, cfg: ParallelConfig, *, mesh=None) -> tor
     for layer in layers:
         fully_shard(layer, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
         layer._fusedrl_reshard_after_forward = cfg.reshard_after_forward  # restored by gathered_params
-    # The root's weights (embeddings, LM head) are needed again right away in backward: keep them gathered.
-    fully_shard(model, reshard_after_forward=False, **kwargs)
+    # A trained root's weights (embeddings, LM head) are needed again right away in backward: keep
+    # them gathered. A frozen model has no backward to reshard them: free them after forward.
+    trainable = any(p.requires_grad for p in model.parameters())
+    fully_shard(model, reshard_after_forward=not trainable, **kwargs)
+    model._fusedrl_reshard_after_forward = not trainable
     setattr(model, _CALL, types.MethodType(lambda self, fn, *a, **k: fn(self, *a, **k), model))
     register_fsdp_forward_method(model, _CALL)
     return model
@@ -246,9 +257,9 @@ def run_forward(model: torch.nn.Module, fn: Callable, *args, **kwargs):
 class GatherReport:
     """What `gathered_params` costs on this rank, in bytes."""
 
-    sharded_bytes: int  # parameters this rank holds outside the context
-    full_bytes: int  # parameters it holds inside (the whole model, in the gathered dtype)
-    extra_bytes: int  # full - sharded: the additional memory the rollout needs for weights
+    sharded_bytes: int  # this rank's parameter shards (they stay allocated inside the context)
+    full_bytes: int  # the gathered parameters: the whole model, in the gathered (compute) dtype
+    extra_bytes: int  # what the context adds: full_bytes on a sharded model (new buffers), 0 otherwise
     device_delta_bytes: Optional[int]  # measured torch.cuda.memory_allocated change (None on CPU)
 
 
@@ -271,7 +282,7 @@ def gathered_params(model: torch.nn.Module) -> Iterator[GatherReport]:
         yield GatherReport(size, size, 0, None)
         return
     sharded = sum(p.to_local().numel() * p.element_size() for p in model.parameters())
-    cuda = next(model.parameters()).device.type == "cuda"
+    cuda = torch.cuda.is_available()  # (with CPU offload the shards live on CPU, the gathered copy on the GPU)
     before = torch.cuda.memory_allocated() if cuda else None
     for module in modules:
         module.set_reshard_after_forward(False, recurse=False)
@@ -280,14 +291,9 @@ def gathered_params(model: torch.nn.Module) -> Iterator[GatherReport]:
             module.unshard()  # all-gathers; the module's parameters become the full tensors
         full = sum(p.numel() * p.element_size() for p in model.parameters())
         delta = torch.cuda.memory_allocated() - before if cuda else None
-        yield GatherReport(sharded, full, full - sharded, delta)
+        yield GatherReport(sharded, full, full, delta)
     finally:
         for module in modules:
             module.reshard()
         for module in modules:
-            root = module is model
-            module.set_reshard_after_forward(False if root else _reshard_default(module), recurse=False)
-
-
-def _reshard_default(module) -> bool:
-    return getattr(module, "_fusedrl_reshard_after_forward", True)
+            module.set_reshard_after_forward(getattr(module, "_fusedrl_reshard_after_forward", True), recurse=False)

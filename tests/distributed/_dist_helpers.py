@@ -10,14 +10,14 @@ import torch
 import torch.distributed as dist
 
 from fusedrl.models.packed_attention import packed_forward
-from fusedrl.kernels import grpo_advantages, linear_logprobs, policy_loss
+from fusedrl.kernels import dpo_loss, grpo_advantages, linear_logprobs, policy_loss
 from fusedrl.packing import pack_by_budget
 from fusedrl.train.dp_balance import agree_micro_batches, global_counts, loss_divisor, split_for_ranks
 from fusedrl.train.parallel import run_forward
 
 VOCAB, IGNORE = 97, -100
-# Per-rank token budgets chosen so that ranks get different micro-batch counts (sft step 2, the grpo step).
-BUDGET = {"sft": 24, "grpo": 40}
+# Per-rank token budgets chosen so that ranks get different micro-batch counts (sft step 2, grpo, dpo).
+BUDGET = {"sft": 24, "grpo": 40, "dpo": 60}
 
 
 def tiny_model(seed: int = 0):
@@ -67,17 +67,31 @@ def sft_loss_sum(model, batch):
     return -(logp * (batch["labels"] != IGNORE)).sum()
 
 
-def grpo_loss(model, batch, advantages, divisor):
+def grpo_loss(model, batch, advantages, divisor, ref_logp):
     logp = _token_logprobs(model, batch)
     mask = batch["labels"] != IGNORE
     loss, _ = policy_loss(logp, None, advantages, mask, cu_seqlens=batch["cu_seqlens"], algo="grpo",
-                          num_tokens=divisor)
+                          ref_logp=ref_logp, beta=0.04, num_tokens=divisor)
     return loss
 
 
+def frozen_reference():
+    """The KL reference: the initial weights, no grads (sharded like the policy in the FSDP runs)."""
+    return tiny_model().requires_grad_(False).eval()
+
+
 def step_batch(step: int, algo: str):
-    group_size = 2 if algo == "grpo" else 1
-    return global_batch(step, n=8 if algo == "grpo" else 7, group_size=group_size) + (group_size,)
+    group_size = 1 if algo == "sft" else 2  # grpo: 2 samples per prompt; dpo: (chosen, rejected) pairs
+    return global_batch(step, n=7 if algo == "sft" else 8, group_size=group_size) + (group_size,)
+
+
+def _micro_batches(mine: List[int], lengths: List[int], groups: List[int], algo: str) -> List[List[int]]:
+    """Pack this rank's sequences under the token budget; DPO packs whole pairs (its loss pairs them)."""
+    units = [[i] for i in mine]
+    if algo == "dpo":
+        units = [[i for i in mine if groups[i] == g] for g in dict.fromkeys(groups[i] for i in mine)]
+    bins = pack_by_budget([sum(lengths[i] for i in unit) for unit in units], BUDGET[algo])
+    return [[i for u in part for i in units[u]] for part in bins]
 
 
 def micro_batch_counts(step: int, algo: str, world: int) -> List[int]:
@@ -85,11 +99,45 @@ def micro_batch_counts(step: int, algo: str, world: int) -> List[int]:
     seqs, _, groups, _, _ = step_batch(step, algo)
     lengths = [s.numel() for s in seqs]
     parts = split_for_ranks(lengths, world, group_ids=groups)
-    return [len(pack_by_budget([lengths[i] for i in part], BUDGET[algo])) for part in parts]
+    return [len(_micro_batches(part, lengths, groups, algo)) for part in parts]
 
 
-def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int) -> dict:
-    """One global-batch step on this rank's balanced share; returns the global loss and grad norm."""
+def _sequence_sums(per_token: torch.Tensor, batch) -> torch.Tensor:
+    """(num_seqs,) sums of a (total,) per-token tensor over each packed document."""
+    lens = batch["cu_seqlens"].diff().long()
+    seq_of_token = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens)
+    return per_token.new_zeros(lens.numel()).index_add(0, seq_of_token, per_token)
+
+
+def _completion_logp(model, batch) -> torch.Tensor:
+    return _sequence_sums(_token_logprobs(model, batch) * (batch["labels"] != IGNORE), batch)  # (num_seqs,)
+
+
+def dpo_step_loss(model, batch, ref_seq_logp, divisor):
+    seq_logp = _completion_logp(model, batch)  # (2P,): chosen, rejected, chosen, ...
+    loss, _ = dpo_loss(seq_logp[0::2], seq_logp[1::2], ref_seq_logp[0::2], ref_seq_logp[1::2], beta=0.1,
+                       num_pairs=divisor)
+    return loss
+
+
+def _micro_loss(model, ref, batch, algo, advantages, divisor):
+    if algo == "grpo":
+        with torch.no_grad():
+            ref_logp = run_forward(ref, _token_logprobs, batch)  # (total,) from the frozen reference
+        return run_forward(model, grpo_loss, batch, advantages, divisor, ref_logp)
+    if algo == "dpo":
+        with torch.no_grad():
+            ref_seq_logp = run_forward(ref, _completion_logp, batch)
+        return run_forward(model, dpo_step_loss, batch, ref_seq_logp, divisor)
+    return run_forward(model, sft_loss_sum, batch) / divisor
+
+
+def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int, ref=None, device=None) -> dict:
+    """One global-batch step on this rank's balanced share; returns the global loss and grad norm.
+
+    GRPO (KL penalty beta = 0.04) and DPO steps need `ref`, the frozen reference model.
+    `device`: where the batches go (default: the parameters' device; with CPU offload, the GPU).
+    """
     seqs, prompts, groups, rewards, group_size = step_batch(step, algo)
     lengths = [s.numel() for s in seqs]
     mine = split_for_ranks(lengths, world, group_ids=groups)[rank] if world > 1 else list(range(len(seqs)))
@@ -97,19 +145,17 @@ def train_step(model, optimizer, step: int, *, algo: str, rank: int, world: int)
     advantages = torch.zeros(len(seqs))
     if algo == "grpo":
         advantages[mine] = grpo_advantages(rewards[mine], group_size)
-    micro = [[mine[i] for i in part] for part in pack_by_budget([lengths[i] for i in mine], BUDGET[algo])]
-    trained = sum(lengths[i] - prompts[i] for i in mine)
-    tokens, _ = global_counts(trained, len(mine))
-    divisor = loss_divisor(tokens, world)
-    total = agree_micro_batches(len(micro))
-    loss_sum = torch.zeros(())
+    micro = _micro_batches(mine, lengths, groups, algo)
+    device = device if device is not None else next(model.parameters()).device
+    tokens, num_seqs = global_counts(sum(lengths[i] - prompts[i] for i in mine), len(mine), device)
+    divisor = loss_divisor(num_seqs // 2 if algo == "dpo" else tokens, world)  # pairs or trained tokens
+    total = agree_micro_batches(len(micro), device)
+    loss_sum = torch.zeros((), device=device)
     for k in range(total):
         idx = micro[min(k, len(micro) - 1)]
         batch = pack([seqs[i] for i in idx], [prompts[i] for i in idx])
-        if algo == "grpo":
-            loss = run_forward(model, grpo_loss, batch, advantages[idx], divisor)  # (a 0-d tensor)
-        else:
-            loss = run_forward(model, sft_loss_sum, batch) / divisor
+        batch = {name: v.to(device) if isinstance(v, torch.Tensor) else v for name, v in batch.items()}
+        loss = _micro_loss(model, ref, batch, algo, advantages[idx].to(device), divisor)
         if k >= len(micro):
             loss = loss * 0.0  # a padding micro-batch: the collectives run, the gradient is zero
         loss.backward()
@@ -154,11 +200,3 @@ def optimizer_for(model):
     # near-zero gradient's float32 summation-order noise (~1e-10) moves a weight by ~1e-5 and any
     # two reduction orders disagree beyond 1e-6. eps = 1e-4 bounds that gain to 10.
     return torch.optim.AdamW(model.parameters(), lr=1e-3, eps=1e-4, weight_decay=0.01)
-
-
-def reference_run(steps: List[str]):
-    """The one-process oracle: the same steps on the whole global batch, no process group."""
-    model = tiny_model()
-    optimizer = optimizer_for(model)
-    records = [train_step(model, optimizer, s, algo=algo, rank=0, world=1) for s, algo in enumerate(steps)]
-    return model, optimizer, records

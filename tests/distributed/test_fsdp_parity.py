@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from tests.distributed import _dist_helpers as h
 
-STEPS = ["sft", "sft", "grpo"]
+STEPS = ["sft", "sft", "grpo", "dpo"]
 RESUME_AT = 2  # the checkpoint is written before this step
 TOL = dict(atol=1e-6, rtol=0)
 
@@ -32,15 +32,17 @@ def _worker(rank, world, port, out_dir):
                         "plain": not isinstance(model.lm_head.weight, DTensor), "report": report,
                         "logits": model(torch.arange(11)[None] % h.VOCAB).logits}
         gathered["resharded"] = isinstance(model.lm_head.weight, DTensor)
+        ref = apply_fsdp(h.frozen_reference(), ParallelConfig())  # frozen: sharded, no grads
         optimizer = h.optimizer_for(model)
         records, snapshots = [], []
         for step, algo in enumerate(STEPS):
             if step == RESUME_AT:
                 save_dist_checkpoint(out_dir / "ckpt", step, model=model, optimizer=optimizer,
                                      trainer_state={"step": step}, rank_state={"rank": rank})
-            records.append(h.train_step(model, optimizer, step, algo=algo, rank=rank, world=world))
+            records.append(h.train_step(model, optimizer, step, algo=algo, rank=rank, world=world, ref=ref))
             snapshots.append(h.full_weights(model))
-        resumed = _resume_same_world(out_dir, rank, world)
+        gathered["ref_resharded"] = all(isinstance(p, DTensor) and p.grad is None for p in ref.parameters())
+        resumed = _resume_same_world(out_dir, rank, world, ref)
         save_final_hf(model, out_dir / "hf")
         if rank == 0:
             torch.save({"records": records, "snapshots": snapshots, "gathered": gathered, "resumed": resumed,
@@ -48,7 +50,7 @@ def _worker(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def _resume_same_world(out_dir, rank, world):
+def _resume_same_world(out_dir, rank, world, ref):
     """A fresh sharded model + optimizer loads the step-2 checkpoint and redoes the last step."""
     from fusedrl.train.dist_checkpoint import load_dist_checkpoint
     from fusedrl.train.parallel import ParallelConfig, apply_fsdp
@@ -57,7 +59,7 @@ def _resume_same_world(out_dir, rank, world):
     optimizer = h.optimizer_for(model)
     restored = load_dist_checkpoint(out_dir / "ckpt" / "step_00000002", model=model, optimizer=optimizer)
     for step in range(RESUME_AT, len(STEPS)):
-        h.train_step(model, optimizer, step, algo=STEPS[step], rank=rank, world=world)
+        h.train_step(model, optimizer, step, algo=STEPS[step], rank=rank, world=world, ref=ref)
     return {"weights": h.full_weights(model), "rank_state": restored["rank_state"],
             "resharded": restored["resharded"]}
 
@@ -71,7 +73,7 @@ def runs(tmp_path_factory):
     optimizer = h.optimizer_for(model)
     records, snapshots = [], []
     for step, algo in enumerate(STEPS):
-        records.append(h.train_step(model, optimizer, step, algo=algo, rank=0, world=1))
+        records.append(h.train_step(model, optimizer, step, algo=algo, rank=0, world=1, ref=h.frozen_reference()))
         snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     return {"out": out, "ws2": ws2, "records": records, "snapshots": snapshots, "model": model,
             "optimizer": optimizer}
@@ -86,7 +88,7 @@ def _assert_weights(actual, expected, label):
 def test_split_is_uneven():
     # The parity below covers ranks with different micro-batch counts (the padding path).
     counts = [h.micro_batch_counts(step, algo, 2) for step, algo in enumerate(STEPS)]
-    assert counts[1][0] != counts[1][1] and counts[2][0] != counts[2][1], counts
+    assert all(counts[step][0] != counts[step][1] for step in (1, 2, 3)), counts
 
 
 def test_process_group_is_gloo_world_2(runs):
@@ -101,12 +103,15 @@ def test_sft_step_matches_one_process(runs, step):
     _assert_weights(runs["ws2"]["snapshots"][step], runs["snapshots"][step], f"after sft step {step + 1}")
 
 
-def test_grpo_step_matches_one_process(runs):
-    got, want = runs["ws2"]["records"][2], runs["records"][2]
+@pytest.mark.parametrize("step", [2, 3], ids=["grpo", "dpo"])
+def test_rl_and_preference_steps_match_one_process(runs, step):
+    # GRPO (KL penalty) and DPO against a frozen reference model, itself sharded with FSDP2;
+    # GRPO groups and DPO pairs stay on one rank.
+    got, want = runs["ws2"]["records"][step], runs["records"][step]
     assert want["loss"] != 0.0
     assert abs(got["loss"] - want["loss"]) <= 1e-6, (got, want)
     assert abs(got["grad_norm"] - want["grad_norm"]) <= 1e-6 * max(1.0, want["grad_norm"]), (got, want)
-    _assert_weights(runs["ws2"]["snapshots"][2], runs["snapshots"][2], "after the grpo step")
+    _assert_weights(runs["ws2"]["snapshots"][step], runs["snapshots"][step], f"after the {STEPS[step]} step")
 
 
 def test_weights_moved(runs):
@@ -118,10 +123,11 @@ def test_weights_moved(runs):
 def test_gathered_params_for_rollout(runs):
     g = runs["ws2"]["gathered"]
     assert g["shape"] == (h.VOCAB, 32) and g["plain"] and g["resharded"]
+    assert g["ref_resharded"]  # the frozen reference frees its gathered root after forward, has no grads
     report = g["report"]
     full = sum(p.numel() * 4 for p in h.tiny_model().parameters())
     assert report.full_bytes == full
-    assert 0 < report.sharded_bytes < full and report.extra_bytes == full - report.sharded_bytes
+    assert 0 < report.sharded_bytes < full and report.extra_bytes == full  # the shards stay allocated
     with torch.no_grad():
         want = h.tiny_model()(torch.arange(11)[None] % h.VOCAB).logits
     torch.testing.assert_close(g["logits"], want, atol=1e-6, rtol=0)
@@ -149,7 +155,8 @@ def test_dcp_checkpoint_ws2_loads_at_ws1(runs):
     for name, value in model.state_dict().items():
         assert torch.equal(value, saved[name]), name  # loading is a copy: bit for bit
     # The optimizer state came along: the grpo step at world size 1 gives the one-process run's weights.
-    record = h.train_step(model, optimizer, RESUME_AT, algo=STEPS[RESUME_AT], rank=0, world=1)
+    record = h.train_step(model, optimizer, RESUME_AT, algo=STEPS[RESUME_AT], rank=0, world=1,
+                          ref=h.frozen_reference())
     assert abs(record["loss"] - runs["records"][RESUME_AT]["loss"]) <= 1e-6
     _assert_weights(model.state_dict(), runs["snapshots"][RESUME_AT], "grpo step after the ws2 -> ws1 load")
 
