@@ -179,8 +179,6 @@ class FusedDPOTrainer(_MetricsMixin, DPOTrainer):
             else:
                 fn = {"sigmoid": dpo_loss, "apo_zero": apo_zero_loss, "apo_down": apo_down_loss}[loss_type]
                 loss = fn(c, r, rc, rr, beta=self.args.beta)[0]
-                if loss_type != "sigmoid":
-                    loss = loss + 1.0  # TRL's APO losses carry a constant 1 (same gradients)
             total = total + weight * loss
         return total
 

@@ -102,9 +102,9 @@ def test_dpo_module_matches_formula(loss_type):
     elif loss_type == "ipo":
         expected = ((lc - lr - 1 / (2 * 0.2)) ** 2).mean()
     elif loss_type == "apo_zero":
-        expected = (1 - torch.sigmoid(0.2 * lc) + torch.sigmoid(0.2 * lr)).mean()  # TRL's apo_zero
+        expected = (1 - torch.sigmoid(0.2 * lc) + torch.sigmoid(0.2 * lr)).mean()  # TRL's value
     else:
-        expected = (torch.sigmoid(0.2 * lc) + 1 - torch.sigmoid(0.2 * (lc - lr))).mean()  # TRL's apo_down
+        expected = (torch.sigmoid(0.2 * lc) + 1 - torch.sigmoid(0.2 * (lc - lr))).mean()
     _check_grads(loss, expected, (h, w), f"dpo {loss_type}")
     assert set(metrics) >= {"accuracy", "margin"}
 

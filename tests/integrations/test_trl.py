@@ -77,7 +77,7 @@ def test_grpo_step_matches_trl(tiny_path, tmp_path, monkeypatch, loss_type, beta
     assert "clip_ratio/region_mean" in got[0].state.log_history[0]
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "apo_zero"])
 def test_dpo_step_matches_trl(tiny_path, tmp_path, monkeypatch, loss_type):
     from trl import DPOConfig
 
@@ -87,7 +87,7 @@ def test_dpo_step_matches_trl(tiny_path, tmp_path, monkeypatch, loss_type):
         return _train(cls, tiny_path, tmp_path, tag, args=args, train_dataset=preferences(4))
 
     ref = run(trl.DPOTrainer, "trl")
-    calls = _spy(monkeypatch, {"sigmoid": "dpo_loss", "ipo": "ipo_loss"}[loss_type])
+    calls = _spy(monkeypatch, {"sigmoid": "dpo_loss", "ipo": "ipo_loss", "apo_zero": "apo_zero_loss"}[loss_type])
     got = run(fused_trl.FusedDPOTrainer, "fused")
     assert got[0].fused_loss_supported() and calls
     _same_step(ref, got, _initial(tiny_path))
