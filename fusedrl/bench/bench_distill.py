@@ -1,8 +1,8 @@
 """Distillation divergence from hidden states: fusedrl's `linear_distill_loss` against its peers (DISTILL-7B).
 
-    python -m bench.bench_distill                      # DISTILL-7B, forward and full, on the GPU
-    python -m bench.bench_distill --modes full
-    python -m bench.bench_distill --smoke              # tiny shapes on CPU, writes nothing
+    python -m fusedrl.bench.bench_distill                      # DISTILL-7B, forward and full, on the GPU
+    python -m fusedrl.bench.bench_distill --modes full
+    python -m fusedrl.bench.bench_distill --smoke              # tiny shapes on CPU, writes nothing
 
 Case (benchmarks.md): reverse KL, temperature 1, token mean; student and teacher both
 H = 4096, bf16, N = 16384 tokens, V = 151936. Inputs from a torch.Generator on the device,

@@ -14,9 +14,9 @@ every prompt (>= 90% in bf16), and its completions must have the full length. Th
 and `--repeats` timed runs; the row gives the median ms and new tokens/s, and the summary the
 ratio to `generate`.
 
-    python -m bench.bench_rollout                       # every case this machine can run; writes JSON
-    python -m bench.bench_rollout --cases ROLLOUT-CPU   # the CPU case (about a minute on 2 cores)
-    python -m bench.bench_rollout --smoke               # tiny model on the CPU, writes nothing
+    python -m fusedrl.bench.bench_rollout                       # every case this machine can run; writes JSON
+    python -m fusedrl.bench.bench_rollout --cases ROLLOUT-CPU   # the CPU case (about a minute on 2 cores)
+    python -m fusedrl.bench.bench_rollout --smoke               # tiny model on the CPU, writes nothing
 
 Targets: ROLLOUT-0.5B / G8 >= 5x `generate` and >= 0.8x vLLM; ROLLOUT-CPU >= 2x `generate`.
 """

@@ -157,7 +157,7 @@ def test_bad_input():
 
 
 def test_bench_grpo_smoke(tmp_path, capsys):
-    """bench/bench_grpo.py at tiny CPU shapes: every provider checked against the fp32 reference."""
+    """fusedrl/bench/bench_grpo.py at tiny CPU shapes: every provider checked against the fp32 reference."""
     from fusedrl.bench import bench_grpo
 
     assert bench_grpo.main(["--smoke", "--cases", "GRPO-0.5B", "--modes", "full",

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from bench import bench_rollout
+from fusedrl.bench import bench_rollout
 
 
 def test_smoke_runs_and_reports_ratios(capsys, tmp_path):
