@@ -51,7 +51,8 @@ def group_index(rewards, group_size: Optional[int], group_ids) -> torch.Tensor:
             raise ValueError("pass group_size or group_ids, not both")
         check_tensor("group_ids", group_ids, dtypes=(torch.int32, torch.int64), ndim=1)
         if rewards.dim() != 1 or group_ids.shape != rewards.shape:
-            raise ValueError(f"group_ids must be (N,) like rewards {tuple(rewards.shape)}, got {tuple(group_ids.shape)}")
+            raise ValueError(f"group_ids must be (N,) like rewards {tuple(rewards.shape)}, "
+                             f"got {tuple(group_ids.shape)}")
         return torch.unique(group_ids, return_inverse=True)[1]
     if rewards.dim() == 2:
         if group_size is not None and group_size != rewards.shape[1]:

@@ -113,7 +113,8 @@ class PolicyLossConfig:
             raise ValueError(f"cov_ratio must be in (0, 1], got {self.cov_ratio}")
         if "seq_mean_fixed_len" in (self.aggregation, self.kl_aggregation, self.entropy_aggregation):
             if isinstance(self.max_len, bool) or not isinstance(self.max_len, int) or self.max_len < 1:
-                raise ValueError(f"aggregation 'seq_mean_fixed_len' needs max_len, a positive int; got {self.max_len!r}")
+                raise ValueError("aggregation 'seq_mean_fixed_len' needs max_len, a positive int; "
+                                 f"got {self.max_len!r}")
 
     @property
     def algo_code(self) -> int:

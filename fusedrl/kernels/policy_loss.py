@@ -375,7 +375,7 @@ def policy_loss(
             r < 1 - eps_low for the clipped algos; r outside the range for the others; the
             log-ratio clip for gmpo; the selected tokens for clip_cov / kl_cov),
             "ratio_mean", "approx_kl" (k3 of logp vs old_logp, exp(old - logp) - 1 - (old - logp),
-            never negative; OpenRLHF's approx_kl with kl_estimator "k3"), "ppo_kl" (mean of
+            never negative), "ppo_kl" (mean of
             old_logp - logp: what verl logs as actor/ppo_kl), "response_len" (mean tokens per sequence), and "kl_ref" / "entropy" / "is_weight_mean" when those inputs are given
             ("is_dropped_frac" too with is_mode "mask").
     """

@@ -15,7 +15,8 @@ length. With r_c = logp_c - ref_c, r_r = logp_r - ref_r, h = r_c - r_r, e = labe
                e = 1e-3 when 0                                      (Ji et al. 2024)
     aot_pair   DPO's form on delta = sort(r_c) - sort(r_r) over the batch   (Melnyk et al. 2024)
     aot        DPO's form on delta = sort(logp_c - logp_r) - sort(ref_c - ref_r)
-    discopop   (1 - m) (-log sigmoid(beta h)) + m exp(-beta h), m = sigmoid(beta h / tau), tau 0.05   (Chris Lu et al. 2024)
+    discopop   (1 - m) (-log sigmoid(beta h)) + m exp(-beta h), m = sigmoid(beta h / tau), tau 0.05
+               (Chris Lu et al. 2024)
     wpo        w * DPO, w = sg(min(exp(avg_c + avg_r), 1)), avg = (logp - adjust) / len (Zhou et al. 2024;
                TRL use_weighting; its adjust is sum_t log sum_v p_v^2, pass it when available)
     cpo        -(1 - e) log sigmoid(beta (logp_c - logp_r)) - e log sigmoid(-...) + alpha NLL(y_c)   (Xu et al. 2024)
@@ -75,7 +76,8 @@ def robust_dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_lo
         raise ValueError("label_smoothing must be < 0.5 for the robust loss (it divides by 1 - 2e)")
     lc, lr = _pairs(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta, num_pairs)
     z = beta * (lc - lr)
-    per_pair = (-(1 - label_smoothing) * F.logsigmoid(z) + label_smoothing * F.logsigmoid(-z)) / (1 - 2 * label_smoothing)
+    e = label_smoothing
+    per_pair = (-(1 - e) * F.logsigmoid(z) + e * F.logsigmoid(-z)) / (1 - 2 * e)
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 

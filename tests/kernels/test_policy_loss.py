@@ -75,7 +75,8 @@ def test_kl_entropy_is_weight_hand():
     # sampler: old - sampler = log 3 -> w = min(3, 2) = 2, on the pg term only (0 here): l = 0.1 k3 - 0.02
     logp = torch.tensor([-1.0], dtype=torch.float64)
     loss, m = policy_loss(logp, logp, torch.zeros(1, dtype=torch.float64), cu_seqlens=torch.tensor([0, 1]).int(),
-                          advantages_layout="sequence", ref_logp=logp - 0.5, beta=0.1, entropy=torch.tensor([2.0], dtype=torch.float64),
+                          advantages_layout="sequence", ref_logp=logp - 0.5, beta=0.1,
+                          entropy=torch.tensor([2.0], dtype=torch.float64),
                           c_ent=0.01, sampler_logp=logp - math.log(3))
     k3 = math.exp(-0.5) - 0.5
     assert_close(loss, torch.tensor(0.1 * k3 - 0.02, dtype=torch.float64))
