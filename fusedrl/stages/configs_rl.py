@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 from fusedrl.config import TrainConfig
+from fusedrl.kernels import KL_KINDS
+from fusedrl.rollout.completions import AVAILABLE_BACKENDS, BACKENDS
 
 KL_IN = ("loss", "reward")
 AGGREGATION_CHOICES = ("token_mean", "seq_mean", "seq_mean_fixed_len")
@@ -56,6 +58,9 @@ class RolloutConfig:
     """Tokens per packed micro-batch, for training and for the old/reference log-prob and value forwards."""
     eval_prompts: int = 64
     """Prompts of data.eval scored greedily by `evaluate` (0 = all)."""
+    backend: str = "hf"
+    """Sampling backend: "hf" (transformers with a KV cache, the trainer's model in place); "native" and
+    "vllm" are reserved for the engines being added (a clear error until they land)."""
 
 
 @dataclass
@@ -177,6 +182,9 @@ def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
         raise ValueError(f"rollout.top_p: expected a number in (0, 1], got {cfg.top_p!r}")
     _nonneg("rollout.top_k", cfg.top_k)
     _nonneg("rollout.eval_prompts", cfg.eval_prompts)
+    if cfg.backend not in AVAILABLE_BACKENDS:
+        raise ValueError(f"rollout.backend: {cfg.backend!r} is not available in this build; expected one of "
+                         f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
     if require_reward and cfg.verifier is None and cfg.reward_model is None:
         raise ValueError("rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
 
@@ -185,6 +193,8 @@ def check_policy_options(prefix: str, cfg) -> None:
     """Validate the options [pg] and [ppo] share; raise ValueError naming the key."""
     if cfg.kl_in not in KL_IN:
         raise ValueError(f"{prefix}.kl_in: expected one of {KL_IN}, got {cfg.kl_in!r}")
+    if cfg.kl_kind not in KL_KINDS:
+        raise ValueError(f"{prefix}.kl_kind: expected one of {list(KL_KINDS)}, got {cfg.kl_kind!r}")
     _nonneg(f"{prefix}.beta", cfg.beta)
     _nonneg(f"{prefix}.c_ent", cfg.c_ent)
     if cfg.tis_cap is not None and not cfg.tis_cap > 0:

@@ -57,7 +57,9 @@ import torch
 
 from fusedrl.data.batch import PackedBatch
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
-                                    rollout_metrics, sample_rollout, shape_rewards, token_forward)
+                                    rollout_metrics, shape_rewards, token_forward)
+from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.stages.configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
 from fusedrl.stages.base import BaseStage, StepTotals
@@ -188,9 +190,10 @@ class PolicyGradientStage(BaseStage):
                 # Every rank walks the same prompt stream and samples its own slice of it.
                 indices = self.prompts.next(r.prompts_per_rollout * world)[rank * r.prompts_per_rollout:
                                                                            (rank + 1) * r.prompts_per_rollout]
-                part = sample_rollout(model, self.tokenizer, self.records, indices, group_size=r.group_size,
-                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                      top_k=r.top_k, generator=self._sampling_generator(model))
+                sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
+                params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        max_new_tokens=r.max_new_tokens, seed=self.seed)
+                part = sample_rollout(sampler, self.tokenizer, self.records, indices, params)
             with timer("score"):
                 raw = self.rewards(part, self.records)
                 part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids],
@@ -311,14 +314,9 @@ class PolicyGradientStage(BaseStage):
             return {}
         n = self.rollout.eval_prompts or len(self.eval_records)
         records = self.eval_records[:n]
-        from fusedrl.rollout.hf import generate
-        from fusedrl.data.records import tokenize_prompt
-
-        prompts = [tokenize_prompt(r, self.tokenizer) for r in records]
-        out = generate(model, prompts, max_new_tokens=self.rollout.max_new_tokens, greedy=True,
-                       eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
-        rollout = Rollout(prompts, out.tokens, out.logprobs, list(out.finished), list(range(len(records))),
-                          [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], 1)
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.rollout.max_new_tokens)
+        rollout = sample_rollout(make_sampler(self.rollout.backend, model, self.tokenizer), self.tokenizer, records,
+                                 list(range(len(records))), greedy)
         result = {"reward": self.rewards(rollout, records).mean().item()}
         accuracy = self.rewards.accuracy(rollout, records)
         if accuracy is not None:
