@@ -60,7 +60,7 @@ from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource,
                                     rollout_metrics, shape_rewards, token_forward)
 from fusedrl.rollout.completions import make_sampler, sample_rollout
 from fusedrl.rollout.sampling import SamplingParams
-from fusedrl.stages.configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
+from fusedrl.stages.configs_rl import (ALGORITHMS, Advantage, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
 from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
@@ -112,7 +112,7 @@ class PolicyGradientStage(BaseStage):
         self.seed = seed
         self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
         self._generator_state: Optional[torch.Tensor] = None  # restored from a checkpoint, applied on creation
-        self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage == "reinforce" else None
+        self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage is Advantage.REINFORCE else None
         self.exp: Optional[Experience] = None
         self.rollouts_done = 0
         self._host: Dict[str, float] = {}
@@ -247,13 +247,13 @@ class PolicyGradientStage(BaseStage):
             self._host["kl_reward"] = kl.mean().item()
         g = self.rollout.group_size
         kind = self.opt.advantage
-        if kind == "grpo":
+        if kind is Advantage.GRPO:
             adv = grpo_advantages(rewards, g, eps=self.opt.adv_eps)
-        elif kind == "dr_grpo":
+        elif kind is Advantage.DR_GRPO:
             adv = dr_grpo_advantages(rewards, g)
-        elif kind == "rloo":
+        elif kind is Advantage.RLOO:
             adv = rloo_advantages(rewards, g)
-        else:
+        else:  # Advantage.REINFORCE
             adv = self.baseline.advantages(rewards)
         per_token = torch.repeat_interleave(adv.float(), torch.tensor(exp.completion_lengths()))
         if self.opt.whiten:
