@@ -34,6 +34,11 @@ class ConfigError(ValueError):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(message or f"{field}: expected {allowed}, got {value!r}")
 
+    @classmethod
+    def message(cls, field: str, text: str) -> "ConfigError":
+        """A ConfigError about `field` explained in words (a missing setting, a value that cannot work)."""
+        return cls(field, None, None, text)
+
 
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is not None:

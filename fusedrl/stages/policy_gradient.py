@@ -55,6 +55,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fusedrl.config import ConfigError
+from fusedrl.data.records import DataError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
                                     rollout_metrics, shape_rewards, token_forward)
@@ -349,14 +351,14 @@ def load_prompt_records(cfg) -> tuple:
     from fusedrl.data.records import load_records
 
     if not cfg.data.train:
-        raise ValueError("data.train: the RL stages need a file of prompt records (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the RL stages need a file of prompt records (set data.train)")
     out = []
     for key in ("train", "eval"):
         source = getattr(cfg.data, key)
         records = load_records(source) if source else None
         for i, record in enumerate(records or []):
             if "prompt" not in record and "messages" not in record:
-                raise ValueError(f"data.{key}: record {i} of {source!r} has no 'prompt' (keys {sorted(record)})")
+                raise DataError(f"data.{key}: record {i} of {source!r} has no 'prompt' (keys {sorted(record)})")
         out.append(records)
     return out[0], out[1]
 

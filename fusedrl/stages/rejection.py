@@ -28,6 +28,7 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.records import Example, PackedDataset, load_records, tokenize_prompt, tokenize_sft
 from fusedrl.rollout.completions import make_sampler, sample_texts
 from fusedrl.rollout.sampling import SamplingParams
@@ -253,7 +254,7 @@ def build_rejection_stage(cfg, model, tokenizer, *, scorer: Optional[Scorer] = N
     check_section(rs_cfg, "rejection", require_scorer=scorer is None)
     data = cfg.data
     if not data.train:
-        raise ValueError("data.train: the rejection stage needs a prompt file (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the rejection stage needs a prompt file (set data.train)")
     records = load_records(data.train)
     if rs_cfg.max_prompts:
         records = records[:rs_cfg.max_prompts]

@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device: {name!r} asked for, but CUDA is not available")
+        raise ConfigError.message("run.device", f"run.device: {name!r} asked for, but CUDA is not available")
     return device
 
 
