@@ -53,7 +53,7 @@ def load_run_config(path: str, overrides=()) -> TrainConfig:
         if key == "run.stage":
             stage = value
     if stage not in STAGES:
-        raise ConfigError("run.stage", stage, sorted(STAGES))
+        raise ConfigError("run.stage", stage, sorted(STAGES), f"run.stage: expected one of {sorted(STAGES)}, got {stage!r}")
     cfg = load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
     check_stage_config(cfg, stage)  # all validation at load: a bad value never reaches the model build
     return cfg
@@ -83,7 +83,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
     from fusedrl.stages import STAGE_MODELS, STAGES
 
     if cfg.run.stage not in STAGES:
-        raise ConfigError("run.stage", cfg.run.stage, sorted(STAGES))
+        raise ConfigError("run.stage", cfg.run.stage, sorted(STAGES),
+                          f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank0():

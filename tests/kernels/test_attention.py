@@ -262,7 +262,7 @@ def test_bench_smoke_runs(capsys):
 
 
 def test_bench_recipes_match_benchmarks_md():
-    from bench.bench_attention import causal_flops, long_lengths, rl_lengths
+    from fusedrl.bench.bench_attention import causal_flops, long_lengths, rl_lengths
 
     long, rl = long_lengths(16384), rl_lengths(16384)
     assert (len(long), sum(long), len(rl), sum(rl)) == (7, 16384, 37, 16384)
