@@ -88,10 +88,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    from fusedrl.config import TrainConfig, describe_config, parse_overrides, to_toml
+    from fusedrl.config import ConfigError, TrainConfig, describe_config, parse_overrides, to_toml
+    from fusedrl.data.records import DataError
 
     if args.command == "config":
-        print(describe_config() if args.reference else to_toml(TrainConfig()))
+        from fusedrl.stages import ReferenceConfig
+        print(describe_config(ReferenceConfig()) if args.reference else to_toml(TrainConfig()))
         return 0
     try:
         overrides = parse_overrides(rest)
@@ -104,9 +106,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             from fusedrl.demo.pipeline import run_demo
             run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
             return 0
-    except ValueError as err:  # configuration and data errors: one clear line, no traceback
+    except (ConfigError, DataError, FileNotFoundError) as err:  # config and data: one clear line, exit 2
         logger.error("%s", err)
-        return 2
+        return 2  # anything else is a bug or an environment problem: it keeps its traceback
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fusedrl.config_io import (  # noqa: F401  (public API of this module)
-    apply_override, apply_table, coerce, describe_tables, field_docs, parse_overrides, read_toml, to_toml,
+    ConfigError, apply_override, apply_table, coerce, describe_tables, field_docs, parse_overrides, read_toml,
+    to_toml,
 )
 
 
@@ -194,11 +195,11 @@ def validate(cfg: Any, prefix: str = "") -> None:
         if dataclasses.is_dataclass(value):
             validate(value, key)
         elif key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+            raise ConfigError(f"{key}", value, f"one of {CHOICES[key]}")
         elif key in MINIMUM and value is not None and value < MINIMUM[key]:
-            raise ValueError(f"{key}: expected a value >= {MINIMUM[key]}, got {value!r}")
+            raise ConfigError(f"{key}", value, f"a value >= {MINIMUM[key]}")
     if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:
-        raise ValueError(f"optim.betas: expected 2 values, got {cfg.optim.betas!r}")
+        raise ConfigError("optim.betas", cfg.optim.betas, "2 values")
 
 
 def load_config(

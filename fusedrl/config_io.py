@@ -13,7 +13,7 @@ import sys
 import textwrap
 import typing
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -22,6 +22,23 @@ else:  # pragma: no cover - Python 3.10
 
 
 # ----------------------------------------------------------------------------- typing
+
+class ConfigError(ValueError):
+    """A bad configuration value, found when the config is loaded.
+
+    Attributes: field ("section.field"), value (what was given), allowed (what is accepted).
+    The CLI prints it as one line (exit 2); a ValueError is still caught by callers that expect one.
+    """
+
+    def __init__(self, field: str, value: Any, allowed: Any, message: Optional[str] = None):
+        self.field, self.value, self.allowed = field, value, allowed
+        super().__init__(message or f"{field}: expected {allowed}, got {value!r}")
+
+    @classmethod
+    def message(cls, field: str, text: str) -> "ConfigError":
+        """A ConfigError about `field` explained in words (a missing setting, a value that cannot work)."""
+        return cls(field, None, None, text)
+
 
 def _type_name(tp) -> str:
     if typing.get_origin(tp) is not None:
@@ -75,7 +92,8 @@ def coerce(value: Any, tp: Any, key: str, *, from_cli: bool = False) -> Any:
             return dict(value)
     else:  # pragma: no cover - a field type this parser does not know is a programming error
         raise TypeError(f"{key}: unsupported field type {tp}")
-    raise ValueError(f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(key, value, _type_name(tp),
+                      f"{key}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _parse_cli_literal(text: str, tp: Any) -> Any:
@@ -102,13 +120,13 @@ def _parse_cli_literal(text: str, tp: Any) -> Any:
 def apply_table(obj: Any, table: Dict[str, Any], prefix: str) -> None:
     """Set the fields of dataclass `obj` from a TOML table, recursing into nested dataclasses."""
     if not isinstance(table, dict):
-        raise ValueError(f"{prefix}: expected a table, got {table!r}")
+        raise ConfigError(prefix, table, "a table")
     types = _field_types(type(obj))
     for name, value in table.items():
         key = f"{prefix}.{name}" if prefix else name
         if name not in types:
             known = ", ".join(types)
-            raise ValueError(f"unknown config key {key!r}; known keys here: {known}")
+            raise ConfigError(key, value, list(types), f"unknown config key {key!r}; known keys here: {known}")
         current = getattr(obj, name)
         if dataclasses.is_dataclass(current):
             apply_table(current, value, key)
@@ -128,11 +146,13 @@ def apply_override(cfg: Any, dotted: str, value: Any, *, from_cli: bool = True) 
         key = ".".join(parts[: i + 1])
         types = _field_types(type(obj))
         if name not in types:
-            raise ValueError(f"unknown config key {key!r}; known keys here: {', '.join(types)}")
+            raise ConfigError(key, value, list(types), f"unknown config key {key!r}; known keys here: "
+                              f"{', '.join(types)}")
         current = getattr(obj, name)
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(current):
-                raise ValueError(f"{key}: is a section; override one of its fields ({key}.FIELD=VALUE)")
+                raise ConfigError(key, value, f"one of its fields ({key}.FIELD=VALUE)",
+                                  f"{key}: is a section; override one of its fields ({key}.FIELD=VALUE)")
             setattr(obj, name, coerce(value, types[name], key, from_cli=from_cli))
             return
         if isinstance(current, dict):  # a table field (model.arch): the rest of the path is its key
@@ -140,7 +160,8 @@ def apply_override(cfg: Any, dotted: str, value: Any, *, from_cli: bool = True) 
             current[".".join(parts[i + 1:])] = parsed
             return
         if not dataclasses.is_dataclass(current):
-            raise ValueError(f"{key}: is a {type(current).__name__} field, not a section; use --{key}=VALUE")
+            raise ConfigError(key, value, f"--{key}=VALUE",
+                              f"{key}: is a {type(current).__name__} field, not a section; use --{key}=VALUE")
         obj = current
 
 
@@ -151,7 +172,8 @@ def parse_overrides(args: Sequence[str]) -> List[Tuple[str, str]]:
     while i < len(args):
         arg = args[i]
         if not arg.startswith("--") or len(arg) <= 2:
-            raise ValueError(f"override {arg!r}: expected --section.field=value")
+            raise ConfigError("override", arg, "--section.field=value",
+                              f"override {arg!r}: expected --section.field=value")
         body = arg[2:]
         if "=" in body:
             key, value = body.split("=", 1)
@@ -159,7 +181,7 @@ def parse_overrides(args: Sequence[str]) -> List[Tuple[str, str]]:
             key, value = body, args[i + 1]
             i += 1
         else:
-            raise ValueError(f"override {arg!r}: missing a value (--{body}=VALUE)")
+            raise ConfigError("override", arg, f"--{body}=VALUE", f"override {arg!r}: missing a value (--{body}=VALUE)")
         pairs.append((key, value))
         i += 1
     return pairs
@@ -169,11 +191,13 @@ def read_toml(path: str | Path) -> Dict[str, Any]:
     """The table of a TOML file; ValueError naming the file when missing or invalid."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
+        raise ConfigError("config file", str(path), "an existing TOML file",
+                          f"config file {str(path)!r} does not exist")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise ValueError(f"config file {str(path)!r}: invalid TOML: {err}") from None
+        raise ConfigError("config file", str(path), "valid TOML",
+                          f"config file {str(path)!r}: invalid TOML: {err}") from None
 
 
 # ----------------------------------------------------------------------------- writing

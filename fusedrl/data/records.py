@@ -27,7 +27,7 @@ from fusedrl.data.batch import IGNORE_INDEX
 from fusedrl.data.packed import Example, PackedDataset, pack_examples
 
 __all__ = [
-    "Example", "PackedDataset", "detect_format", "load_records", "pack_examples",
+    "DataError", "Example", "PackedDataset", "detect_format", "load_records", "pack_examples",
     "tokenize_prompt", "tokenize_records", "tokenize_sft", "validate_record",
 ]
 
@@ -40,6 +40,13 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # ----------------------------------------------------------------------------- loading
+
+class DataError(ValueError):
+    """Bad training data: an unreadable file, a malformed record, a record of the wrong format.
+
+    The CLI prints it as one line (exit 2), like a ConfigError.
+    """
+
 
 def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
     """Load and validate records from a file or a Hugging Face dataset.
@@ -68,21 +75,21 @@ def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
     elif suffix == ".parquet":
         located = _read_parquet_records(path)
     elif os.path.exists(path):
-        raise ValueError(f"source: unsupported file type {path!r}; expected one of {_FILE_SUFFIXES}")
+        raise DataError(f"source: unsupported file type {path!r}; expected one of {_FILE_SUFFIXES}")
     else:
         located = _read_hf_records(path, split or "train")
     first_format = None
     for where, record in located:
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         try:
             fmt = validate_record(record)
         except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
+            raise DataError(f"{where}: {err}") from None
         if first_format is None:
             first_format = fmt
         elif fmt != first_format:
-            raise ValueError(f"{where}: record is in format {fmt!r} but earlier records are {first_format!r}")
+            raise DataError(f"{where}: record is in format {fmt!r} but earlier records are {first_format!r}")
     return [record for _, record in located]
 
 
@@ -93,7 +100,7 @@ def _read_json_records(path: str) -> List[Tuple[str, Any]]:
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
+            raise DataError(f"{path}:{err.lineno}: invalid JSON: {err.msg}") from None
         return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
     located = []
     for lineno, line in enumerate(text.splitlines(), start=1):
@@ -102,7 +109,7 @@ def _read_json_records(path: str) -> List[Tuple[str, Any]]:
         try:
             located.append((f"{path}:{lineno}", json.loads(line)))
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
+            raise DataError(f"{path}:{lineno}: invalid JSON: {err.msg} (column {err.colno})") from None
     return located
 
 
@@ -145,9 +152,9 @@ def detect_format(record: dict) -> str:
         if "completion" in keys:
             return "unpaired" if "label" in keys else "prompt_completion"
         if keys & {"chosen", "rejected"}:
-            raise ValueError(f"record: a preference record needs both 'chosen' and 'rejected', got keys {sorted(keys)}")
+            raise DataError(f"record: a preference record needs both 'chosen' and 'rejected', got keys {sorted(keys)}")
         return "prompt"
-    raise ValueError(
+    raise DataError(
         f"record: unknown format, keys {sorted(keys)}; expected 'messages', 'prompt'+'completion', "
         "'prompt'+'chosen'+'rejected', 'prompt'+'completion'+'label', or 'prompt' (+'answer')"
     )
@@ -164,7 +171,7 @@ def validate_record(record: dict) -> str:
                 "preference": ["chosen", "rejected"]}.get(fmt, []):
         _check_turns(record[key], key)
     if fmt == "unpaired" and not isinstance(record["label"], (bool, int)):
-        raise ValueError(f"label: expected a bool, got {type(record['label']).__name__}")
+        raise DataError(f"label: expected a bool, got {type(record['label']).__name__}")
     return fmt
 
 
@@ -174,16 +181,16 @@ def _check_turns(value: Any, name: str) -> None:
     if isinstance(value, list):
         _check_messages(value, name)
         return
-    raise ValueError(f"{name}: expected a string or a list of messages, got {type(value).__name__}")
+    raise DataError(f"{name}: expected a string or a list of messages, got {type(value).__name__}")
 
 
 def _check_messages(messages: Any, name: str) -> None:
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f"{name}: expected a non-empty list of messages, got {messages!r:.80}")
+        raise DataError(f"{name}: expected a non-empty list of messages, got {messages!r:.80}")
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str) \
                 or not isinstance(message.get("content"), str):
-            raise ValueError(f"{name}[{i}]: expected {{'role': str, 'content': str}}, got {message!r:.80}")
+            raise DataError(f"{name}[{i}]: expected {{'role': str, 'content': str}}, got {message!r:.80}")
 
 
 def _as_messages(value: Any, role: str) -> List[dict]:
@@ -216,9 +223,9 @@ def tokenize_sft(record: dict, tokenizer, *, max_len: int, train_on: str = "all_
     elif fmt in ("prompt_completion", "unpaired"):
         messages = _as_messages(record["prompt"], "user") + _as_messages(record["completion"], "assistant")
     else:
-        raise ValueError(f"record: tokenize_sft needs a messages or prompt/completion record, got format {fmt!r}")
+        raise DataError(f"record: tokenize_sft needs a messages or prompt/completion record, got format {fmt!r}")
     if not any(m["role"] == "assistant" for m in messages):
-        raise ValueError("messages: no assistant turn to train on")
+        raise DataError("messages: no assistant turn to train on")
     train_from = 0
     if train_on == "last_assistant":
         train_from = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
@@ -238,7 +245,7 @@ def tokenize_prompt(record: dict, tokenizer) -> List[int]:
         while messages and messages[-1]["role"] == "assistant":
             messages.pop()
         if not messages:
-            raise ValueError("messages: no turn left before the assistant's to use as a prompt")
+            raise DataError("messages: no turn left before the assistant's to use as a prompt")
     else:
         messages = _as_messages(record["prompt"], "user")
     return _render(tokenizer, messages, add_generation_prompt=True)["input_ids"]
@@ -316,7 +323,7 @@ def tokenize_records(records: List[dict], tokenizer, *, max_len: int, train_on: 
         try:
             example = tokenize_sft(record, tokenizer, max_len=max_len, train_on=train_on, overlong=overlong)
         except ValueError as err:
-            raise ValueError(f"records[{i}]: {err}") from None
+            raise DataError(f"records[{i}]: {err}") from None
         if example is None:
             dropped += 1
         else:

@@ -14,9 +14,9 @@ import random
 from dataclasses import dataclass
 from typing import Dict, List, Sequence
 
-import torch
 
-from fusedrl.rollout.rewards import exact_match  # noqa: F401  (the demo tasks' verifier)
+from fusedrl.rollout.completions import greedy_texts
+from fusedrl.rollout.rewards import exact_match  # the demo tasks' verifier
 
 TASKS = ("reverse", "add")
 
@@ -85,31 +85,12 @@ def score_model(model, tokenizer, records: Sequence[Dict[str, str]], *, max_new_
         The fraction of records whose greedy completion (decoded, special tokens
         skipped) equals the answer.
     """
-    from fusedrl.data.records import tokenize_prompt
-    from fusedrl.rollout.hf import generate
-
     if not records:
         raise ValueError("records: expected at least one record to score")
-    correct = 0.0
-    for start in range(0, len(records), batch_size):
-        chunk = list(records[start:start + batch_size])
-        prompts = [tokenize_prompt({"prompt": r["prompt"]}, tokenizer) for r in chunk]
-        out = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                       eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer)
-        for record, tokens in zip(chunk, out.tokens):
-            text = tokenizer.decode(tokens, skip_special_tokens=True)
-            correct += exact_match(record["prompt"], text, answer=record["answer"])
-    return correct / len(records)
+    texts = greedy_texts(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return sum(exact_match(r["prompt"], t, answer=r["answer"]) for r, t in zip(records, texts)) / len(records)
 
 
-def sample_completions(model, tokenizer, records: Sequence[Dict[str, str]], *, max_new_tokens: int = 12,
-                       seed: int = 0) -> List[str]:
+def sample_completions(model, tokenizer, records: Sequence[Dict[str, str]], *, max_new_tokens: int = 12) -> List[str]:
     """Greedy completions as text (for the report's examples)."""
-    from fusedrl.data.records import tokenize_prompt
-    from fusedrl.rollout.hf import generate
-
-    prompts = [tokenize_prompt({"prompt": r["prompt"]}, tokenizer) for r in records]
-    out = generate(model, prompts, max_new_tokens=max_new_tokens, greedy=True,
-                   eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
-                   generator=torch.Generator().manual_seed(seed))
-    return [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
+    return greedy_texts(model, tokenizer, records, max_new_tokens=max_new_tokens, batch_size=len(records) or 1)

@@ -17,6 +17,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.models.packed_attention import packed_forward
 
@@ -129,7 +130,7 @@ def build_policy(cfg, tokenizer, device: torch.device):
         return build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
                            gradient_checkpointing=cfg.gradient_checkpointing)
     if not cfg.arch:
-        raise ValueError("model: set model.name_or_path, or model.arch (with model_type) to build one from scratch")
+        raise ConfigError.message("model", "model: set model.name_or_path, or model.arch (with model_type) to build one from scratch")
     arch = dict(cfg.arch)
     arch.setdefault("vocab_size", len(tokenizer))
     for name in ("pad", "bos", "eos"):
@@ -137,7 +138,7 @@ def build_policy(cfg, tokenizer, device: torch.device):
         if token_id is not None:
             arch.setdefault(f"{name}_token_id", token_id)
     if arch["vocab_size"] < len(tokenizer):
-        raise ValueError(f"model.arch.vocab_size: {arch['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
+        raise ConfigError.message("model.arch.vocab_size", f"model.arch.vocab_size: {arch['vocab_size']} is smaller than the tokenizer ({len(tokenizer)})")
     return build_model(config=arch, dtype=dtype, device=device, gradient_checkpointing=cfg.gradient_checkpointing)
 
 

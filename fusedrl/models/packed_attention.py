@@ -122,10 +122,14 @@ def varlen_attention_forward(
         raise ValueError(f"{ATTN_IMPLEMENTATION} does not support attention sinks (s_aux)")
     batch, num_heads, q_len, head_dim = query.shape
     kv_len = key.shape[2]
+    cached = kv_len != q_len or (attention_mask is not None and attention_mask.dim() == 4)
+    if cu_seq_lens_q is None and cached:  # cached generation (fusedrl.rollout.hf): padded rows, a KV cache
+        return _cached_attention(module, query, key, value, attention_mask, scaling=scaling,
+                                 sliding_window=sliding_window)
     if kv_len != q_len:
         raise ValueError(
-            f"{ATTN_IMPLEMENTATION} needs key length == query length (no KV cache), got query length {q_len} "
-            f"and key length {kv_len}; switch to 'sdpa' for cached generation"
+            f"{ATTN_IMPLEMENTATION} needs key length == query length for packed rows (no KV cache), got "
+            f"query length {q_len} and key length {kv_len}"
         )
     if cu_seq_lens_k is not None and (cu_seq_lens_q is None or cu_seq_lens_k.shape != cu_seq_lens_q.shape):
         # Separate key boundaries would mean cross-attention or a KV cache: not supported here.
@@ -156,6 +160,31 @@ def varlen_attention_forward(
         full = out.new_zeros(batch * q_len, num_heads, out.shape[-1])
         out = full.index_copy(0, token_index, out)
     return out.reshape(batch, q_len, num_heads, out.shape[-1]), None
+
+
+def _cached_attention(module, query, key, value, attention_mask, *, scaling, sliding_window):
+    """Padded rows with a KV cache (generation): transformers' SDPA attention with an explicit mask.
+
+    A 4-D additive mask is used as given; a 2-D padding mask (B, kv_len) or None becomes the
+    causal (and sliding-window) mask of the last q_len positions, so the model keeps its
+    attention implementation during generation. A query with no key left (a left-pad slot)
+    attends to itself, so no row is empty (an empty row would give NaN).
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if attention_mask is None or attention_mask.dim() == 2:
+        q_len, kv_len = query.shape[2], key.shape[2]
+        q_pos = torch.arange(kv_len - q_len, kv_len, device=query.device)[:, None]  # (q, 1)
+        k_pos = torch.arange(kv_len, device=query.device)[None, :]  # (1, kv)
+        allowed = (k_pos <= q_pos)[None, None]  # (1, 1, q, kv)
+        if sliding_window is not None:
+            allowed = allowed & (k_pos > q_pos - sliding_window)[None, None]
+        if attention_mask is not None:
+            allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+        allowed = allowed | (k_pos == q_pos)[None, None]
+        zero = torch.zeros((), dtype=query.dtype, device=query.device)
+        attention_mask = torch.where(allowed, zero, torch.full_like(zero, torch.finfo(query.dtype).min))
+    return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling)
 
 
 def register_varlen_attention() -> str:
@@ -223,7 +252,8 @@ def packed_forward(
 
     Switches the model to "fusedrl_varlen" (registering it first) and leaves it
     there, so that activation-checkpoint recomputation in backward runs the same
-    attention; call `model.set_attn_implementation("sdpa")` before cached generation.
+    attention; cached generation runs on it too (padded rows with a KV cache go to
+    transformers' SDPA attention inside it), so nothing switches back and forth.
 
     Args:
         model: an `AutoModelForCausalLM` (its base model is used) or the base model itself.

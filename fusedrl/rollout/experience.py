@@ -4,7 +4,7 @@ One rollout batch, in order (the stages in `fusedrl.stages.policy_gradient`
 and `.ppo` drive it):
 
     indices = prompts.next(P)                                  # PromptSampler: seeded, resumable
-    rollout = sample_rollout(model, tokenizer, records, indices, G, ...)   # G completions per prompt
+    rollout = sample_rollout(sampler, tokenizer, records, indices, params)   # fusedrl.rollout.completions
     rewards = score_rollout(rollout, records, reward_source)   # verifier or reward model (N,)
     rewards = shape_rewards(...)                               # format + DAPO overlong shaping
     exp = Experience.from_rollout(rollout, rewards)            # per-sequence + per-token storage
@@ -120,28 +120,6 @@ class Rollout:
                              else torch.cat([getattr(p, name) for p in parts]))
         return Rollout(cat("prompt_ids"), cat("completion_ids"), cat("sampler_logp"), cat("finished"),
                        cat("record_index"), cat("completions"), first.group_size, tcat("rewards"), tcat("accuracy"))
-
-
-def sample_rollout(model, tokenizer, records: Sequence[dict], indices: Sequence[int], *, group_size: int,
-                   max_new_tokens: int, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
-                   generator: Optional[torch.Generator] = None) -> Rollout:
-    """Sample `group_size` completions for each prompt record `records[i]`, i in `indices`.
-
-    Returns:
-        A Rollout of len(indices) * group_size samples, prompt-major, with the sampler's
-        log-probs at `temperature` over the full vocabulary (see `fusedrl.rollout.hf`).
-    """
-    from fusedrl.data.records import tokenize_prompt
-    from fusedrl.rollout.hf import generate
-
-    prompts = [tokenize_prompt(records[i], tokenizer) for i in indices]
-    repeated = [p for p in prompts for _ in range(group_size)]
-    out = generate(model, repeated, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                   top_k=top_k, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer, generator=generator)
-    texts = [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
-    return Rollout(prompt_ids=repeated, completion_ids=out.tokens, sampler_logp=out.logprobs,
-                   finished=list(out.finished), record_index=[i for i in indices for _ in range(group_size)],
-                   completions=texts, group_size=group_size)
 
 
 # ----------------------------------------------------------------------------- rewards

@@ -1,4 +1,9 @@
-"""Batched sampling from a causal LM with a KV cache, for rejection sampling and RL rollouts.
+"""The "hf" rollout backend: batched sampling from a transformers causal LM with a KV cache.
+
+    sampler = HFSampler(model, tokenizer)                  # fusedrl.rollout.sampling.Sampler
+    groups = sampler.generate(prompts, SamplingParams(n=4, temperature=0.8, max_new_tokens=64))
+
+or the function underneath:
 
     out = generate(model, prompts, max_new_tokens=64, temperature=0.8, top_p=0.95,
                    eos_token_id=tok.eos_token_id, generator=torch.Generator(device).manual_seed(0))
@@ -32,7 +37,12 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from fusedrl.rollout.sampling import Completion, Sampler, SamplingParams, check_prompts
+
 SYNC_EVERY = 16  # GPU: decode steps between host checks for "all rows finished"
+# Attention implementations generation runs on without switching: transformers' own, and the packed
+# one the trainer sets (fusedrl.models.packed_attention sends padded, cached rows to SDPA).
+CACHED_ATTENTION = ("sdpa", "eager", "fusedrl_varlen")
 
 
 @dataclass
@@ -159,8 +169,8 @@ def generate(model, prompts: List[List[int]], *, max_new_tokens: int, temperatur
     """Sample completions for a batch of tokenized prompts with a KV cache.
 
     Args:
-        model: a transformers causal LM (any attention implementation; it is run
-            with "sdpa" here and switched back afterwards; eval mode, no grad).
+        model: a transformers causal LM whose attention implementation is one of
+            CACHED_ATTENTION (left as found; run in eval mode, no grad, mode restored).
         prompts: token ids per prompt (e.g. from ``tokenize_prompt``), any lengths.
         max_new_tokens: most tokens generated per prompt.
         temperature: softmax temperature tau (> 0); the log-probs are under it.
@@ -181,18 +191,18 @@ def generate(model, prompts: List[List[int]], *, max_new_tokens: int, temperatur
     eos_ids = _eos_ids(eos_token_id, tokenizer)
     param = next(model.parameters())
     device = param.device
-    previous_impl, was_training = model.config._attn_implementation, model.training
-    if previous_impl not in ("sdpa", "eager"):
-        model.set_attn_implementation("sdpa")
-    model.eval()
+    impl = getattr(model.config, "_attn_implementation", "sdpa")
+    if impl not in CACHED_ATTENTION:
+        raise ValueError(f"model: cached generation runs on the attention implementations {CACHED_ATTENTION}, "
+                         f"the model uses {impl!r}; load it with one of them")
+    was_training = model.training
+    model.eval()  # the attention implementation is left as found
     try:
         with torch.no_grad():
             out_tokens, out_logp, steps = _decode(
                 model, prompts, device, max_new_tokens, float(temperature), float(top_p), int(top_k), greedy,
                 eos_ids, list(stop_strings or []), tokenizer, generator)
     finally:
-        if model.config._attn_implementation != previous_impl:
-            model.set_attn_implementation(previous_impl)
         model.train(was_training)
     return _finish(out_tokens[:, :steps].tolist(), out_logp[:, :steps].tolist(), eos_ids,
                    list(stop_strings or []), tokenizer)
@@ -225,7 +235,7 @@ def _decode(model, prompts, device, max_new_tokens, temperature, top_p, top_k, g
     # Only the last prompt position's logits are needed; skip the (B, L, V) rest where the model allows.
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     logits = model(input_ids=input_ids, attention_mask=masks.prefill(length), position_ids=positions,
-                   past_key_values=cache, use_cache=True, **keep).logits[:, -1]
+                   cache=cache, use_cache=True, **keep).logits[:, -1]
     for step in range(max_new_tokens):
         tokens, logp = sample_next(logits.float(), temperature=temperature, top_p=top_p, top_k=top_k,
                                    greedy=greedy, generator=generator)
@@ -243,7 +253,7 @@ def _decode(model, prompts, device, max_new_tokens, temperature, top_p, top_k, g
                 break
         kv_length = length + steps
         logits = model(input_ids=tokens[:, None], attention_mask=masks.decode(kv_length),
-                       position_ids=(prompt_lens + step)[:, None], past_key_values=cache,
+                       position_ids=(prompt_lens + step)[:, None], cache=cache,
                        use_cache=True).logits[:, -1]
     return out_tokens, out_logp, steps
 
@@ -290,3 +300,47 @@ def _stop_length(row: List[int], stop_strings, tokenizer) -> Optional[int]:
         else:
             low = mid + 1
     return low
+
+
+class HFSampler(Sampler):
+    """The transformers backend of `fusedrl.rollout.sampling.Sampler` ([rollout] backend = "hf").
+
+    Samples from the trainer's own model in place (no weight sync) with `generate` above.
+
+    Args:
+        model: a transformers causal LM (see `generate`).
+        tokenizer: its tokenizer (EOS when params.stop_token_ids is empty; stop strings; decoding).
+        generator: a torch.Generator on the model's device to draw from (the RL stages pass their
+            resumable stream); None seeds a fresh one from params.seed at each call.
+        batch_size: prompts x n rows per decode batch (0: all at once).
+
+    Differences from the interface's ideal: the rows of one call share the random stream, so a
+    completion depends on what else is in the batch; min_p and logprobs_topk are not supported.
+    """
+
+    def __init__(self, model, tokenizer=None, *, generator: Optional[torch.Generator] = None, batch_size: int = 0):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 0:
+            raise ValueError(f"batch_size: expected an int >= 0 (0 = all at once), got {batch_size!r}")
+        self.model, self.tokenizer, self.generator, self.batch_size = model, tokenizer, generator, batch_size
+
+    def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams) -> List[List[Completion]]:
+        if params.min_p > 0 or params.logprobs_topk > 0:
+            raise ValueError(f"params: the hf backend supports neither min_p nor logprobs_topk, got min_p="
+                             f"{params.min_p}, logprobs_topk={params.logprobs_topk}")
+        prompts = check_prompts(prompts)
+        generator = self.generator
+        if generator is None and not params.greedy:
+            device = next(self.model.parameters()).device
+            generator = torch.Generator(device=device).manual_seed(params.seed)
+        rows = [p for p in prompts for _ in range(params.n)]  # prompt-major: row i * n + j
+        step = self.batch_size or len(rows)
+        completions: List[Completion] = []
+        for start in range(0, len(rows), step):
+            out = generate(self.model, rows[start:start + step], max_new_tokens=params.max_new_tokens,
+                           temperature=params.temperature if not params.greedy else 1.0, top_p=params.top_p,
+                           top_k=params.top_k, eos_token_id=list(params.stop_token_ids) or None,
+                           stop_strings=list(params.stop_strings) or None, tokenizer=self.tokenizer,
+                           generator=generator, greedy=params.greedy)
+            completions += [Completion(t, lp, "stop" if done else "length")
+                            for t, lp, done in zip(out.tokens, out.logprobs, out.finished)]
+        return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]

@@ -7,6 +7,8 @@ tables are not fields of `TrainConfig`, the root config class that has them to
 STAGE_CONFIGS (`fusedrl train` parses the TOML with it), and, when it trains a
 model other than the causal-LM policy, that model's builder to STAGE_MODELS.
 """
+import dataclasses
+
 from fusedrl.config import TrainConfig
 from fusedrl.stages.base import BaseStage, Stage
 from fusedrl.stages.sft import SFTStage, build_sft_stage
@@ -36,10 +38,34 @@ STAGE_CONFIGS = {
     **{name: RLTrainConfig for name in [*PG_STAGES, "ppo"]},
 }
 
+def check_stage_config(cfg, stage: str) -> None:
+    """Every check of the stage's own tables, run when the config is loaded (ConfigError naming the field)."""
+    import dataclasses
+
+    from fusedrl.stages.configs_alignment import check_section
+    from fusedrl.stages.configs_rl import check_rollout, resolve_pg_options
+    from fusedrl.stages.ppo import resolve_ppo_options
+
+    if stage in PG_STAGES:
+        resolve_pg_options(dataclasses.replace(cfg.pg, algo=stage), cfg.rollout)
+        check_rollout(cfg.rollout)
+    elif stage == "ppo":
+        resolve_ppo_options(cfg.ppo)
+        check_rollout(cfg.rollout)
+    elif stage in ("reward_model", "rejection", "dpo"):
+        check_section(getattr(cfg, stage), stage)
+
+
+@dataclasses.dataclass
+class ReferenceConfig(RLTrainConfig, AlignmentTrainConfig):
+    """Every table any stage reads (what `fusedrl config --reference` documents)."""
+
+
 # Model builder by stage name, for stages that train something other than the causal-LM
 # policy; builders take (cfg, tokenizer, device). Stages not listed train the policy.
 STAGE_MODELS = {
     "reward_model": build_reward_model,
 }
 
-__all__ = ["STAGES", "STAGE_CONFIGS", "STAGE_MODELS", "BaseStage", "Stage", "SFTStage", "build_sft_stage"]
+__all__ = ["STAGES", "STAGE_CONFIGS", "STAGE_MODELS", "BaseStage", "Stage", "SFTStage", "build_sft_stage",
+           "check_stage_config", "ReferenceConfig"]

@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from fusedrl.config import TrainConfig
+from fusedrl.config import ConfigError, TrainConfig
 
 
 RM_LOSSES = ("bradley_terry", "margin", "plackett_luce", "outcome")
@@ -117,7 +117,7 @@ MINIMUM = {"reward_model.eval_micro_batches": 0, "rejection.num_samples": 1, "re
 
 
 def check_section(section, name: str, *, require_scorer: bool = True) -> None:
-    """Validate one of these tables; raise ValueError naming "name.field", the value and what is expected.
+    """Validate one of these tables; raise ConfigError naming "name.field", the value and what is expected.
 
     require_scorer: for "rejection", demand exactly one of reward_model / verifier
     (False when the caller passes its own scorer).
@@ -125,19 +125,20 @@ def check_section(section, name: str, *, require_scorer: bool = True) -> None:
     for f in fields(section):
         key, value = f"{name}.{f.name}", getattr(section, f.name)
         if key in CHOICES and value not in CHOICES[key]:
-            raise ValueError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+            raise ConfigError(f"{key}", value, f"one of {CHOICES[key]}")
         if key in MINIMUM and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < MINIMUM[key]):
-            raise ValueError(f"{key}: expected a number >= {MINIMUM[key]}, got {value!r}")
+            raise ConfigError(f"{key}", value, f"a number >= {MINIMUM[key]}")
     if name == "dpo":
         if section.beta is not None and (isinstance(section.beta, bool) or not section.beta > 0):
-            raise ValueError(f"dpo.beta: expected a number > 0 or None, got {section.beta!r}")
+            raise ConfigError("dpo.beta", section.beta, "a number > 0 or None")
         if section.label_noise > 0.5:
-            raise ValueError(f"dpo.label_noise: expected a value in [0, 0.5], got {section.label_noise!r}")
+            raise ConfigError("dpo.label_noise", section.label_noise, "a value in [0, 0.5]")
     if name == "rejection":
         if require_scorer and (section.reward_model is None) == (section.verifier is None):
-            raise ValueError(f"rejection.reward_model / rejection.verifier: set exactly one, got "
+            raise ConfigError("rejection.verifier", section.verifier, "exactly one of reward_model and verifier",
+                              f"rejection.reward_model / rejection.verifier: set exactly one, got "
                              f"reward_model={section.reward_model!r}, verifier={section.verifier!r}")
         if not section.temperature > 0:
-            raise ValueError(f"rejection.temperature: expected a number > 0, got {section.temperature!r}")
+            raise ConfigError("rejection.temperature", section.temperature, "a number > 0")
         if not 0 < section.top_p <= 1:
-            raise ValueError(f"rejection.top_p: expected a value in (0, 1], got {section.top_p!r}")
+            raise ConfigError("rejection.top_p", section.top_p, "a value in (0, 1]")

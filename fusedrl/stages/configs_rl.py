@@ -20,9 +20,12 @@ Fields left at None take the algorithm's default (see `ALGORITHMS` in
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Dict, Optional
 
-from fusedrl.config import TrainConfig
+from fusedrl.config import ConfigError, TrainConfig
+from fusedrl.kernels import KL_KINDS
+from fusedrl.rollout.completions import AVAILABLE_BACKENDS, BACKENDS
 
 KL_IN = ("loss", "reward")
 AGGREGATION_CHOICES = ("token_mean", "seq_mean", "seq_mean_fixed_len")
@@ -56,6 +59,9 @@ class RolloutConfig:
     """Tokens per packed micro-batch, for training and for the old/reference log-prob and value forwards."""
     eval_prompts: int = 64
     """Prompts of data.eval scored greedily by `evaluate` (0 = all)."""
+    backend: str = "hf"
+    """Sampling backend: "hf" (transformers with a KV cache, the trainer's model in place); "native" and
+    "vllm" are reserved for the engines being added (a clear error until they land)."""
 
 
 @dataclass
@@ -157,50 +163,70 @@ class RLTrainConfig(TrainConfig):
 
 def _positive_int(key: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{key}: expected an int >= 1, got {value!r}")
+        raise ConfigError(f"{key}", value, "an int >= 1")
 
 
 def _nonneg(key: str, value, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ValueError(f"{key}: expected a number >= 0, got {value!r}")
+        raise ConfigError(f"{key}", value, "a number >= 0")
 
 
 def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
-    """Validate [rollout] (and, with require_reward, that a reward is named); raise ValueError naming the key."""
+    """Validate [rollout] (and, with require_reward, that a reward is named); raise ConfigError naming the key."""
     for key in ("prompts_per_rollout", "group_size", "max_new_tokens", "token_budget"):
         _positive_int(f"rollout.{key}", getattr(cfg, key))
     if not cfg.temperature > 0:
-        raise ValueError(f"rollout.temperature: expected a number > 0, got {cfg.temperature!r}")
+        raise ConfigError("rollout.temperature", cfg.temperature, "a number > 0")
     if not 0 < cfg.top_p <= 1:
-        raise ValueError(f"rollout.top_p: expected a number in (0, 1], got {cfg.top_p!r}")
+        raise ConfigError("rollout.top_p", cfg.top_p, "a number in (0, 1]")
     _nonneg("rollout.top_k", cfg.top_k)
     _nonneg("rollout.eval_prompts", cfg.eval_prompts)
+    if cfg.backend not in AVAILABLE_BACKENDS:
+        raise ConfigError("rollout.backend", cfg.backend, list(AVAILABLE_BACKENDS),
+                          f"rollout.backend: {cfg.backend!r} is not available in this build; expected one of "
+                          f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
     if require_reward and cfg.verifier is None and cfg.reward_model is None:
-        raise ValueError("rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
+        raise ConfigError("rollout.verifier", None, "a 'module:function' verifier or rollout.reward_model",
+                          "rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
 
 
 def check_policy_options(prefix: str, cfg) -> None:
-    """Validate the options [pg] and [ppo] share; raise ValueError naming the key."""
+    """Validate the options [pg] and [ppo] share; raise ConfigError naming the key."""
     if cfg.kl_in not in KL_IN:
-        raise ValueError(f"{prefix}.kl_in: expected one of {KL_IN}, got {cfg.kl_in!r}")
+        raise ConfigError(f"{prefix}.kl_in", cfg.kl_in, f"one of {KL_IN}")
+    if cfg.kl_kind not in KL_KINDS:
+        raise ConfigError(f"{prefix}.kl_kind", cfg.kl_kind, f"one of {list(KL_KINDS)}")
     _nonneg(f"{prefix}.beta", cfg.beta)
     _nonneg(f"{prefix}.c_ent", cfg.c_ent)
     if cfg.tis_cap is not None and not cfg.tis_cap > 0:
-        raise ValueError(f"{prefix}.tis_cap: expected None or a number > 0, got {cfg.tis_cap!r}")
+        raise ConfigError(f"{prefix}.tis_cap", cfg.tis_cap, "None or a number > 0")
     if cfg.aggregation is not None and cfg.aggregation not in AGGREGATION_CHOICES:
-        raise ValueError(f"{prefix}.aggregation: expected one of {AGGREGATION_CHOICES}, got {cfg.aggregation!r}")
+        raise ConfigError(f"{prefix}.aggregation", cfg.aggregation, f"one of {AGGREGATION_CHOICES}")
     _positive_int(f"{prefix}.mini_batches", cfg.mini_batches)
 
 
 # ----------------------------------------------------------------------------- algorithms
 
+class Advantage(str, Enum):
+    """The advantage estimator of an algorithm (a str, so it compares and prints as its name)."""
+
+    GRPO = "grpo"  # (R - mean_g R) / (std_g R + eps)
+    DR_GRPO = "dr_grpo"  # R - mean_g R
+    RLOO = "rloo"  # R - mean of the other samples of the group
+    REINFORCE = "reinforce"  # R - b, b a running mean (or EMA)
+    GAE = "gae"  # PPO: generalised advantage estimation with a value model
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass(frozen=True)
 class AlgoSpec:
     """The defaults an algorithm fixes (see the module docstring's table)."""
 
-    advantage: str  # grpo | dr_grpo | rloo | reinforce | gae (PPO)
+    advantage: Advantage
     loss_algo: str  # a policy_loss algo
     aggregation: str
     eps_low: float = 0.2
@@ -210,23 +236,24 @@ class AlgoSpec:
 
 
 ALGORITHMS: Dict[str, AlgoSpec] = {
-    "grpo": AlgoSpec("grpo", "grpo", "seq_mean"),
-    "dr_grpo": AlgoSpec("dr_grpo", "grpo", "seq_mean_fixed_len"),
-    "dapo": AlgoSpec("grpo", "grpo", "token_mean", eps_high=0.28, dynamic_sampling=True, overlong_cache_frac=0.25),
-    "gspo": AlgoSpec("grpo", "gspo", "seq_mean", eps_low=3e-4, eps_high=4e-4),
-    "cispo": AlgoSpec("grpo", "cispo", "token_mean", eps_low=1.0, eps_high=5.0),
-    "sapo": AlgoSpec("grpo", "sapo", "token_mean"),
-    "rloo": AlgoSpec("rloo", "rloo", "token_mean"),
-    "reinforce": AlgoSpec("reinforce", "reinforce", "token_mean"),
+    "grpo": AlgoSpec(Advantage.GRPO, "grpo", "seq_mean"),
+    "dr_grpo": AlgoSpec(Advantage.DR_GRPO, "grpo", "seq_mean_fixed_len"),
+    "dapo": AlgoSpec(Advantage.GRPO, "grpo", "token_mean", eps_high=0.28, dynamic_sampling=True,
+                     overlong_cache_frac=0.25),
+    "gspo": AlgoSpec(Advantage.GRPO, "gspo", "seq_mean", eps_low=3e-4, eps_high=4e-4),
+    "cispo": AlgoSpec(Advantage.GRPO, "cispo", "token_mean", eps_low=1.0, eps_high=5.0),
+    "sapo": AlgoSpec(Advantage.GRPO, "sapo", "token_mean"),
+    "rloo": AlgoSpec(Advantage.RLOO, "rloo", "token_mean"),
+    "reinforce": AlgoSpec(Advantage.REINFORCE, "reinforce", "token_mean"),
 }
-GROUP_ADVANTAGES = ("grpo", "dr_grpo", "rloo")
+GROUP_ADVANTAGES = (Advantage.GRPO, Advantage.DR_GRPO, Advantage.RLOO)
 
 
 @dataclass
 class ResolvedOptions:
     """The options one run uses, None fields resolved (shared with PPO)."""
 
-    advantage: str
+    advantage: Advantage
     loss_algo: str
     aggregation: str
     eps_low: float
@@ -252,22 +279,24 @@ class ResolvedOptions:
 def resolve_pg_options(cfg: PolicyGradientConfig, rollout: RolloutConfig) -> ResolvedOptions:
     """[pg] with None fields filled from ALGORITHMS[cfg.algo]; raises ValueError naming bad keys."""
     if cfg.algo not in ALGORITHMS:
-        raise ValueError(f"pg.algo: expected one of {sorted(ALGORITHMS)}, got {cfg.algo!r}")
+        raise ConfigError("pg.algo", cfg.algo, f"one of {sorted(ALGORITHMS)}")
     check_policy_options("pg", cfg)
     if isinstance(cfg.iterations, bool) or not isinstance(cfg.iterations, int) or cfg.iterations < 1:
-        raise ValueError(f"pg.iterations: expected an int >= 1, got {cfg.iterations!r}")
+        raise ConfigError("pg.iterations", cfg.iterations, "an int >= 1")
     spec = ALGORITHMS[cfg.algo]
     pick = lambda value, default: default if value is None else value  # noqa: E731
     dynamic = pick(cfg.dynamic_sampling, spec.dynamic_sampling)
     if spec.advantage in GROUP_ADVANTAGES and rollout.group_size < 2:
-        raise ValueError(f"rollout.group_size: algo {cfg.algo!r} compares completions within a group and needs "
-                         f"group_size >= 2, got {rollout.group_size}")
+        raise ConfigError("rollout.group_size", rollout.group_size, ">= 2",
+                          f"rollout.group_size: algo {cfg.algo!r} compares completions within a group and needs "
+                          f"group_size >= 2, got {rollout.group_size}")
     if dynamic and rollout.group_size < 2:
-        raise ValueError(f"pg.dynamic_sampling: needs rollout.group_size >= 2, got {rollout.group_size}")
+        raise ConfigError("pg.dynamic_sampling", True, "rollout.group_size >= 2",
+                          f"pg.dynamic_sampling: needs rollout.group_size >= 2, got {rollout.group_size}")
     cache = pick(cfg.overlong_cache_len, int(spec.overlong_cache_frac * rollout.max_new_tokens))
     if isinstance(cache, bool) or not isinstance(cache, int) or not 0 <= cache <= rollout.max_new_tokens:
-        raise ValueError(f"pg.overlong_cache_len: expected an int in [0, rollout.max_new_tokens="
-                         f"{rollout.max_new_tokens}], got {cache!r}")
+        raise ConfigError("pg.overlong_cache_len", cache, f"an int in [0, rollout.max_new_tokens="
+                          f"{rollout.max_new_tokens}]")
     return ResolvedOptions(
         advantage=spec.advantage, loss_algo=spec.loss_algo, aggregation=pick(cfg.aggregation, spec.aggregation),
         eps_low=pick(cfg.eps_low, spec.eps_low), eps_high=pick(cfg.eps_high, spec.eps_high),

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import Example, load_records, pack_examples, tokenize_sft
 from fusedrl.stages.configs_alignment import DPO_LOSSES, REFERENCE_FREE, DPOConfig, check_section
@@ -263,7 +264,7 @@ def build_dpo_stage(cfg, model, tokenizer) -> DPOStage:
     check_section(dpo_cfg, "dpo")
     data = cfg.data
     if not data.train:
-        raise ValueError("data.train: the DPO stage needs a preference file (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the DPO stage needs a preference file (set data.train)")
     common = dict(max_len=data.max_len, token_budget=data.token_budget, overlong=data.overlong)
     datasets = [dpo_dataset(load_records(data.train), tokenizer, dpo_cfg, seed=cfg.run.seed, shuffle=data.shuffle,
                             **common)]

@@ -55,10 +55,14 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fusedrl.config import ConfigError
+from fusedrl.data.records import DataError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
-                                    rollout_metrics, sample_rollout, shape_rewards, token_forward)
-from fusedrl.stages.configs_rl import (ALGORITHMS, ResolvedOptions, RolloutConfig, check_rollout,
+                                    rollout_metrics, shape_rewards, token_forward)
+from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.sampling import SamplingParams
+from fusedrl.stages.configs_rl import (ALGORITHMS, Advantage, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
 from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
@@ -110,7 +114,7 @@ class PolicyGradientStage(BaseStage):
         self.seed = seed
         self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
         self._generator_state: Optional[torch.Tensor] = None  # restored from a checkpoint, applied on creation
-        self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage == "reinforce" else None
+        self.baseline = RunningMeanBaseline(baseline_decay) if options.advantage is Advantage.REINFORCE else None
         self.exp: Optional[Experience] = None
         self.rollouts_done = 0
         self._host: Dict[str, float] = {}
@@ -188,9 +192,10 @@ class PolicyGradientStage(BaseStage):
                 # Every rank walks the same prompt stream and samples its own slice of it.
                 indices = self.prompts.next(r.prompts_per_rollout * world)[rank * r.prompts_per_rollout:
                                                                            (rank + 1) * r.prompts_per_rollout]
-                part = sample_rollout(model, self.tokenizer, self.records, indices, group_size=r.group_size,
-                                      max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                                      top_k=r.top_k, generator=self._sampling_generator(model))
+                sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
+                params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                        max_new_tokens=r.max_new_tokens, seed=self.seed)
+                part = sample_rollout(sampler, self.tokenizer, self.records, indices, params)
             with timer("score"):
                 raw = self.rewards(part, self.records)
                 part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids],
@@ -244,13 +249,13 @@ class PolicyGradientStage(BaseStage):
             self._host["kl_reward"] = kl.mean().item()
         g = self.rollout.group_size
         kind = self.opt.advantage
-        if kind == "grpo":
+        if kind is Advantage.GRPO:
             adv = grpo_advantages(rewards, g, eps=self.opt.adv_eps)
-        elif kind == "dr_grpo":
+        elif kind is Advantage.DR_GRPO:
             adv = dr_grpo_advantages(rewards, g)
-        elif kind == "rloo":
+        elif kind is Advantage.RLOO:
             adv = rloo_advantages(rewards, g)
-        else:
+        else:  # Advantage.REINFORCE
             adv = self.baseline.advantages(rewards)
         per_token = torch.repeat_interleave(adv.float(), torch.tensor(exp.completion_lengths()))
         if self.opt.whiten:
@@ -311,14 +316,9 @@ class PolicyGradientStage(BaseStage):
             return {}
         n = self.rollout.eval_prompts or len(self.eval_records)
         records = self.eval_records[:n]
-        from fusedrl.rollout.hf import generate
-        from fusedrl.data.records import tokenize_prompt
-
-        prompts = [tokenize_prompt(r, self.tokenizer) for r in records]
-        out = generate(model, prompts, max_new_tokens=self.rollout.max_new_tokens, greedy=True,
-                       eos_token_id=self.tokenizer.eos_token_id, tokenizer=self.tokenizer)
-        rollout = Rollout(prompts, out.tokens, out.logprobs, list(out.finished), list(range(len(records))),
-                          [self.tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens], 1)
+        greedy = SamplingParams(n=1, temperature=0.0, max_new_tokens=self.rollout.max_new_tokens)
+        rollout = sample_rollout(make_sampler(self.rollout.backend, model, self.tokenizer), self.tokenizer, records,
+                                 list(range(len(records))), greedy)
         result = {"reward": self.rewards(rollout, records).mean().item()}
         accuracy = self.rewards.accuracy(rollout, records)
         if accuracy is not None:
@@ -351,14 +351,14 @@ def load_prompt_records(cfg) -> tuple:
     from fusedrl.data.records import load_records
 
     if not cfg.data.train:
-        raise ValueError("data.train: the RL stages need a file of prompt records (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the RL stages need a file of prompt records (set data.train)")
     out = []
     for key in ("train", "eval"):
         source = getattr(cfg.data, key)
         records = load_records(source) if source else None
         for i, record in enumerate(records or []):
             if "prompt" not in record and "messages" not in record:
-                raise ValueError(f"data.{key}: record {i} of {source!r} has no 'prompt' (keys {sorted(record)})")
+                raise DataError(f"data.{key}: record {i} of {source!r} has no 'prompt' (keys {sorted(record)})")
         out.append(records)
     return out[0], out[1]
 

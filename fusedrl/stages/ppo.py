@@ -31,9 +31,10 @@ from typing import Dict
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.rollout.experience import Experience, Rollout, token_forward
-from fusedrl.stages.configs_rl import PPOConfig, check_policy_options, check_rollout
+from fusedrl.stages.configs_rl import Advantage, PPOConfig, check_policy_options, check_rollout
 from fusedrl.stages.base import POLICY, StepTotals, Trainable
 from fusedrl.stages.policy_gradient import PolicyGradientStage, ResolvedOptions, load_prompt_records
 from fusedrl.models.causal_lm import load_reference
@@ -46,15 +47,16 @@ def resolve_ppo_options(cfg: PPOConfig) -> ResolvedOptions:
     for key in ("epochs", "mini_batches"):
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"ppo.{key}: expected an int >= 1, got {value!r}")
+            raise ConfigError(f"ppo.{key}", value, "an int >= 1")
     for key in ("gamma", "lam"):
         if not 0.0 <= getattr(cfg, key) <= 1.0:
-            raise ValueError(f"ppo.{key}: expected a number in [0, 1], got {getattr(cfg, key)!r}")
+            raise ConfigError(f"ppo.{key}", getattr(cfg, key), "a number in [0, 1]")
     if cfg.eps_v is not None and not cfg.eps_v > 0:
-        raise ValueError(f"ppo.eps_v: expected None or a number > 0, got {cfg.eps_v!r}")
+        raise ConfigError("ppo.eps_v", cfg.eps_v, "None or a number > 0")
     if not cfg.value_lr > 0 or cfg.vf_coef < 0:
-        raise ValueError(f"ppo.value_lr / ppo.vf_coef: expected > 0 / >= 0, got {cfg.value_lr!r} / {cfg.vf_coef!r}")
-    return ResolvedOptions(advantage="gae", loss_algo="ppo", aggregation=cfg.aggregation, eps_low=cfg.eps,
+        raise ConfigError("ppo.value_lr", (cfg.value_lr, cfg.vf_coef), "value_lr > 0 and vf_coef >= 0",
+                          f"ppo.value_lr / ppo.vf_coef: expected > 0 / >= 0, got {cfg.value_lr!r} / {cfg.vf_coef!r}")
+    return ResolvedOptions(advantage=Advantage.GAE, loss_algo="ppo", aggregation=cfg.aggregation, eps_low=cfg.eps,
                            eps_high=cfg.eps, dual_clip=cfg.dual_clip, beta=cfg.beta, kl_kind=cfg.kl_kind,
                            kl_in=cfg.kl_in, kl_clamp=None, c_ent=cfg.c_ent, tis_cap=cfg.tis_cap,
                            steps_per_rollout=cfg.epochs * cfg.mini_batches, mini_batches=cfg.mini_batches,

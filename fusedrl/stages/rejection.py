@@ -28,8 +28,10 @@ from typing import Callable, Dict, List, Optional, Union
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.records import Example, PackedDataset, load_records, tokenize_prompt, tokenize_sft
-from fusedrl.rollout.hf import generate
+from fusedrl.rollout.completions import make_sampler, sample_texts
+from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.rewards import load_verifier, reward_model_scores
 from fusedrl.rollout.rewards import score_completions as verifier_scores
 from fusedrl.models.scalar_head import ScalarHeadModel
@@ -125,19 +127,17 @@ def _scoring_example(prompt, completion: str, tokenizer, max_len: int) -> Exampl
 @torch.no_grad()
 def sample_completions(model, tokenizer, records: List[dict], *, num_samples: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-                       seed: int = 0) -> List[List[str]]:
-    """N sampled completions (decoded text, special tokens skipped) per record's prompt: (M, N) nested lists."""
-    prompts = [tokenize_prompt({"prompt": r["prompt"]}, tokenizer) for r in records]
-    flat = [p for p in prompts for _ in range(num_samples)]
-    device = next(model.parameters()).device
-    generator = torch.Generator(device=device).manual_seed(seed)
-    texts: List[str] = []
-    for start in range(0, len(flat), batch_size):
-        out = generate(model, flat[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
-                       top_p=top_p, top_k=top_k, eos_token_id=tokenizer.eos_token_id, tokenizer=tokenizer,
-                       generator=generator)
-        texts += [tokenizer.decode(t, skip_special_tokens=True) for t in out.tokens]
-    return [texts[i * num_samples:(i + 1) * num_samples] for i in range(len(records))]
+                       seed: int = 0, backend: str = "hf") -> List[List[str]]:
+    """N sampled completions (decoded text, special tokens skipped) per record's prompt: (M, N) nested lists.
+
+    Through the rollout Sampler (`fusedrl.rollout.completions.sample_texts`), `batch_size` rows per decode
+    batch, one random stream seeded by `seed`.
+    """
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    sampler = make_sampler(backend, model, tokenizer, generator=generator, batch_size=batch_size)
+    params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
+                            max_new_tokens=max_new_tokens, seed=seed)
+    return sample_texts(sampler, tokenizer, records, params)
 
 
 def best_of_n(model, tokenizer, records: List[dict], scorer: Scorer, *, n: int, max_new_tokens: int,
@@ -254,7 +254,7 @@ def build_rejection_stage(cfg, model, tokenizer, *, scorer: Optional[Scorer] = N
     check_section(rs_cfg, "rejection", require_scorer=scorer is None)
     data = cfg.data
     if not data.train:
-        raise ValueError("data.train: the rejection stage needs a prompt file (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the rejection stage needs a prompt file (set data.train)")
     records = load_records(data.train)
     if rs_cfg.max_prompts:
         records = records[:rs_cfg.max_prompts]

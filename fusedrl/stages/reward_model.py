@@ -22,6 +22,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import PackedDataset, load_records, tokenize_sft
 from fusedrl.models.scalar_head import ScalarHeadModel
@@ -218,7 +219,7 @@ def build_reward_model_stage(cfg, model, tokenizer) -> RewardModelStage:
                         f"build it with fusedrl.stages.reward_model.build_reward_model(cfg, tokenizer, device)")
     data = cfg.data
     if not data.train:
-        raise ValueError("data.train: the reward-model stage needs a training file (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the reward-model stage needs a training file (set data.train)")
     common = dict(loss=rm_cfg.loss, max_len=data.max_len, token_budget=data.token_budget, overlong=data.overlong,
                   margin_key=rm_cfg.margin_key)
     dataset = reward_model_data(load_records(data.train), tokenizer, seed=cfg.run.seed, shuffle=data.shuffle,

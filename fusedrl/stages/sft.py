@@ -20,8 +20,9 @@ from typing import Dict, List, Optional
 
 import torch
 
+from fusedrl.config import ConfigError
 from fusedrl.data.batch import PackedBatch
-from fusedrl.data.records import PackedDataset, load_records, tokenize_records
+from fusedrl.data.records import DataError, PackedDataset, load_records, tokenize_records
 from fusedrl.models.causal_lm import token_logprobs
 from fusedrl.stages.base import NORMALIZE_BY, BaseStage, StepTotals
 
@@ -89,14 +90,14 @@ def build_sft_stage(cfg, model, tokenizer) -> SFTStage:
     """The SFT stage of a TrainConfig: load, tokenize (logged drops) and pack data.train / data.eval."""
     data = cfg.data
     if not data.train:
-        raise ValueError("data.train: the SFT stage needs a training file (set data.train)")
+        raise ConfigError.message("data.train", "data.train: the SFT stage needs a training file (set data.train)")
     examples, dropped = tokenize_records(load_records(data.train), tokenizer, max_len=data.max_len,
                                          train_on=data.train_on, overlong=data.overlong)
     if not examples:
-        raise ValueError(f"data.train: no example of {data.train!r} is left to train on ({dropped} dropped)")
+        raise DataError(f"data.train: no example of {data.train!r} is left to train on ({dropped} dropped)")
     longest = max(len(e) for e in examples)
     if longest > data.token_budget:
-        raise ValueError(f"data.token_budget: {data.token_budget} is smaller than the longest example "
+        raise ConfigError.message("data.token_budget", f"data.token_budget: {data.token_budget} is smaller than the longest example "
                          f"({longest} tokens); raise it or lower data.max_len")
     logger.info("sft: %d training examples (%d dropped), token budget %d", len(examples), dropped,
                 data.token_budget)

@@ -110,25 +110,22 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=device).detach().float().reshape(())
             metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
-    norms = []
-    for entry in trained.values():
+    stats: Dict[str, torch.Tensor] = {"loss": loss_sum}  # named: one vector, one host sync
+    for name, entry in trained.items():
         params = [p for group in entry.optimizer.param_groups for p in group["params"]]
-        norms.append(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"),
-                                                    foreach=None).to(device, torch.float32))
-    names = list(metric_sums)
-    stats = torch.stack([loss_sum, *norms] + [metric_sums[n] for n in names])
+        norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"), foreach=None)
+        stats["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm.to(device, torch.float32)
+    checked = list(stats)  # the loss and every gradient norm must be finite for the update
+    stats.update(metric_sums)
+    vector = torch.stack(list(stats.values()))
     if _distributed():
-        torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.AVG)
-    values = stats.tolist()  # the one host sync of the step
-    finite = all(math.isfinite(v) for v in values[:1 + len(norms)])
+        torch.distributed.all_reduce(vector, op=torch.distributed.ReduceOp.AVG)
+    record = dict(zip(stats, vector.tolist()))  # the one host sync of the step
+    finite = all(math.isfinite(record[name]) for name in checked)
     for entry in trained.values():
         if finite:
             entry.optimizer.step()
         entry.optimizer.zero_grad(set_to_none=True)
-    record = {"loss": values[0]}
-    for name, norm in zip(trained, values[1:1 + len(norms)]):
-        record["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm
-    record.update(zip(names, values[1 + len(norms):]))
     record["nonfinite"] = not finite
     return record
 

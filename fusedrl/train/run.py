@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fusedrl.config import TrainConfig, load_config, save_config, to_toml
+from fusedrl.config import ConfigError, TrainConfig, load_config, save_config, to_toml
 from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
 from fusedrl.train.loop import TrainResult, train
@@ -36,7 +36,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"run.device: {name!r} asked for, but CUDA is not available")
+        raise ConfigError.message("run.device", f"run.device: {name!r} asked for, but CUDA is not available")
     return device
 
 
@@ -46,15 +46,17 @@ def load_run_config(path: str, overrides=()) -> TrainConfig:
     The stage is `--run.stage` if overridden, else the file's [run] stage, else "sft".
     """
     from fusedrl.config_io import read_toml
-    from fusedrl.stages import STAGE_CONFIGS, STAGES
+    from fusedrl.stages import STAGE_CONFIGS, STAGES, check_stage_config
 
     stage = read_toml(path).get("run", {}).get("stage", "sft")
     for key, value in overrides:
         if key == "run.stage":
             stage = value
     if stage not in STAGES:
-        raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {stage!r}")
-    return load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
+        raise ConfigError("run.stage", stage, sorted(STAGES), f"run.stage: expected one of {sorted(STAGES)}, got {stage!r}")
+    cfg = load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
+    check_stage_config(cfg, stage)  # all validation at load: a bad value never reaches the model build
+    return cfg
 
 
 def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
@@ -81,7 +83,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
     from fusedrl.stages import STAGE_MODELS, STAGES
 
     if cfg.run.stage not in STAGES:
-        raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
+        raise ConfigError("run.stage", cfg.run.stage, sorted(STAGES),
+                          f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
     run_dir = Path(cfg.run.out_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if is_rank0():

@@ -161,11 +161,22 @@ def test_register_is_idempotent():
     assert ATTN_IMPLEMENTATION in AttentionInterface()
 
 
-def test_kv_cache_is_rejected(seed):
-    model = _build("llama")
+def test_kv_cache_runs_through_sdpa_inside_the_packed_attention(seed):
+    """Cached decoding on "fusedrl_varlen" (key length != query length) equals SDPA's; packed rows
+    with a cache are still refused."""
+    from fusedrl.models.packed_attention import varlen_attention_forward
+
+    model = _build("llama").eval()
+    prompt = torch.randint(0, VOCAB, (1, 4))
+    expected = model.generate(prompt, max_new_tokens=3, do_sample=False)
     model.set_attn_implementation(register_varlen_attention())
-    with pytest.raises(ValueError, match="key length"):
-        model.generate(torch.randint(0, VOCAB, (1, 4)), max_new_tokens=2, do_sample=False)
+    assert torch.equal(model.generate(prompt, max_new_tokens=3, do_sample=False), expected)
+    layer = model.model.layers[0].self_attn
+    q, kv = torch.randn(1, 4, 1, 8), torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="key length == query length for packed rows"):
+        varlen_attention_forward(layer, q, kv, kv, None, cu_seq_lens_q=torch.tensor([0, 1], dtype=torch.int32),
+                                 cu_seq_lens_k=torch.tensor([0, 1], dtype=torch.int32), max_length_q=1,
+                                 max_length_k=1)
 
 
 def test_bad_arguments():

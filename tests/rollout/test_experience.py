@@ -5,10 +5,12 @@ import torch
 from fusedrl.rollout.rewards import (char_accuracy, ends_cleanly, exact_match, load_verifier, score_completions,
                                     shaped_match)
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
-                                    pack_balanced, rollout_examples, sample_rollout, shape_rewards,
+                                    pack_balanced, rollout_examples, shape_rewards,
                                     token_forward)
 
 from fusedrl.models.causal_lm import token_logprobs
+from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.sampling import SamplingParams
 from tests.helpers import rl_tiny as T
 
 NOT_CALLABLE = 3
@@ -79,11 +81,42 @@ def test_reward_source_adds_the_weighted_format_score_and_reports_accuracy():
 # ----------------------------------------------------------------------------- sampling and log-probs
 
 
+def test_backends_other_than_hf_are_named_until_they_land():
+    from fusedrl.stages.configs_rl import RolloutConfig, check_rollout
+
+    with pytest.raises(ValueError, match=r"rollout.backend: 'native' is not available in this build; expected one of \['hf'\]"):
+        check_rollout(RolloutConfig(verifier=T.REWARD, backend="native"))
+    with pytest.raises(ValueError, match="rollout.backend: 'vllm'"):
+        make_sampler("vllm", None, None)
+
+
+def test_hf_sampler_implements_the_interface():
+    from fusedrl.rollout.hf import HFSampler
+    from fusedrl.rollout.sampling import Sampler
+
+    tok = T.tokenizer()
+    model = T.tiny_policy(tok)
+    sampler = make_sampler("hf", model, tok)
+    assert isinstance(sampler, HFSampler) and isinstance(sampler, Sampler)
+    prompts = [[1, 5, 6], [1, 7]]
+    groups = sampler.generate(prompts, SamplingParams(n=3, max_new_tokens=4, seed=3))
+    assert [len(g) for g in groups] == [3, 3]
+    again = sampler.generate(prompts, SamplingParams(n=3, max_new_tokens=4, seed=3))
+    assert [[c.token_ids for c in g] for g in groups] == [[c.token_ids for c in g] for g in again]  # seeded
+    for c in (c for g in groups for c in g):
+        assert len(c.token_ids) == len(c.logprobs) <= 4
+        assert c.finish_reason == ("stop" if c.token_ids and c.token_ids[-1] == tok.eos_token_id else "length")
+    greedy = sampler.generate(prompts, SamplingParams(n=2, temperature=0.0, max_new_tokens=4))
+    assert greedy[0][0].token_ids == greedy[0][1].token_ids
+    with pytest.raises(ValueError, match="min_p"):
+        sampler.generate(prompts, SamplingParams(min_p=0.1))
+
+
 def test_learner_logprobs_from_the_fused_kernel_equal_the_samplers():
     tok = T.tokenizer()
     model = T.tiny_policy(tok)
-    rollout = sample_rollout(model, tok, T.records(), [0, 4, 5], group_size=3, max_new_tokens=6, temperature=0.7,
-                             generator=torch.Generator().manual_seed(0))
+    sampler = make_sampler("hf", model, tok, generator=torch.Generator().manual_seed(0))
+    rollout = sample_rollout(sampler, tok, T.records(), [0, 4, 5], SamplingParams(n=3, max_new_tokens=6, temperature=0.7))
     assert len(rollout) == 9 and rollout.record_index == [0, 0, 0, 4, 4, 4, 5, 5, 5]
     rollout.rewards = torch.zeros(9)
     exp = Experience.from_rollout(rollout)

@@ -125,6 +125,35 @@ def test_stop_strings_with_char_tokenizer():
     assert out.finished[1] == (stop in other)
 
 
+@pytest.mark.parametrize("overrides", [{}, {"model_type": "mistral", "sliding_window": 5, "head_dim": 8}])
+def test_generation_on_the_packed_attention_equals_sdpa_without_switching(overrides, monkeypatch):
+    """The trainer leaves the model on "fusedrl_varlen"; generation runs on it as is, like SDPA, warning-free."""
+    import warnings
+
+    from fusedrl.models.packed_attention import register_varlen_attention
+
+    model = tiny_model(**overrides)
+    model.eval()
+    expected = generate(model, PROMPTS, max_new_tokens=12, greedy=True)
+    model.set_attn_implementation(register_varlen_attention())
+    switches = []
+    monkeypatch.setattr(type(model), "set_attn_implementation", lambda self, name: switches.append(name))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no deprecated transformers path (past_key_values), no other warning
+        out = generate(model, PROMPTS, max_new_tokens=12, greedy=True)
+    assert out.tokens == expected.tokens and out.finished == expected.finished
+    for got, want in zip(out.logprobs, expected.logprobs):
+        assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-5, name="logprobs")
+    assert switches == [] and model.config._attn_implementation == "fusedrl_varlen"
+
+
+def test_unsupported_attention_is_named():
+    model = tiny_model()
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="model: cached generation runs on the attention implementations"):
+        generate(model, PROMPTS, max_new_tokens=2, greedy=True)
+
+
 def test_model_state_is_restored():
     from fusedrl.data.records import Example, pack_examples
     from fusedrl.models.causal_lm import hidden_states

@@ -94,7 +94,7 @@ def test_samples_and_scores_are_cached_by_settings(tmp_path, monkeypatch):
     def no_sampling(*args, **kwargs):
         raise AssertionError("sampled again")
 
-    monkeypatch.setattr(rejection_module, "generate", no_sampling)
+    monkeypatch.setattr(rejection_module, "sample_texts", no_sampling)
     again = rejection_sample(model, TOKENIZER, records, fraction_of_a, cfg, seed=0, cache_dir=tmp_path)
     assert again.completions == first.completions and torch.equal(again.rewards, first.rewards)
     with pytest.raises(AssertionError, match="sampled again"):  # other settings, other key

@@ -117,3 +117,58 @@ def test_every_field_is_documented():
         assert f"### [{section}]" in text
     rows = [line for line in text.splitlines() if line.startswith("| `")]
     assert rows and all(not line.rstrip().endswith("|  |") for line in rows), "a field lacks its docstring"
+
+
+def test_stage_tables_are_validated_at_load_with_a_config_error(tmp_path):
+    """pg.kl_kind = "k4" fails when the file is loaded, naming the field, the value and what is allowed."""
+    from fusedrl.config import ConfigError
+    from fusedrl.train.run import load_run_config
+
+    path = _write(tmp_path, '[run]\nstage = "grpo"\n[rollout]\nverifier = "fusedrl.rollout.rewards:exact_match"\n'
+                            '[pg]\nkl_kind = "k4"\n')
+    with pytest.raises(ConfigError, match="pg.kl_kind: expected one of") as info:
+        load_run_config(str(path))
+    assert (info.value.field, info.value.value) == ("pg.kl_kind", "k4") and "k3" in info.value.allowed
+    with pytest.raises(ConfigError) as info:
+        load_run_config(str(path), [("pg.kl_kind", "k3"), ("rollout.backend", "native")])
+    assert info.value.field == "rollout.backend" and info.value.allowed == ["hf"]
+    with pytest.raises(ConfigError) as info:
+        load_run_config(str(path), [("run.stage", "nope")])
+    assert info.value.field == "run.stage" and "grpo" in info.value.allowed
+    with pytest.raises(ConfigError) as info:
+        load_config(overrides=[("optim.lr", "fast")])
+    assert info.value.field == "optim.lr" and info.value.value == "fast"
+
+
+def test_cli_turns_only_config_and_data_errors_into_one_line(tmp_path, monkeypatch, caplog):
+    from fusedrl import cli
+    from fusedrl.data.records import DataError
+
+    path = _write(tmp_path, '[run]\nstage = "grpo"\n[pg]\nkl_kind = "k4"\n')
+    assert cli.main(["train", str(path)]) == 2
+    assert "pg.kl_kind: expected one of" in caplog.text
+
+    def broken(cfg, resume=False):
+        raise DataError("data.train: record 3 has no 'prompt'")
+
+    sft = _write(tmp_path, '[run]\nstage = "sft"\n')
+    monkeypatch.setattr("fusedrl.train.run.run_training", broken)
+    assert cli.main(["train", str(sft)]) == 2
+
+    def bug(cfg, resume=False):
+        raise ValueError("a bug, not a config problem")
+
+    monkeypatch.setattr("fusedrl.train.run.run_training", bug)
+    with pytest.raises(ValueError, match="a bug"):  # keeps its traceback
+        cli.main(["train", str(sft)])
+
+
+def test_config_reference_lists_every_table(capsys):
+    from fusedrl import cli
+
+    assert cli.main(["config", "--reference"]) == 0
+    out = capsys.readouterr().out
+    for table in ("run", "model", "data", "optim", "schedule", "loop", "checkpoint", "logging", "sft",
+                  "reward_model", "rejection", "dpo", "rollout", "pg", "ppo"):
+        assert f"[{table}]" in out, table
+    assert "`backend`" in out and "`kl_kind`" in out
