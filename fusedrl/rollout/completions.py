@@ -1,6 +1,6 @@
 """Completions through the one Sampler interface: RL rollouts, N samples per prompt, greedy evaluation.
 
-    sampler = make_sampler("hf", model, tokenizer, generator=g)       # [rollout] backend
+    sampler = make_sampler("native", model, tokenizer, generator=g)   # [rollout] backend (rollout/backends.py)
     rollout = sample_rollout(sampler, tokenizer, records, indices, SamplingParams(n=G, ...))   # RL
     texts = sample_texts(sampler, tokenizer, records, SamplingParams(n=8, ...))   # (M, N) strings: rejection
     texts = greedy_texts(model, tokenizer, records, max_new_tokens=12)           # greedy eval, the demo's score
@@ -15,23 +15,9 @@ from typing import List, Optional, Sequence
 import torch
 
 from fusedrl.data.records import tokenize_prompt
+from fusedrl.rollout.backends import AVAILABLE_BACKENDS, BACKENDS, DEFAULT_BACKEND, make_sampler  # noqa: F401
 from fusedrl.rollout.experience import Rollout
 from fusedrl.rollout.sampling import Sampler, SamplingParams
-
-BACKENDS = ("hf", "native", "vllm")
-AVAILABLE_BACKENDS = ("hf",)
-
-
-def make_sampler(backend: str, model, tokenizer, *, generator: Optional[torch.Generator] = None,
-                 batch_size: int = 0) -> Sampler:
-    """The rollout backend named by [rollout] backend, sampling from `model`."""
-    if backend not in AVAILABLE_BACKENDS:
-        raise ValueError(f"rollout.backend: {backend!r} is not available in this build; expected one of "
-                         f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
-    from fusedrl.rollout.hf import HFSampler
-
-    return HFSampler(model, tokenizer, generator=generator, batch_size=batch_size)
-
 
 def _prompts(records: Sequence[dict], tokenizer) -> List[List[int]]:
     return [tokenize_prompt(r, tokenizer) for r in records]
@@ -64,7 +50,7 @@ def sample_texts(sampler: Sampler, tokenizer, records: Sequence[dict], params: S
 
 @torch.no_grad()
 def greedy_texts(model, tokenizer, records: Sequence[dict], *, max_new_tokens: int, batch_size: int = 64,
-                 backend: str = "hf") -> List[str]:
+                 backend: str = DEFAULT_BACKEND) -> List[str]:
     """The greedy completion of each record's prompt, decoded (special tokens skipped)."""
     sampler = make_sampler(backend, model, tokenizer, batch_size=batch_size)
     params = SamplingParams(n=1, temperature=0.0, max_new_tokens=max_new_tokens)

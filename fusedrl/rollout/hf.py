@@ -110,7 +110,8 @@ def _check_args(prompts, max_new_tokens, temperature, top_p, top_k, greedy, stop
             raise ValueError(f"stop_strings: expected a list of non-empty strings, got {stop_strings!r}")
 
 
-def _eos_ids(eos_token_id, tokenizer) -> List[int]:
+def eos_token_ids(eos_token_id, tokenizer) -> List[int]:
+    """The stop ids: `eos_token_id` (an int or ints) or else the tokenizer's EOS; [] when neither."""
     if eos_token_id is None:
         eos_token_id = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if eos_token_id is None:
@@ -188,7 +189,7 @@ def generate(model, prompts: List[List[int]], *, max_new_tokens: int, temperatur
         ``GenerationOutput`` with completions in prompt order.
     """
     _check_args(prompts, max_new_tokens, temperature, top_p, top_k, greedy, stop_strings, tokenizer)
-    eos_ids = _eos_ids(eos_token_id, tokenizer)
+    eos_ids = eos_token_ids(eos_token_id, tokenizer)
     param = next(model.parameters())
     device = param.device
     impl = getattr(model.config, "_attn_implementation", "sdpa")

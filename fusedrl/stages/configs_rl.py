@@ -25,7 +25,7 @@ from typing import Dict, Optional
 
 from fusedrl.config import ConfigError, TrainConfig
 from fusedrl.kernels import KL_KINDS
-from fusedrl.rollout.completions import AVAILABLE_BACKENDS, BACKENDS
+from fusedrl.rollout.backends import AVAILABLE_BACKENDS, BACKENDS
 
 KL_IN = ("loss", "reward")
 AGGREGATION_CHOICES = ("token_mean", "seq_mean", "seq_mean_fixed_len")
@@ -59,9 +59,11 @@ class RolloutConfig:
     """Tokens per packed micro-batch, for training and for the old/reference log-prob and value forwards."""
     eval_prompts: int = 64
     """Prompts of data.eval scored greedily by `evaluate` (0 = all)."""
-    backend: str = "hf"
-    """Sampling backend: "hf" (transformers with a KV cache, the trainer's model in place); "native" and
-    "vllm" are reserved for the engines being added (a clear error until they land)."""
+    backend: str = "native"
+    """Sampling backend: "native" (fusedrl's engine: paged KV shared by a group's samples, continuous
+    batching; Llama/Qwen2/Qwen3/Mistral, other models fall back to "hf" with a notice) or "hf"
+    (transformers with a KV cache, the correctness oracle); both read the trainer's model in place.
+    "vllm" is reserved (a clear error until it lands)."""
 
 
 @dataclass

@@ -30,7 +30,7 @@ import torch
 
 from fusedrl.config import ConfigError
 from fusedrl.data.records import Example, PackedDataset, load_records, tokenize_prompt, tokenize_sft
-from fusedrl.rollout.completions import make_sampler, sample_texts
+from fusedrl.rollout.completions import DEFAULT_BACKEND, make_sampler, sample_texts
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.rewards import load_verifier, reward_model_scores
 from fusedrl.rollout.rewards import score_completions as verifier_scores
@@ -127,7 +127,7 @@ def _scoring_example(prompt, completion: str, tokenizer, max_len: int) -> Exampl
 @torch.no_grad()
 def sample_completions(model, tokenizer, records: List[dict], *, num_samples: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-                       seed: int = 0, backend: str = "hf") -> List[List[str]]:
+                       seed: int = 0, backend: str = DEFAULT_BACKEND) -> List[List[str]]:
     """N sampled completions (decoded text, special tokens skipped) per record's prompt: (M, N) nested lists.
 
     Through the rollout Sampler (`fusedrl.rollout.completions.sample_texts`), `batch_size` rows per decode

@@ -81,11 +81,11 @@ def test_reward_source_adds_the_weighted_format_score_and_reports_accuracy():
 # ----------------------------------------------------------------------------- sampling and log-probs
 
 
-def test_backends_other_than_hf_are_named_until_they_land():
+def test_backend_names_are_checked():
     from fusedrl.stages.configs_rl import RolloutConfig, check_rollout
 
-    with pytest.raises(ValueError, match=r"rollout.backend: 'native' is not available in this build; expected one of \['hf'\]"):
-        check_rollout(RolloutConfig(verifier=T.REWARD, backend="native"))
+    check_rollout(RolloutConfig(verifier=T.REWARD, backend="native"))
+    check_rollout(RolloutConfig(verifier=T.REWARD, backend="hf"))
     with pytest.raises(ValueError, match="rollout.backend: 'vllm'"):
         make_sampler("vllm", None, None)
 

@@ -114,12 +114,13 @@ def test_rejection_sampling_fine_tunes_toward_the_verifier(tmp_path):
     result = stage.result
     assert stage.selected_reward > stage.random_reward  # the selection beats a random one of the same size
     assert stage.selected_reward == pytest.approx(float(result.rewards.reshape(-1).topk(16).values.mean()))
-    before = sample_completions(model, TOKENIZER, prompts, num_samples=4, max_new_tokens=6, seed=11)
-    train(model, stage, cfg, run_dir=tmp_path / "run")
-    after = sample_completions(model, TOKENIZER, prompts, num_samples=4, max_new_tokens=6, seed=11)
     mean = lambda rows: sum(fraction_of_a("", c) for row in rows for c in row) / sum(len(r) for r in rows)  # noqa
-    # Same prompts, same sampling seed: the share of 'a' grows severalfold (0.03 -> 0.12 with these seeds).
-    assert mean(after) > max(2.5 * mean(before), mean(before) + 0.05), (mean(before), mean(after))
+    before = sample_completions(model, TOKENIZER, prompts, num_samples=32, max_new_tokens=6, seed=11)
+    train(model, stage, cfg, run_dir=tmp_path / "run")
+    after = sample_completions(model, TOKENIZER, prompts, num_samples=32, max_new_tokens=6, seed=11)
+    # Same prompts, same sampling seed, 256 samples: the share of 'a' doubles (0.070 -> 0.140 with these
+    # seeds on the native backend; the noise of either mean is ~0.015).
+    assert mean(after) > max(1.6 * mean(before), mean(before) + 0.04), (mean(before), mean(after))
     texts, scores = best_of_n(model, TOKENIZER, prompts[:3], fraction_of_a, n=4, max_new_tokens=6)
     assert len(texts) == 3 and scores.shape == (3,)
     assert scores.tolist() == pytest.approx([fraction_of_a("", t) for t in texts])

@@ -130,8 +130,8 @@ def test_stage_tables_are_validated_at_load_with_a_config_error(tmp_path):
         load_run_config(str(path))
     assert (info.value.field, info.value.value) == ("pg.kl_kind", "k4") and "k3" in info.value.allowed
     with pytest.raises(ConfigError) as info:
-        load_run_config(str(path), [("pg.kl_kind", "k3"), ("rollout.backend", "native")])
-    assert info.value.field == "rollout.backend" and info.value.allowed == ["hf"]
+        load_run_config(str(path), [("pg.kl_kind", "k3"), ("rollout.backend", "vllm")])
+    assert info.value.field == "rollout.backend" and info.value.allowed == ["native", "hf"]
     with pytest.raises(ConfigError) as info:
         load_run_config(str(path), [("run.stage", "nope")])
     assert info.value.field == "run.stage" and "grpo" in info.value.allowed
