@@ -80,7 +80,7 @@ def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = 
     model.to(device)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with FSDP2.
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_activation_checkpointing(model)
     model.config.use_cache = False  # training forwards; generation passes its own cache
     model.train()
     return model
@@ -179,3 +179,12 @@ def token_logprobs(model, batch: PackedBatch, temperature: float = 1.0, return_e
     weight, bias = lm_head(model)  # (V, H), (V,) or None
     return linear_logprobs(hidden, weight, batch.labels, bias=bias, temperature=temperature,
                            return_entropy=return_entropy)
+
+
+def enable_activation_checkpointing(model) -> None:
+    """Recompute each layer's activations in backward (non-reentrant: works with inputs that do not
+    require grad and with FSDP2), through transformers' current API (no deprecated call)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:  # transformers before the rename
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

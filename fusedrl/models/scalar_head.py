@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from fusedrl.data.batch import PackedBatch
-from fusedrl.models.causal_lm import resolve_dtype
+from fusedrl.models.causal_lm import enable_activation_checkpointing, resolve_dtype
 from fusedrl.models.packed_attention import packed_forward
 
 CONFIG_KEY = "fusedrl_scalar_head"  # written into config.json: {"bias": bool}
@@ -146,7 +146,7 @@ class ScalarHeadModel(nn.Module):
             model = cls(base, score, bias=bias, init_std=init_std)
         model.to(device)
         if gradient_checkpointing:
-            model.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model.model)
         model.model.config.use_cache = False
         model.train()
         return model
