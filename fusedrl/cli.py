@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
     train.add_argument("config", help="the run's TOML file")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="run.out_dir holds an earlier run: move it aside (OUT_DIR.old-TIME) and start over")
     demo = sub.add_parser("demo", help="the CPU demo: a tiny model learns a synthetic task, no download")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests, ~1 minute)")
@@ -98,7 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             from fusedrl.train.run import load_run_config, run_training
             cfg = load_run_config(args.config, overrides)
-            result = run_training(cfg, resume=args.resume)
+            result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
             return 130 if result.interrupted else 0
         if args.command == "demo":
             from fusedrl.demo.pipeline import run_demo
@@ -106,6 +108,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
     except ValueError as err:  # configuration and data errors: one clear line, no traceback
         logger.error("%s", err)
+        return 2
+    except RuntimeError as err:  # NonFiniteError: one line too
+        from fusedrl.train.loop import NonFiniteError
+        if not isinstance(err, NonFiniteError):
+            raise
+        logger.error("NonFiniteError: %s", err)
         return 2
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2

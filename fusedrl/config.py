@@ -84,6 +84,10 @@ class DataConfig:
     """Micro-batches accumulated into one optimizer step (gradient accumulation)."""
     shuffle: bool = True
     """Shuffle the examples every epoch (seeded by run.seed)."""
+    on_bad_record: str = "error"
+    """A record with unusable content (empty prompt/completion/chosen/rejected, chosen == rejected,
+    a label not in {true, false, 0, 1}, a non-finite margin, an unknown chat role, over 1M characters):
+    "error" stops at load naming its file:line; "drop" drops it (the count is logged)."""
 
 
 @dataclass
@@ -170,6 +174,7 @@ class TrainConfig:
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
+    "data.on_bad_record": ("error", "drop"),
     "data.train_on": ("all_assistant", "last_assistant"),
     "schedule.decay": ("constant", "linear", "cosine"),
     "sft.normalize_by": ("tokens", "sequences"),

@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from fusedrl.data.batch import IGNORE_INDEX
 from fusedrl.data.packed import Example, PackedDataset, pack_examples
+from fusedrl.data.validate import bad_record_policy, screen_records
 
 __all__ = [
     "Example", "PackedDataset", "detect_format", "load_records", "pack_examples", "tokenize_preference",
@@ -41,13 +42,16 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # ----------------------------------------------------------------------------- loading
 
-def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
+def load_records(source: str, *, split: Optional[str] = None, on_bad: Optional[str] = None) -> List[dict]:
     """Load and validate records from a file or a Hugging Face dataset.
 
     Args:
         source: a ``.jsonl`` / ``.json`` file (one object per line, or one JSON
             array), a ``.parquet`` file, or a Hugging Face ``datasets`` name.
         split: dataset split for Hugging Face names (default ``"train"``); ignored for files.
+        on_bad: a record whose content is unusable (empty text, chosen == rejected, a bad label
+            or margin, an unknown role, too long: ``fusedrl.data.validate``) raises ("error") or is
+            dropped and counted ("drop"); default: the run's ``data.on_bad_record``.
 
     Returns:
         The records as dicts, all of one format (see ``detect_format``).
@@ -71,7 +75,7 @@ def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
         raise ValueError(f"source: unsupported file type {path!r}; expected one of {_FILE_SUFFIXES}")
     else:
         located = _read_hf_records(path, split or "train")
-    first_format = None
+    first_format, typed = None, []
     for where, record in located:
         if not isinstance(record, dict):
             raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -83,12 +87,18 @@ def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
             first_format = fmt
         elif fmt != first_format:
             raise ValueError(f"{where}: record is in format {fmt!r} but earlier records are {first_format!r}")
-    return [record for _, record in located]
+        typed.append((where, record, fmt))
+    return screen_records(typed, on_bad=on_bad or bad_record_policy(), source=path)
 
 
 def _read_json_records(path: str) -> List[Tuple[str, Any]]:
-    with open(path, "r", encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

@@ -29,6 +29,7 @@ from fusedrl.data.batch import PackedBatch
 from fusedrl.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from fusedrl.config import OptimConfig, ScheduleConfig, TrainConfig
 from fusedrl.train.metrics import MetricsLogger, is_rank0
+from fusedrl.train.resume import apply_optim_config
 from fusedrl.stages.base import NORMALIZE_BY
 
 logger = logging.getLogger("fusedrl")
@@ -246,7 +247,7 @@ def train(
     total = cfg.loop.max_steps
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, total)
-    state = _resume(run_dir, model, optimizer, scheduler, stage) if resume else TrainState()
+    state = _resume(run_dir, model, optimizer, scheduler, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every)
@@ -338,12 +339,13 @@ def _run_step(model, stage, optimizer, scheduler, cfg: TrainConfig, state: Train
     return record
 
 
-def _resume(run_dir: Path, model, optimizer, scheduler, stage) -> TrainState:
+def _resume(run_dir: Path, model, optimizer, scheduler, stage, cfg: TrainConfig) -> TrainState:
     path = latest_valid_checkpoint(run_dir / "checkpoints")
     if path is None:
         logger.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir / "checkpoints")
         return TrainState()
     restored = load_checkpoint(path, model=model, optimizer=optimizer, scheduler=scheduler)
+    apply_optim_config(optimizer, scheduler, cfg)  # the configured lr / decay / schedule, not the saved ones
     stage.load_state_dict(restored["stage"])
     fields = {k: v for k, v in restored["trainer"].items() if k in TrainState.__dataclass_fields__}
     state = TrainState(**fields)

@@ -8,7 +8,10 @@ This is what `fusedrl train CONFIG.toml` calls.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
 import random
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,11 +19,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fusedrl.config import TrainConfig, load_config, save_config, to_toml
+from fusedrl.config import TrainConfig, load_config, save_config
 from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
-from fusedrl.train.loop import TrainResult, train
+from fusedrl.train.loop import NonFiniteError, TrainResult, train
 from fusedrl.train.metrics import is_rank0, read_metrics, write_plots, write_report
+from fusedrl.train.run_dir import RunDirError, open_run_dir
 
 logger = logging.getLogger("fusedrl")
 
@@ -34,7 +38,12 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"run.device: {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ValueError(f"run.device: {name!r} is not supported; expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"run.device: {name!r} asked for, but CUDA is not available")
     return device
@@ -57,39 +66,67 @@ def load_run_config(path: str, overrides=()) -> TrainConfig:
     return load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
 
 
-def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    path = run_dir / "config.toml"
-    if resume and path.exists():
-        previous = load_config(path, cls=type(cfg))
-        if to_toml(previous) != to_toml(cfg):
-            logger.warning("--resume: the config differs from the one in %s; the new one is used and saved", path)
-    save_config(cfg, path)
+def check_finite_outcome(model: torch.nn.Module, result: TrainResult) -> None:
+    """NonFiniteError when the trained weights or the last evaluation are not finite (nothing is published)."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"the final weights are not finite ({len(bad)} tensors, first {bad[0]}); "
+                             "final/ was not written. Lower optim.lr or check the data")
+    for key, value in result.eval_metrics.items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            raise NonFiniteError(f"the final evaluation's {key} is {value}; final/ was not written. "
+                                 "Lower optim.lr or check data.eval")
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenizer=None,
+_DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, model=None, tokenizer=None,
                  on_step_end: Optional[Callable] = None, extra_eval: Optional[Callable] = None) -> TrainResult:
     """Run the stage `cfg.run.stage` of `cfg` and write the run folder.
+
+    Everything that can be checked before training is checked first (the device, the data files,
+    the run folder: see `fusedrl.train.run_dir`); a refused run writes nothing.
 
     Args:
         cfg: the resolved config.
         resume: continue from the newest valid checkpoint in cfg.run.out_dir.
+        overwrite: the folder holds an earlier run: move it aside (OUT_DIR.old-TIME) and start over.
         model, tokenizer: use these instead of building them from cfg.model (the demo chains stages so).
         on_step_end, extra_eval: passed to the loop (see `fusedrl.train.loop.train`).
     Returns:
         The loop's TrainResult.
+    Raises:
+        ValueError (RunDirError, a data or config error) naming the input; NonFiniteError when the
+        final weights or evaluation are not finite.
     """
-    from fusedrl.stages import STAGE_MODELS, STAGES
+    from fusedrl.data.validate import check_data_paths, using_bad_record_policy
+    from fusedrl.stages import STAGES
 
     if cfg.run.stage not in STAGES:
         raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank0():
-        _write_config(cfg, run_dir, resume)
+    device = resolve_device(cfg.run.device)
+    check_data_paths(cfg)
+    with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
+        if is_rank0():
+            save_config(cfg, folder.path / "config.toml")  # the values in force (resume changes are applied)
+        try:
+            with using_bad_record_policy(cfg.data.on_bad_record):
+                return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
+        except OSError as err:
+            if err.errno not in _DISK_ERRORS:
+                raise
+            raise RunDirError(f"run.out_dir: cannot write {err.filename or folder.path}: "
+                              f"{os.strerror(err.errno)}") from err
+
+
+def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, model, tokenizer,
+         on_step_end, extra_eval) -> TrainResult:
+    from fusedrl.stages import STAGE_MODELS, STAGES
+
     seed_everything(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    device = resolve_device(cfg.run.device)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)
@@ -98,6 +135,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenize
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)
     if is_rank0() and not result.interrupted:
+        check_finite_outcome(model, result)
         if cfg.checkpoint.save_final:
             from fusedrl.models.causal_lm import save_model
             save_model(model, run_dir / "final", tokenizer=tokenizer)
