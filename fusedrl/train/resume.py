@@ -36,7 +36,7 @@ def flatten(cfg: Any, prefix: str = "") -> Dict[str, Any]:
         if dataclasses.is_dataclass(value):
             out.update(flatten(value, key))
         elif isinstance(value, dict):
-            out.update({f"{key}.{k}": v for k, v in value.items() if v is not None} or {key: {}})
+            out.update({f"{key}.{k}": v for k, v in value.items() if v is not None})
         else:
             out[key] = value
     return out
