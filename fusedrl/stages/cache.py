@@ -107,7 +107,8 @@ def load_tensors(path) -> Optional[Dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt") as handle:
             expected = (handle.metadata() or {}).get(CHECKSUM_KEY)
-        tensors = load_file(str(path))
+        # cloned: safetensors may map the file, and what was verified must not change under us
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
     except Exception as err:  # a corrupt entry is recomputed, never trusted
         logger.warning("cache %s is unreadable (%s); recomputing", path, err)
         return None

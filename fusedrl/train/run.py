@@ -74,7 +74,8 @@ def check_finite_outcome(model: torch.nn.Module, result: TrainResult) -> None:
                              "final/ was not written. Lower optim.lr or check the data")
     for key, value in result.eval_metrics.items():
         if isinstance(value, (int, float)) and not math.isfinite(value):
-            raise NonFiniteError(f"the final evaluation's {key} is {value}; final/ was not written. "
+            name = key if key.startswith("eval/") else f"eval/{key}"
+            raise NonFiniteError(f"the final evaluation's {name} is {value}; final/ was not written. "
                                  "Lower optim.lr or check data.eval")
 
 
