@@ -64,6 +64,9 @@ class ModelConfig:
     """Parameter dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Let transformers run the Python code of the model / tokenizer folder (its auto_map). Off: such a
+    model is refused with an error (never a prompt on stdin). Reward and reference models never run it."""
 
 
 @dataclass

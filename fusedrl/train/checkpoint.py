@@ -257,18 +257,35 @@ def load_checkpoint(
     path = Path(path)
     verify_checkpoint(path, run_id=_run_id(path.parent))
     map_location = next(iter(model.parameters())).device
+    name = "model"
     try:
         load_weights(model, path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        stage_state = torch.load(path / "stage.pt", weights_only=True)
-        trainer_state = json.loads((path / "trainer.json").read_text())
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+        name = "optimizer.pt"
+        optimizer.load_state_dict(_load_tensors_file(path / name, map_location))
+        name = "scheduler.pt"
+        scheduler.load_state_dict(_load_tensors_file(path / name))
+        name = "stage.pt"
+        stage_state = _load_tensors_file(path / name)
+        name = "trainer.json"
+        trainer_state = json.loads((path / name).read_text())
+        name = "rng.pt"
+        set_rng_state(_load_tensors_file(path / name))
     except CheckpointError:
         raise
     except Exception as err:  # an unreadable file that still matches its checksum: a format mismatch
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded: {type(err).__name__}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: {name} cannot be loaded: {type(err).__name__}: {first}") from err
     return {"stage": stage_state, "trainer": trainer_state}
+
+
+def _load_tensors_file(path: Path, map_location=None):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, never code."""
+    import pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} holds a pickled object that is not plain "
+                              "data (refused: loading it could run code)") from None
 
 
 def latest_valid_checkpoint(root: str | Path) -> Optional[Path]:

@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fusedrl.config import TrainConfig, load_config, save_config
+from fusedrl.config import TrainConfig, load_config
 from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
 from fusedrl.train.loop import NonFiniteError, TrainResult, train
@@ -109,9 +109,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     device = resolve_device(cfg.run.device)
     check_data_paths(cfg)
     with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
-        if is_rank0():
-            save_config(cfg, folder.path / "config.toml")  # the values in force (resume changes are applied)
-        try:
+        try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
             with using_bad_record_policy(cfg.data.on_bad_record):
                 return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
         except OSError as err:

@@ -232,10 +232,52 @@ def validate_run_dir(cfg: Any, *, resume: bool, overwrite: bool) -> Optional[Dic
     return info
 
 
+def _progress(folder: Path) -> tuple:
+    """What a run has produced so far: its checkpoints and the size of metrics.jsonl."""
+    from fusedrl.train.checkpoint import list_checkpoints
+    metrics = folder / "metrics.jsonl"
+    return (tuple(p.name for p in list_checkpoints(folder / "checkpoints")),
+            metrics.stat().st_size if metrics.is_file() else None)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Rollback:
+    """Restores run.json and config.toml (and removes a folder it created) when a run fails
+    before it produced anything (no new checkpoint, metrics.jsonl untouched): a run that stops
+    at load leaves the folder as it found it, so the same command can simply be run again."""
+
+    def __init__(self, folder: Path, created: bool):
+        self.folder, self.created = folder, created
+        self.saved = {name: (folder / name).read_bytes() if (folder / name).is_file() else None
+                      for name in (RUN_FILE, "config.toml")}
+        self.progress = _progress(folder)
+
+    def __call__(self) -> None:
+        if _progress(self.folder) != self.progress:
+            return
+        for name, data in self.saved.items():
+            if data is None:
+                (self.folder / name).unlink(missing_ok=True)
+            else:
+                (self.folder / name).write_bytes(data)
+        for leftover in ("checkpoints", "plots"):  # empty folders made on the way
+            try:
+                (self.folder / leftover).rmdir()
+            except OSError:
+                pass
+
+
 @contextmanager
 def open_run_dir(cfg: Any, *, resume: bool = False, overwrite: bool = False,
                  write: bool = True) -> Iterator[RunDir]:
-    """Validate the run folder, then (rank 0, `write`) move it aside if asked, lock it, write run.json.
+    """Validate the run folder, then (rank 0, `write`) move it aside if asked, lock it, and write
+    run.json and config.toml (the values in force). When the body raises before the run produced
+    anything, both files are restored (a created folder is removed again).
 
     Raises:
         RunDirError (a ValueError) naming the folder and what is wrong, before anything is written.
@@ -249,20 +291,27 @@ def open_run_dir(cfg: Any, *, resume: bool = False, overwrite: bool = False,
         target = aside_path(folder)
         os.rename(folder, target)
         logger.warning("--overwrite: moved the old contents of %s to %s", folder, target)
+    created = not folder.exists()
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise RunDirError(f"run.out_dir: cannot create {folder}: {os.strerror(err.errno or errno.EIO)}") from None
     run_id = info["run_id"] if (resume and info) else uuid.uuid4().hex[:12]
     _acquire(folder, run_id)
+    rollback = _Rollback(folder, created)
     try:
+        from fusedrl.config import to_toml
         record = dict(info) if (resume and info) else {"run_id": run_id, "created": _now()}
         record.update(stage=cfg.run.stage, config_hash=config_hash(cfg))
         if resume:
             record["resumed"] = list(record.get("resumed", [])) + [_now()]
-        tmp = folder / f".{RUN_FILE}.{os.getpid()}"
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, folder / RUN_FILE)
+        _write_atomic(folder / RUN_FILE, json.dumps(record, indent=1))
+        _write_atomic(folder / "config.toml", to_toml(cfg))
         yield RunDir(folder, run_id, resume)
+    except BaseException:
+        rollback()
+        raise
     finally:
         _release(folder, run_id)
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
