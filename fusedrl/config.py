@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -189,6 +190,7 @@ MINIMUM = {
     "loop.max_steps": 1, "loop.eval_every": 0, "loop.max_nonfinite_in_a_row": 1,
     "checkpoint.every": 0, "checkpoint.keep": 1, "logging.console_every": 1,
     "sft.eval_micro_batches": 0,
+    "pg.resample_rounds": 0,
 }
 
 
@@ -203,6 +205,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
             validate(value, key)
         elif key in CHOICES and value not in CHOICES[key]:
             raise ValueError(f"{key}: expected one of {CHOICES[key]}, got {value!r}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
         elif key in MINIMUM and value is not None and value < MINIMUM[key]:
             raise ValueError(f"{key}: expected a value >= {MINIMUM[key]}, got {value!r}")
     if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:
