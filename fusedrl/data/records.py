@@ -323,15 +323,30 @@ def _prefix_len(tokenizer, prefix: List[dict], ids: List[int], *, generation_pro
     return len(head)
 
 
+# Examples cut or dropped by the overlong policy since the process started (by reason);
+# `run_training` logs the counts of its run (see `overlong_counts`).
+_OVERLONG_COUNTS = {"truncated": 0, "dropped_overlong": 0, "dropped_untrained": 0}
+
+
+def overlong_counts() -> dict:
+    """A copy of the running counts of truncated / dropped examples (subtract two to get a run's)."""
+    return dict(_OVERLONG_COUNTS)
+
+
 def _apply_overlong(example: Example, max_len: int, overlong: str) -> Optional[Example]:
     _check_choice(overlong, "overlong", OVERLONG)
     if not isinstance(max_len, int) or max_len < 2:
         raise ValueError(f"max_len: expected an int >= 2, got {max_len!r}")
     if len(example) > max_len:
         if overlong == "drop":
+            _OVERLONG_COUNTS["dropped_overlong"] += 1
             return None
+        _OVERLONG_COUNTS["truncated"] += 1
         example = Example(example.input_ids[:max_len], example.labels[:max_len])
-    return example if example.num_trained > 0 else None
+    if example.num_trained == 0:
+        _OVERLONG_COUNTS["dropped_untrained"] += 1
+        return None
+    return example
 
 
 def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:

@@ -119,6 +119,15 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
                               f"{os.strerror(err.errno)}") from err
 
 
+def _log_overlong(before: dict, after: dict, cfg: TrainConfig) -> None:
+    """Log how many examples the stage's data loading truncated or dropped (data.max_len, data.overlong)."""
+    delta = {k: after[k] - before[k] for k in after}
+    if any(delta.values()):
+        logger.warning("data: %d examples truncated to data.max_len = %d, %d dropped as longer (data.overlong = %r), "
+                       "%d dropped with no trained token left", delta["truncated"], cfg.data.max_len,
+                       delta["dropped_overlong"], cfg.data.overlong, delta["dropped_untrained"])
+
+
 def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, model, tokenizer,
          on_step_end, extra_eval) -> TrainResult:
     from fusedrl.stages import STAGE_MODELS, STAGES
@@ -130,7 +139,10 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)
         model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
+    from fusedrl.data.records import overlong_counts
+    counts_before = overlong_counts()
     stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
+    _log_overlong(counts_before, overlong_counts(), cfg)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)
     if is_rank0() and not result.interrupted:

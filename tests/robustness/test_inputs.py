@@ -153,3 +153,12 @@ def test_a_failed_load_leaves_an_existing_folder_unchanged(tmp_path, capsys):
     aside = [p for p in tmp_path.iterdir() if p.name.startswith("run.old-")]
     # --overwrite moved the old run aside before the data was read; nothing of it was lost
     assert len(aside) == 1 and snapshot(aside[0]) == before
+
+
+def test_truncation_and_drops_are_logged_with_counts(tmp_path, capsys):
+    code, _, err = cli(argv("sft_tiny", tmp_path / "run", "--data.max_len=22"), capsys)
+    assert code == 0, err
+    assert "examples truncated to data.max_len = 22" in err
+    code, _, err = cli(argv("sft_tiny", tmp_path / "run2", "--data.max_len=22", "--data.overlong=drop"), capsys)
+    assert code == 0, err
+    assert "0 examples truncated" in err and "dropped as longer (data.overlong = 'drop')" in err
