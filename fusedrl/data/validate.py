@@ -161,6 +161,7 @@ def screen_records(located: Iterable[Tuple[str, dict, str]], *, on_bad: str = "e
     for where, record, fmt in located:
         try:
             check_record_content(record, fmt)
+            _check_prompt_length(record, fmt)
         except ValueError as err:
             if on_bad == "error":
                 raise ValueError(f"{where}: {err}") from None
@@ -174,6 +175,48 @@ def screen_records(located: Iterable[Tuple[str, dict, str]], *, on_bad: str = "e
 
 
 # ----------------------------------------------------------------------------- the run's policy
+
+_PROMPT_LIMIT: list = [None]  # (tokenizer, limit in tokens, what the limit is) while a RL stage loads
+
+
+def _check_prompt_length(record: dict, fmt: str) -> None:
+    if _PROMPT_LIMIT[-1] is None or ("prompt" not in record and fmt != "messages"):
+        return
+    from fusedrl.data.records import tokenize_prompt
+    tokenizer, limit, what = _PROMPT_LIMIT[-1]
+    length = len(tokenize_prompt(record if fmt in ("prompt", "messages") else {"prompt": record["prompt"]},
+                                 tokenizer))
+    if length > limit:
+        raise ValueError(f"prompt: {length} tokens, more than {what} = {limit}")
+
+
+class using_prompt_limit:
+    """Context manager: records loaded inside must have prompts of at most `limit` tokens (RL stages:
+    data.max_len - rollout.max_new_tokens, so prompt + completion fit data.max_len)."""
+
+    def __init__(self, tokenizer, limit: Optional[int], what: str = "the prompt limit"):
+        self.entry = None if limit is None else (tokenizer, limit, what)
+
+    def __enter__(self):
+        _PROMPT_LIMIT.append(self.entry)
+        return self
+
+    def __exit__(self, *exc):
+        _PROMPT_LIMIT.pop()
+        return False
+
+
+def rl_prompt_limit(cfg: Any) -> Optional[int]:
+    """data.max_len - rollout.max_new_tokens for configs with a [rollout] table, else None."""
+    rollout = getattr(cfg, "rollout", None)
+    if rollout is None or not isinstance(getattr(rollout, "max_new_tokens", None), int):
+        return None
+    limit = cfg.data.max_len - rollout.max_new_tokens
+    if limit < 1:
+        raise ValueError(f"data.max_len ({cfg.data.max_len}) must exceed rollout.max_new_tokens "
+                         f"({rollout.max_new_tokens}): a prompt and its completion must fit data.max_len")
+    return limit
+
 
 _POLICY = ["error"]
 

@@ -101,13 +101,14 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
         ValueError (RunDirError, a data or config error) naming the input; NonFiniteError when the
         final weights or evaluation are not finite.
     """
-    from fusedrl.data.validate import check_data_paths, using_bad_record_policy
+    from fusedrl.data.validate import check_data_paths, rl_prompt_limit, using_bad_record_policy
     from fusedrl.stages import STAGES
 
     if cfg.run.stage not in STAGES:
         raise ValueError(f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
     device = resolve_device(cfg.run.device)
     check_data_paths(cfg)
+    rl_prompt_limit(cfg)
     with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
         try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
             with using_bad_record_policy(cfg.data.on_bad_record):
@@ -140,8 +141,10 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
         build = STAGE_MODELS.get(cfg.run.stage)
         model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
     from fusedrl.data.records import overlong_counts
+    from fusedrl.data.validate import rl_prompt_limit, using_prompt_limit
     counts_before = overlong_counts()
-    stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
+    with using_prompt_limit(tokenizer, rl_prompt_limit(cfg), "data.max_len - rollout.max_new_tokens"):
+        stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
     _log_overlong(counts_before, overlong_counts(), cfg)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)

@@ -162,3 +162,16 @@ def test_truncation_and_drops_are_logged_with_counts(tmp_path, capsys):
     code, _, err = cli(argv("sft_tiny", tmp_path / "run2", "--data.max_len=22", "--data.overlong=drop"), capsys)
     assert code == 0, err
     assert "0 examples truncated" in err and "dropped as longer (data.overlong = 'drop')" in err
+
+
+def test_rl_prompts_respect_the_prompt_length_limit(tmp_path, capsys):
+    rows = (ROOT / "examples/data/prompts_train.jsonl").read_text().splitlines()[:20]
+    data = _jsonl(tmp_path / "prompts.jsonl", rows[:4] + [{"prompt": "reverse: " + "abc" * 20, "answer": "x"}]
+                  + rows[4:])
+    extra = [f"--data.train={data}", "--data.eval=none"]
+    _refused(tmp_path, capsys, extra, f"{data}:5", "data.max_len - rollout.max_new_tokens = 24", name="grpo_tiny")
+    _refused(tmp_path, capsys, ["--data.max_len=8"], "data.max_len", "rollout.max_new_tokens", name="grpo_tiny")
+    code, _, err = cli(argv("grpo_tiny", tmp_path / "run", *extra, "--data.on_bad_record=drop",
+                            "--loop.max_steps=1", "--checkpoint.every=0"), capsys)
+    assert code == 0, err
+    assert "dropped 1 of 21 records" in err
