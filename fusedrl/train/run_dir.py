@@ -283,10 +283,10 @@ def open_run_dir(cfg: Any, *, resume: bool = False, overwrite: bool = False,
         RunDirError (a ValueError) naming the folder and what is wrong, before anything is written.
     """
     folder = Path(cfg.run.out_dir)
-    info = validate_run_dir(cfg, resume=resume, overwrite=overwrite)
-    if not write:
-        yield RunDir(folder, info["run_id"] if info else uuid.uuid4().hex[:12], resume)
+    if not write:  # other ranks: rank 0 alone checks, locks and writes the folder
+        yield RunDir(folder, folder_run_id(folder) or "", resume)
         return
+    info = validate_run_dir(cfg, resume=resume, overwrite=overwrite)
     if overwrite and holds_a_run(folder):
         target = aside_path(folder)
         os.rename(folder, target)

@@ -175,3 +175,13 @@ def test_rl_prompts_respect_the_prompt_length_limit(tmp_path, capsys):
                             "--loop.max_steps=1", "--checkpoint.every=0"), capsys)
     assert code == 0, err
     assert "dropped 1 of 21 records" in err
+
+
+def test_a_read_only_output_folder_is_named(tmp_path, capsys, monkeypatch):
+    import fusedrl.train.run_dir as run_dir
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    # tests may run as root, for whom chmod does not make a folder read-only: fake what os.access reports
+    monkeypatch.setattr(run_dir.os, "access", lambda path, mode: str(path) != str(parent))
+    assert_one_line_error(*cli(argv("sft_tiny", parent / "run"), capsys), str(parent), "not writable")
+    assert list(parent.iterdir()) == []
