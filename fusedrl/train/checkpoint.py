@@ -284,8 +284,8 @@ def _load_tensors_file(path: Path, map_location=None):
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
-        raise CheckpointError(f"checkpoint {path.parent}: {path.name} holds a pickled object that is not plain "
-                              "data (refused: loading it could run code)") from None
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be loaded: it holds a pickled object "
+                              "that is not plain data (refused: loading it could run code)") from None
 
 
 def latest_valid_checkpoint(root: str | Path) -> Optional[Path]:
