@@ -93,6 +93,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     from fusedrl.config import TrainConfig, describe_config, parse_overrides, to_toml
 
     if args.command == "config":
+        if rest:  # `fusedrl config --stage grpo` must not print the sft default as if it were grpo's
+            parser.error(f"config: unrecognized arguments: {' '.join(rest)}")
         print(describe_config() if args.reference else to_toml(TrainConfig()))
         return 0
     try:

@@ -185,3 +185,10 @@ def test_a_read_only_output_folder_is_named(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(run_dir.os, "access", lambda path, mode: str(path) != str(parent))
     assert_one_line_error(*cli(argv("sft_tiny", parent / "run"), capsys), str(parent), "not writable")
     assert list(parent.iterdir()) == []
+
+
+def test_unknown_options_of_the_config_command_are_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["config", "--stage", "grpo"], capsys)
+    assert exit_info.value.code == 2
+    assert "unrecognized arguments: --stage grpo" in capsys.readouterr().err
