@@ -79,7 +79,8 @@ def check_finite_outcome(model: torch.nn.Module, result: TrainResult) -> None:
                                  "Lower optim.lr or check data.eval")
 
 
-_DISK_ERRORS = (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EACCES, errno.EPERM)
+_FULL = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM)
 
 
 def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, model=None, tokenizer=None,
@@ -114,10 +115,19 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
             with using_bad_record_policy(cfg.data.on_bad_record):
                 return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
         except OSError as err:
-            if err.errno not in _DISK_ERRORS:
+            message = _disk_error(err, folder.path)
+            if message is None:
                 raise
-            raise RunDirError(f"run.out_dir: cannot write {err.filename or folder.path}: "
-                              f"{os.strerror(err.errno)}") from err
+            raise RunDirError(message) from err
+
+
+def _disk_error(err: OSError, run_dir: Path) -> Optional[str]:
+    """One line for a full disk / read-only file system anywhere, or a permission error in the run folder."""
+    inside = err.filename is None or Path(run_dir).resolve() in Path(err.filename).resolve().parents
+    if err.errno in _FULL or (err.errno in _DENIED and inside):
+        prefix = "run.out_dir: " if inside else ""
+        return f"{prefix}cannot write {err.filename or run_dir}: {os.strerror(err.errno)}"
+    return None
 
 
 def _log_overlong(before: dict, after: dict, cfg: TrainConfig) -> None:

@@ -192,3 +192,13 @@ def test_unknown_options_of_the_config_command_are_refused(capsys):
         cli(["config", "--stage", "grpo"], capsys)
     assert exit_info.value.code == 2
     assert "unrecognized arguments: --stage grpo" in capsys.readouterr().err
+
+
+def test_disk_errors_are_named_only_where_they_belong(tmp_path):
+    from fusedrl.train.run import _disk_error
+    run = tmp_path / "run"
+    inside, outside = str(run / "checkpoints" / "x.pt"), str(tmp_path / "data.jsonl")
+    assert _disk_error(OSError(errno.EACCES, "denied", inside), run).startswith(f"run.out_dir: cannot write {inside}")
+    assert _disk_error(OSError(errno.EACCES, "denied", outside), run) is None  # a data file: not ours to rename
+    assert _disk_error(OSError(errno.ENOSPC, "full", outside), run) == f"cannot write {outside}: No space left on device"
+    assert _disk_error(OSError(errno.ENOENT, "missing", inside), run) is None
