@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                            description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
     train.add_argument("config", help="the run's TOML file")
     train.add_argument("--resume", action="store_true", help="continue from the newest valid checkpoint in run.out_dir")
+    train.add_argument("--overwrite", action="store_true",
+                       help="run.out_dir holds an earlier run: move it aside (OUT_DIR.old-TIME) and start over")
     demo = sub.add_parser("demo", help="the CPU demo: a tiny model learns a synthetic task, no download")
     demo.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
     demo.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests, ~1 minute)")
@@ -81,6 +83,17 @@ def _bench(argv: List[str]) -> int:
     return int(run_all.main(argv) or 0)
 
 
+def _user_errors() -> tuple:
+    """Errors that name a user's input (config, data, run folder, checkpoint) or a diverged run."""
+    from fusedrl.config import ConfigError
+    from fusedrl.data.validate import DataError
+    from fusedrl.train.checkpoint import CheckpointError
+    from fusedrl.train.loop import NonFiniteError
+    from fusedrl.train.run_dir import RunDirError
+
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
@@ -89,9 +102,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     args, rest = parser.parse_known_args(argv)
     setup_logging()
     from fusedrl.config import ConfigError, TrainConfig, describe_config, parse_overrides, to_toml
-    from fusedrl.data.records import DataError
 
     if args.command == "config":
+        if rest:  # `fusedrl config --stage grpo` must not print the sft default as if it were grpo's
+            parser.error(f"config: unrecognized arguments: {' '.join(rest)}")
         from fusedrl.stages import ReferenceConfig
         print(describe_config(ReferenceConfig()) if args.reference else to_toml(TrainConfig()))
         return 0
@@ -100,14 +114,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             from fusedrl.train.run import load_run_config, run_training
             cfg = load_run_config(args.config, overrides)
-            result = run_training(cfg, resume=args.resume)
+            result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
             return 130 if result.interrupted else 0
         if args.command == "demo":
             from fusedrl.demo.pipeline import run_demo
             run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
             return 0
-    except (ConfigError, DataError, FileNotFoundError) as err:  # config and data: one clear line, exit 2
-        logger.error("%s", err)
+    except _user_errors() as err:  # the project's own error types: one clear line, exit 2
+        logger.error("%s%s", "NonFiniteError: " if type(err).__name__ == "NonFiniteError" else "", err)
         return 2  # anything else is a bug or an environment problem: it keeps its traceback
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover
     return 2

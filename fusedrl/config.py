@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -65,6 +66,9 @@ class ModelConfig:
     """Parameter dtype: "auto" (bfloat16 on GPU, float32 on CPU), "float32", "bfloat16", "float16"."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
+    trust_remote_code: bool = False
+    """Let transformers run the Python code of the model / tokenizer folder (its auto_map). Off: such a
+    model is refused with an error (never a prompt on stdin). Reward and reference models never run it."""
 
 
 @dataclass
@@ -85,6 +89,10 @@ class DataConfig:
     """Micro-batches accumulated into one optimizer step (gradient accumulation)."""
     shuffle: bool = True
     """Shuffle the examples every epoch (seeded by run.seed)."""
+    on_bad_record: str = "error"
+    """A record with unusable content (empty prompt/completion/chosen/rejected, chosen == rejected,
+    a label not in {true, false, 0, 1}, a non-finite margin, an unknown chat role, over 1M characters):
+    "error" stops at load naming its file:line; "drop" drops it (the count is logged)."""
 
 
 @dataclass
@@ -171,6 +179,7 @@ class TrainConfig:
 CHOICES = {
     "model.dtype": ("auto", "float32", "bfloat16", "float16"),
     "data.overlong": ("truncate", "drop"),
+    "data.on_bad_record": ("error", "drop"),
     "data.train_on": ("all_assistant", "last_assistant"),
     "schedule.decay": ("constant", "linear", "cosine"),
     "sft.normalize_by": ("tokens", "sequences"),
@@ -182,6 +191,7 @@ MINIMUM = {
     "loop.max_steps": 1, "loop.eval_every": 0, "loop.max_nonfinite_in_a_row": 1,
     "checkpoint.every": 0, "checkpoint.keep": 1, "logging.console_every": 1,
     "sft.eval_micro_batches": 0,
+    "pg.resample_rounds": 0,
 }
 
 
@@ -196,6 +206,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
             validate(value, key)
         elif key in CHOICES and value not in CHOICES[key]:
             raise ConfigError(f"{key}", value, f"one of {CHOICES[key]}")
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}", value, "a finite number")
         elif key in MINIMUM and value is not None and value < MINIMUM[key]:
             raise ConfigError(f"{key}", value, f"a value >= {MINIMUM[key]}")
     if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:

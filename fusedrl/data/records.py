@@ -25,6 +25,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 from fusedrl.data.batch import IGNORE_INDEX
 from fusedrl.data.packed import Example, PackedDataset, pack_examples
+from fusedrl.data.validate import DataError, bad_record_policy, screen_records
 
 __all__ = [
     "DataError", "Example", "PackedDataset", "detect_format", "load_records", "pack_examples",
@@ -41,20 +42,16 @@ _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 # ----------------------------------------------------------------------------- loading
 
-class DataError(ValueError):
-    """Bad training data: an unreadable file, a malformed record, a record of the wrong format.
-
-    The CLI prints it as one line (exit 2), like a ConfigError.
-    """
-
-
-def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
+def load_records(source: str, *, split: Optional[str] = None, on_bad: Optional[str] = None) -> List[dict]:
     """Load and validate records from a file or a Hugging Face dataset.
 
     Args:
         source: a ``.jsonl`` / ``.json`` file (one object per line, or one JSON
             array), a ``.parquet`` file, or a Hugging Face ``datasets`` name.
         split: dataset split for Hugging Face names (default ``"train"``); ignored for files.
+        on_bad: a record whose content is unusable (empty text, chosen == rejected, a bad label
+            or margin, an unknown role, too long: ``fusedrl.data.validate``) raises ("error") or is
+            dropped and counted ("drop"); default: the run's ``data.on_bad_record``.
 
     Returns:
         The records as dicts, all of one format (see ``detect_format``).
@@ -78,7 +75,7 @@ def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
         raise DataError(f"source: unsupported file type {path!r}; expected one of {_FILE_SUFFIXES}")
     else:
         located = _read_hf_records(path, split or "train")
-    first_format = None
+    first_format, typed = None, []
     for where, record in located:
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -90,12 +87,18 @@ def load_records(source: str, *, split: Optional[str] = None) -> List[dict]:
             first_format = fmt
         elif fmt != first_format:
             raise DataError(f"{where}: record is in format {fmt!r} but earlier records are {first_format!r}")
-    return [record for _, record in located]
+        typed.append((where, record, fmt))
+    return screen_records(typed, on_bad=on_bad or bad_record_policy(), source=path)
 
 
 def _read_json_records(path: str) -> List[Tuple[str, Any]]:
-    with open(path, "r", encoding="utf-8") as handle:
-        text = handle.read()
+    with open(path, "rb") as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)
@@ -299,15 +302,30 @@ def _prefix_len(tokenizer, prefix: List[dict], ids: List[int], *, generation_pro
     return len(head)
 
 
+# Examples cut or dropped by the overlong policy since the process started (by reason);
+# `run_training` logs the counts of its run (see `overlong_counts`).
+_OVERLONG_COUNTS = {"truncated": 0, "dropped_overlong": 0, "dropped_untrained": 0}
+
+
+def overlong_counts() -> dict:
+    """A copy of the running counts of truncated / dropped examples (subtract two to get a run's)."""
+    return dict(_OVERLONG_COUNTS)
+
+
 def _apply_overlong(example: Example, max_len: int, overlong: str) -> Optional[Example]:
     _check_choice(overlong, "overlong", OVERLONG)
     if not isinstance(max_len, int) or max_len < 2:
         raise ValueError(f"max_len: expected an int >= 2, got {max_len!r}")
     if len(example) > max_len:
         if overlong == "drop":
+            _OVERLONG_COUNTS["dropped_overlong"] += 1
             return None
+        _OVERLONG_COUNTS["truncated"] += 1
         example = Example(example.input_ids[:max_len], example.labels[:max_len])
-    return example if example.num_trained > 0 else None
+    if example.num_trained == 0:
+        _OVERLONG_COUNTS["dropped_untrained"] += 1
+        return None
+    return example
 
 
 def _check_choice(value: str, name: str, choices: Sequence[str]) -> None:

@@ -101,4 +101,5 @@ def build_tokenizer(cfg):
         raise ValueError('model.tokenizer: "auto" needs model.name_or_path; with a model built from '
                          'model.arch set model.tokenizer = "char" or a tokenizer path')
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(source)
+    # explicit: transformers never asks on stdin whether to run a folder's code
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)))

@@ -119,7 +119,8 @@ def sft_step(ctx: DemoContext) -> Dict[str, Any]:
 
     cfg = ctx.stage_config("sft")
     cfg.data.train, cfg.data.eval = str(ctx.data["train"]), str(ctx.data["eval"])
-    result = run_training(cfg, model=ctx.model, tokenizer=ctx.tokenizer,
+    # overwrite: a demo run again into the same --out moves the previous sft/ folder aside (sft.old-TIME)
+    result = run_training(cfg, overwrite=True, model=ctx.model, tokenizer=ctx.tokenizer,
                           extra_eval=lambda model: {"task_score": ctx.score(model)})
     return {"steps": result.state.step, "final loss": result.last_metrics.get("loss"),
             "eval loss": result.eval_metrics.get("eval/loss", result.eval_metrics.get("loss"))}

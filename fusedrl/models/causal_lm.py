@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import os
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -36,8 +37,25 @@ def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     raise ValueError(f"dtype: expected a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
 
 
+def refuse_remote_code(name_or_path, key: str = "model.name_or_path") -> None:
+    """ValueError when a local model folder's config.json asks to run its own code (auto_map)."""
+    import json
+
+    config = Path(name_or_path) / "config.json"
+    if not config.is_file():
+        return
+    try:
+        auto_map = json.loads(config.read_text()).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        return  # transformers reports an unreadable config itself
+    if auto_map:
+        raise ValueError(f"{key}: {str(name_or_path)!r} needs its own Python code (auto_map in config.json) "
+                         "to load; set model.trust_remote_code = true only if you trust that code")
+
+
 def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = None, dtype=None,
-                device=None, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa"):
+                device=None, gradient_checkpointing: bool = False, attn_implementation: str = "sdpa",
+                trust_remote_code: bool = False):
     """Build an ``AutoModelForCausalLM``.
 
     Args:
@@ -51,6 +69,8 @@ def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = 
         gradient_checkpointing: recompute each layer's activations in backward.
         attn_implementation: attention for plain (unpacked) calls and generation;
             ``hidden_states`` switches to ``fusedrl_varlen`` itself.
+        trust_remote_code: let transformers run the folder's own Python code; always passed
+            explicitly, so transformers never asks on stdin.
 
     Returns:
         The model, in train mode, on ``device`` in ``dtype``.
@@ -75,8 +95,16 @@ def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = 
     else:
         if not isinstance(name_or_path, (str, os.PathLike)):
             raise TypeError(f"name_or_path: expected a str path or hub id, got {type(name_or_path).__name__}")
-        model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype,
-                                                     attn_implementation=attn_implementation)
+        if not trust_remote_code:
+            refuse_remote_code(name_or_path)
+        try:
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                         attn_implementation=attn_implementation)
+        except ValueError as err:
+            if "trust_remote_code" not in str(err):
+                raise
+            raise ValueError(f"model.name_or_path: {str(name_or_path)!r} needs its own Python code to load; set "
+                             "model.trust_remote_code = true only if you trust that code") from None
     model.to(device)
     if gradient_checkpointing:
         # Non-reentrant checkpointing works with inputs that do not require grad and with FSDP2.
@@ -123,15 +151,55 @@ def save_model(model, path, tokenizer=None) -> None:
         tokenizer.save_pretrained(path)
 
 
+def check_arch(arch: dict) -> None:
+    """ValueError naming model.arch.KEY when a value's type differs from the config class's default,
+    or the head counts do not divide (num_attention_heads / num_key_value_heads / hidden_size)."""
+    from transformers import AutoConfig
+
+    if not isinstance(arch.get("model_type"), str):
+        raise ValueError(f"model.arch.model_type: expected a string such as \"qwen2\", got {arch.get('model_type')!r}")
+    try:
+        defaults = AutoConfig.for_model(arch["model_type"])
+    except ValueError as err:
+        raise ValueError(f"model.arch.model_type: {err}") from None
+    for key, value in arch.items():
+        default = getattr(defaults, key, None)
+        for tp in (bool, int, float):
+            if isinstance(default, tp) and default is not None:
+                ok = isinstance(value, bool) if tp is bool else (
+                    isinstance(value, int) and not isinstance(value, bool) if tp is int
+                    else isinstance(value, (int, float)) and not isinstance(value, bool))
+                if not ok:
+                    raise ValueError(f"model.arch.{key}: expected {tp.__name__}, got {value!r} "
+                                     f"({type(value).__name__})")
+                break
+    heads, kv = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
+        raise ValueError(f"model.arch.num_attention_heads ({heads}) must be a multiple of "
+                         f"model.arch.num_key_value_heads ({kv})")
+    hidden = arch.get("hidden_size")
+    if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads \
+            and "head_dim" not in arch:
+        raise ValueError(f"model.arch.hidden_size ({hidden}) must be a multiple of "
+                         f"model.arch.num_attention_heads ({heads})")
+
+
 def build_policy(cfg, tokenizer, device: torch.device):
     """The model to train: loaded from name_or_path, or built from `arch` sized to the tokenizer."""
     dtype = None if cfg.dtype == "auto" else cfg.dtype
     if cfg.name_or_path is not None:
-        return build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
-                           gradient_checkpointing=cfg.gradient_checkpointing)
+        model = build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
+                            gradient_checkpointing=cfg.gradient_checkpointing,
+                            trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)))
+        vocab = model.get_input_embeddings().num_embeddings
+        if tokenizer is not None and len(tokenizer) > vocab:
+            raise ValueError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens, more than the "
+                             f"{vocab} embeddings of model {cfg.name_or_path!r}; use the model's own tokenizer")
+        return model
     if not cfg.arch:
         raise ConfigError.message("model", "model: set model.name_or_path, or model.arch (with model_type) to build one from scratch")
     arch = dict(cfg.arch)
+    check_arch(arch)
     arch.setdefault("vocab_size", len(tokenizer))
     for name in ("pad", "bos", "eos"):
         token_id = getattr(tokenizer, f"{name}_token_id", None)

@@ -108,7 +108,7 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path, *, dtype=None, device=None, bias: bool = False,
                         init_std: Optional[float] = None, attn_implementation: str = "sdpa",
-                        gradient_checkpointing: bool = False) -> "ScalarHeadModel":
+                        gradient_checkpointing: bool = False, trust_remote_code: bool = False) -> "ScalarHeadModel":
         """Load a saved scalar-head model, or a causal LM (a fresh head is then added).
 
         Args:
@@ -118,6 +118,7 @@ class ScalarHeadModel(nn.Module):
             bias, init_std: for a fresh head only.
             attn_implementation: attention for unpacked calls.
             gradient_checkpointing: recompute each layer's activations in backward.
+            trust_remote_code: let transformers run the folder's own Python code (never asked on stdin).
 
         Returns:
             The model, in train mode.
@@ -128,7 +129,11 @@ class ScalarHeadModel(nn.Module):
             raise TypeError(f"name_or_path: expected a str path or hub id, got {type(name_or_path).__name__}")
         device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         dtype = resolve_dtype(dtype, device)
-        config = AutoConfig.from_pretrained(name_or_path)
+        remote = {"trust_remote_code": bool(trust_remote_code)}
+        if not trust_remote_code:
+            from fusedrl.models.causal_lm import refuse_remote_code
+            refuse_remote_code(name_or_path, "name_or_path")
+        config = AutoConfig.from_pretrained(name_or_path, **remote)
         archs = getattr(config, "architectures", None) or []
         head_saved = getattr(config, CONFIG_KEY, None) is not None or any(
             a.endswith("ForSequenceClassification") for a in archs)
@@ -138,10 +143,11 @@ class ScalarHeadModel(nn.Module):
         if head_saved and not (Path(name_or_path) / WEIGHTS_NAME).is_file() and _sequence_classification_class(config):
             # A hub (or sharded) sequence-classification checkpoint: let transformers resolve it.
             full = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path, dtype=dtype, attn_implementation=attn_implementation, num_labels=1)
+                name_or_path, dtype=dtype, attn_implementation=attn_implementation, num_labels=1, **remote)
             model = cls(full.base_model, full.score)
         else:
-            base = AutoModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation)
+            base = AutoModel.from_pretrained(name_or_path, dtype=dtype, attn_implementation=attn_implementation,
+                                             **remote)
             score = _load_saved_head(name_or_path, config, dtype) if head_saved else None
             model = cls(base, score, bias=bias, init_std=init_std)
         model.to(device)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import math
 import numbers
 from typing import Callable, Dict, List, Sequence
@@ -37,6 +38,8 @@ __all__ = ["load_verifier", "score_completions", "reward_model_scores", "exact_m
 Verifier = Callable[..., float]
 _POSITIONAL = ("prompt", "completion")  # record fields never passed as keywords
 
+
+logger = logging.getLogger("fusedrl")
 
 def exact_match(prompt: str, completion: str, answer: str = None, **fields) -> float:
     """1.0 when the completion (its EOS and surrounding spaces removed) equals the answer, else 0.0."""
@@ -68,6 +71,7 @@ def load_verifier(spec: str, *, what: str = "verifier") -> Verifier:
     except ImportError as err:
         raise ValueError(f"{what}: cannot import module {module_name!r} named in {spec!r}: "
                          f"{type(err).__name__}: {err}") from err
+    logger.info("%s: %r runs code from %s", what, spec, getattr(module, "__file__", None) or "a built-in module")
     target = module
     for part in attr.strip().split("."):
         if not hasattr(target, part):

@@ -5,8 +5,11 @@
     cached = load_tensors(folder / f"ref_{key}.safetensors")          # None when absent or unreadable
 
 Writes go to a temporary file renamed into place, so a crash never leaves a
-half-written entry that a later run would trust. Only safetensors and JSON are
-read back (never pickles).
+half-written entry that a later run would trust. Every tensor file carries the
+sha256 of its tensors' names, dtypes, shapes and bytes in its safetensors metadata
+(key "fusedrl_sha256", like a checkpoint's manifest); a file whose contents do not
+match it, that has none, or that cannot be parsed is recomputed with a warning,
+never used. Only safetensors and JSON are read back (never pickles).
 """
 from __future__ import annotations
 
@@ -71,26 +74,51 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
+CHECKSUM_KEY = "fusedrl_sha256"
+
+
+def tensors_digest(tensors: Dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes (in name order)."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def save_tensors(path, tensors: Dict[str, torch.Tensor], metadata: Optional[Dict[str, str]] = None) -> None:
-    """Write tensors to a safetensors file atomically."""
+    """Write tensors to a safetensors file atomically, with their checksum in the metadata."""
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    metadata = {**(metadata or {}), CHECKSUM_KEY: tensors_digest(tensors)}
     _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_tensors(path) -> Optional[Dict[str, torch.Tensor]]:
-    """The tensors of a safetensors file, or None when it is absent or unreadable (logged)."""
+    """The tensors of a safetensors file; None when it is absent, unreadable or fails its checksum (logged)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     path = Path(path)
     if not path.is_file():
         return None
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            expected = (handle.metadata() or {}).get(CHECKSUM_KEY)
+        # cloned: safetensors may map the file, and what was verified must not change under us
+        tensors = {k: v.clone() for k, v in load_file(str(path)).items()}
     except Exception as err:  # a corrupt entry is recomputed, never trusted
         logger.warning("cache %s is unreadable (%s); recomputing", path, err)
         return None
+    if expected is None:
+        logger.warning("cache %s has no checksum (written by an older version); recomputing", path)
+        return None
+    if tensors_digest(tensors) != expected:
+        logger.warning("cache %s fails its checksum (corrupt); recomputing", path)
+        return None
+    return tensors
 
 
 def save_json(path, obj: Any) -> None:

@@ -45,7 +45,8 @@ class RejectionConfig:
     reward_model: Optional[str] = None
     """Folder of a scalar-head reward model that scores the samples (or set `verifier`)."""
     verifier: Optional[str] = None
-    """"module:function" scoring fn(prompt, completion, **record_fields) -> float (or set `reward_model`)."""
+    """"module:function" scoring fn(prompt, completion, **record_fields) -> float (or set `reward_model`).
+    Importing it runs that module's code (configs are code; the resolved file is logged)."""
     num_samples: int = 4
     """Completions sampled per prompt (N)."""
     selection: str = "best_per_prompt"

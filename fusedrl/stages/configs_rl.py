@@ -46,11 +46,12 @@ class RolloutConfig:
     top_k: int = 0
     """Keep the k most likely tokens (0 = off)."""
     verifier: Optional[str] = None
-    """Reward from a Python function "module:function" called as fn(prompt, completion, **record_fields)."""
+    """Reward from a Python function "module:function" called as fn(prompt, completion, **record_fields).
+    Importing it runs that module's code (configs are code; the resolved file is logged)."""
     reward_model: Optional[str] = None
     """Reward from a saved scalar-head reward model (folder); used when verifier is None."""
     format_verifier: Optional[str] = None
-    """Optional "module:function" format check, added to the reward times format_weight."""
+    """Optional "module:function" format check, added to the reward times format_weight (runs that module's code)."""
     format_weight: float = 1.0
     """Weight of the format verifier's score in the reward."""
     accuracy_verifier: Optional[str] = "fusedrl.rollout.rewards:exact_match"

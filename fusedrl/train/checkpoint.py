@@ -11,11 +11,14 @@ Layout of OUT_DIR/checkpoints/step_00000040/:
     rng.pt           torch / cuda / numpy / python RNG states, as tensors and ints
     stage.pt         the stage's state_dict() (data position, ...)
     trainer.json     step, skipped steps, ... (the loop's counters)
-    manifest.json    sha256 of every file above, written last
+    manifest.json    sha256 of every file above and the run id, written last
 
 Everything is written into a temporary sibling folder (".tmp-step_...") that
 is renamed into place only when complete, so a run killed at any moment
-leaves either the whole checkpoint or none. Loading checks the manifest
+leaves either the whole checkpoint or none. Each checkpoint records the run id
+of its folder (OUT_DIR/run.json, see `fusedrl.train.run_dir`): pruning and the
+clean-up of temporary folders touch only this run's own files, and a resume
+refuses a checkpoint of another run. Loading checks the manifest
 (every file present, every checksum equal) and reads tensors only through
 safetensors or `torch.load(weights_only=True)`: never an arbitrary pickle.
 """
@@ -130,18 +133,22 @@ def save_checkpoint(
     trainer_state: Dict[str, Any],
     keep: int = 2,
     others: Optional[Dict[str, tuple]] = None,
+    run_id: Optional[str] = None,
 ) -> Path:
-    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints.
+    """Write checkpoint `step` under `root` atomically; keep the newest `keep` checkpoints of this run.
 
-    `others`: {name: (module, optimizer, scheduler)} for the modules trained besides `model`.
+    Args:
+        others: {name: (module, optimizer, scheduler)} for the modules trained besides `model`.
+        run_id: the run the checkpoint belongs to; default: the run id in root/../run.json ("" if none).
 
     Returns:
         The final checkpoint folder, root/step_XXXXXXXX.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    run_id = _run_id(root) if run_id is None else run_id
     final = root / checkpoint_name(step)
-    tmp = root / f".tmp-{checkpoint_name(step)}-{os.getpid()}"
+    tmp = root / f".tmp-{checkpoint_name(step)}-{run_id}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -157,7 +164,7 @@ def save_checkpoint(
     torch.save(stage_state, tmp / "stage.pt")
     (tmp / "trainer.json").write_text(json.dumps({**trainer_state, "step": step}, indent=1))
     files = {str(p.relative_to(tmp)): _sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-    manifest = {"format": FORMAT_VERSION, "step": step, "files": files}
+    manifest = {"format": FORMAT_VERSION, "step": step, "run_id": run_id, "files": files}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_tree(tmp)
     if final.exists():  # re-saving a step (a resumed run): move the old one aside first
@@ -167,7 +174,7 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(tmp, final)
-    _prune(root, keep)
+    _prune(root, keep, run_id)
     return final
 
 
@@ -184,10 +191,26 @@ def _fsync_tree(folder: Path) -> None:
                 os.fsync(handle.fileno())
 
 
-def _prune(root: Path, keep: int) -> None:
-    for stale in root.glob(".tmp-*"):  # left by killed runs (ours was just renamed)
-        shutil.rmtree(stale, ignore_errors=True)
-    for old in list_checkpoints(root)[:-keep]:
+def _run_id(root: Path) -> str:
+    from fusedrl.train.run_dir import folder_run_id
+    return folder_run_id(root.parent) or ""
+
+
+def checkpoint_run_id(path: Path) -> Optional[str]:
+    """The run id in a checkpoint's manifest ("" from before run ids; None: unreadable)."""
+    try:
+        return json.loads((Path(path) / "manifest.json").read_text()).get("run_id") or ""
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _prune(root: Path, keep: int, run_id: str) -> None:
+    """Delete this run's stale temporary folders and its checkpoints beyond the newest `keep`."""
+    for stale in root.glob(f".tmp-step_*-{run_id}-*"):  # left by killed attempts of this run
+        if re.fullmatch(rf"\.tmp-step_\d{{8}}-{re.escape(run_id)}-\d+", stale.name):
+            shutil.rmtree(stale, ignore_errors=True)
+    ours = [p for p in list_checkpoints(root) if checkpoint_run_id(p) == run_id]
+    for old in ours[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -202,8 +225,8 @@ def list_checkpoints(root: str | Path) -> List[Path]:
     return sorted(found, key=lambda p: int(_NAME.match(p.name).group(1)))
 
 
-def verify_checkpoint(path: str | Path) -> Dict[str, Any]:
-    """Check a checkpoint is complete and intact; returns its manifest.
+def verify_checkpoint(path: str | Path, *, run_id: Optional[str] = None) -> Dict[str, Any]:
+    """Check a checkpoint is complete and intact (and of run `run_id`, when given); returns its manifest.
 
     Raises:
         CheckpointError naming the checkpoint and the missing file or the file whose checksum differs.
@@ -217,6 +240,9 @@ def verify_checkpoint(path: str | Path) -> Dict[str, Any]:
         files = manifest["files"]
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path}: unreadable manifest.json ({err})") from None
+    if run_id and manifest.get("run_id") not in (None, "", run_id):
+        raise CheckpointError(f"checkpoint {path}: belongs to run {manifest.get('run_id')}, not to this "
+                              f"folder's run {run_id}")
     for name in REQUIRED:
         if name not in files:
             raise CheckpointError(f"checkpoint {path}: manifest lists no {name}")
@@ -245,38 +271,60 @@ def load_checkpoint(
         {"stage": the stage's saved state, "trainer": the loop's counters (dict)}.
     """
     path = Path(path)
-    verify_checkpoint(path)
+    verify_checkpoint(path, run_id=_run_id(path.parent))
     map_location = next(iter(model.parameters())).device
+    name = "model"
     try:
         load_weights(model, path / "model")
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=map_location, weights_only=True))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        for name, (module, other_optimizer, other_scheduler) in (others or {}).items():
-            if not (path / f"optimizer_{name}.pt").is_file():
-                raise CheckpointError(f"checkpoint {path}: has no state of the trained module {name!r}")
-            load_weights(module, path / name)
+        name = "optimizer.pt"
+        optimizer.load_state_dict(_load_tensors_file(path / name, map_location))
+        name = "scheduler.pt"
+        scheduler.load_state_dict(_load_tensors_file(path / name))
+        for module_name, (module, other_optimizer, other_scheduler) in (others or {}).items():
+            name = f"optimizer_{module_name}.pt"
+            if not (path / name).is_file():
+                raise CheckpointError(f"checkpoint {path}: has no state of the trained module {module_name!r}")
+            name = module_name
+            load_weights(module, path / module_name)
             device = next(iter(module.parameters())).device
-            other_optimizer.load_state_dict(torch.load(path / f"optimizer_{name}.pt", map_location=device,
-                                                       weights_only=True))
-            other_scheduler.load_state_dict(torch.load(path / f"scheduler_{name}.pt", weights_only=True))
-        stage_state = torch.load(path / "stage.pt", weights_only=True)
-        trainer_state = json.loads((path / "trainer.json").read_text())
-        set_rng_state(torch.load(path / "rng.pt", weights_only=True))
+            name = f"optimizer_{module_name}.pt"
+            other_optimizer.load_state_dict(_load_tensors_file(path / name, device))
+            name = f"scheduler_{module_name}.pt"
+            other_scheduler.load_state_dict(_load_tensors_file(path / name))
+        name = "stage.pt"
+        stage_state = _load_tensors_file(path / name)
+        name = "trainer.json"
+        trainer_state = json.loads((path / name).read_text())
+        name = "rng.pt"
+        set_rng_state(_load_tensors_file(path / name))
     except CheckpointError:
         raise
     except Exception as err:  # an unreadable file that still matches its checksum: a format mismatch
-        raise CheckpointError(f"checkpoint {path}: cannot be loaded: {type(err).__name__}: {err}") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(f"checkpoint {path}: {name} cannot be loaded: {type(err).__name__}: {first}") from err
     return {"stage": stage_state, "trainer": trainer_state}
+
+
+def _load_tensors_file(path: Path, map_location=None):
+    """torch.load with weights_only=True: tensors, numbers, strings and containers only, never code."""
+    import pickle
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"checkpoint {path.parent}: {path.name} cannot be loaded: it holds a pickled object "
+                              "that is not plain data (refused: loading it could run code)") from None
 
 
 def latest_valid_checkpoint(root: str | Path) -> Optional[Path]:
     """The newest checkpoint under `root` that passes `verify_checkpoint`, or None.
 
-    Invalid newer checkpoints are skipped with a warning naming what is wrong.
+    Invalid newer checkpoints (and those of another run than root/../run.json's) are skipped
+    with a warning naming what is wrong.
     """
+    run_id = _run_id(Path(root))
     for path in reversed(list_checkpoints(root)):
         try:
-            verify_checkpoint(path)
+            verify_checkpoint(path, run_id=run_id)
             return path
         except CheckpointError as err:
             logger.warning("skipping %s; falling back to an older checkpoint", err)

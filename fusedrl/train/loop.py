@@ -34,6 +34,7 @@ from fusedrl.config import TrainConfig
 from fusedrl.train.metrics import MetricsLogger, is_rank0
 from fusedrl.stages.base import POLICY, StepTotals
 from fusedrl.train.optim import Trained, build_trained
+from fusedrl.train.resume import apply_optim_config
 
 logger = logging.getLogger("fusedrl")
 
@@ -214,7 +215,7 @@ def train(
     device = next(model.parameters()).device
     total = cfg.loop.max_steps
     trained = build_trained(model, stage, cfg)
-    state = _resume(run_dir, trained, stage) if resume else TrainState()
+    state = _resume(run_dir, trained, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every)
@@ -310,7 +311,7 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
     return record
 
 
-def _resume(run_dir: Path, trained: Dict[str, Trained], stage) -> TrainState:
+def _resume(run_dir: Path, trained: Dict[str, Trained], stage, cfg: TrainConfig) -> TrainState:
     path = latest_valid_checkpoint(run_dir / "checkpoints")
     if path is None:
         logger.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir / "checkpoints")
@@ -319,6 +320,8 @@ def _resume(run_dir: Path, trained: Dict[str, Trained], stage) -> TrainState:
     others = {name: tuple(entry) for name, entry in trained.items() if name != POLICY}
     restored = load_checkpoint(path, model=policy.module, optimizer=policy.optimizer, scheduler=policy.scheduler,
                                others=others)
+    # the configured lr / decay / schedule of the policy, not the saved ones (other trainables keep their own)
+    apply_optim_config(policy.optimizer, policy.scheduler, cfg)
     stage.load_state_dict(restored["stage"])
     fields = {k: v for k, v in restored["trainer"].items() if k in TrainState.__dataclass_fields__}
     state = TrainState(**fields)

@@ -8,7 +8,10 @@ This is what `fusedrl train CONFIG.toml` calls.
 """
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import os
 import random
 from pathlib import Path
 from typing import Callable, Optional
@@ -16,11 +19,12 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from fusedrl.config import ConfigError, TrainConfig, load_config, save_config, to_toml
+from fusedrl.config import ConfigError, TrainConfig, load_config
 from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
-from fusedrl.train.loop import TrainResult, train
+from fusedrl.train.loop import NonFiniteError, TrainResult, train
 from fusedrl.train.metrics import is_rank0, read_metrics, write_plots, write_report
+from fusedrl.train.run_dir import RunDirError, open_run_dir
 
 logger = logging.getLogger("fusedrl")
 
@@ -34,7 +38,14 @@ def seed_everything(seed: int) -> None:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError.message("run.device", f"run.device: {name!r} is not a device; expected auto, cpu, cuda or "
+                                  "cuda:N") from None
+    if device.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise ConfigError.message("run.device", f"run.device: {name!r} is not supported; expected auto, cpu, cuda or "
+                                  "cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError.message("run.device", f"run.device: {name!r} asked for, but CUDA is not available")
     return device
@@ -59,48 +70,101 @@ def load_run_config(path: str, overrides=()) -> TrainConfig:
     return cfg
 
 
-def _write_config(cfg: TrainConfig, run_dir: Path, resume: bool) -> None:
-    path = run_dir / "config.toml"
-    if resume and path.exists():
-        previous = load_config(path, cls=type(cfg))
-        if to_toml(previous) != to_toml(cfg):
-            logger.warning("--resume: the config differs from the one in %s; the new one is used and saved", path)
-    save_config(cfg, path)
+def check_finite_outcome(model: torch.nn.Module, result: TrainResult) -> None:
+    """NonFiniteError when the trained weights or the last evaluation are not finite (nothing is published)."""
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        raise NonFiniteError(f"the final weights are not finite ({len(bad)} tensors, first {bad[0]}); "
+                             "final/ was not written. Lower optim.lr or check the data")
+    for key, value in result.eval_metrics.items():
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            name = key if key.startswith("eval/") else f"eval/{key}"
+            raise NonFiniteError(f"the final evaluation's {name} is {value}; final/ was not written. "
+                                 "Lower optim.lr or check data.eval")
 
 
-def run_training(cfg: TrainConfig, *, resume: bool = False, model=None, tokenizer=None,
+_FULL = (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+_DENIED = (errno.EACCES, errno.EPERM)
+
+
+def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = False, model=None, tokenizer=None,
                  on_step_end: Optional[Callable] = None, extra_eval: Optional[Callable] = None) -> TrainResult:
     """Run the stage `cfg.run.stage` of `cfg` and write the run folder.
+
+    Everything that can be checked before training is checked first (the device, the data files,
+    the run folder: see `fusedrl.train.run_dir`); a refused run writes nothing.
 
     Args:
         cfg: the resolved config.
         resume: continue from the newest valid checkpoint in cfg.run.out_dir.
+        overwrite: the folder holds an earlier run: move it aside (OUT_DIR.old-TIME) and start over.
         model, tokenizer: use these instead of building them from cfg.model (the demo chains stages so).
         on_step_end, extra_eval: passed to the loop (see `fusedrl.train.loop.train`).
     Returns:
         The loop's TrainResult.
+    Raises:
+        ValueError (RunDirError, a data or config error) naming the input; NonFiniteError when the
+        final weights or evaluation are not finite.
     """
-    from fusedrl.stages import STAGE_MODELS, STAGES
+    from fusedrl.data.validate import check_data_paths, rl_prompt_limit, using_bad_record_policy
+    from fusedrl.stages import STAGES
 
     if cfg.run.stage not in STAGES:
         raise ConfigError("run.stage", cfg.run.stage, sorted(STAGES),
                           f"run.stage: expected one of {sorted(STAGES)}, got {cfg.run.stage!r}")
-    run_dir = Path(cfg.run.out_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if is_rank0():
-        _write_config(cfg, run_dir, resume)
+    device = resolve_device(cfg.run.device)
+    check_data_paths(cfg)
+    rl_prompt_limit(cfg)
+    with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
+        try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
+            with using_bad_record_policy(cfg.data.on_bad_record):
+                return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
+        except OSError as err:
+            message = _disk_error(err, folder.path)
+            if message is None:
+                raise
+            raise RunDirError(message) from err
+
+
+def _disk_error(err: OSError, run_dir: Path) -> Optional[str]:
+    """One line for a full disk / read-only file system anywhere, or a permission error in the run folder."""
+    inside = err.filename is None or Path(run_dir).resolve() in Path(err.filename).resolve().parents
+    if err.errno in _FULL or (err.errno in _DENIED and inside):
+        prefix = "run.out_dir: " if inside else ""
+        return f"{prefix}cannot write {err.filename or run_dir}: {os.strerror(err.errno)}"
+    return None
+
+
+def _log_overlong(before: dict, after: dict, cfg: TrainConfig) -> None:
+    """Log how many examples the stage's data loading truncated or dropped (data.max_len, data.overlong)."""
+    delta = {k: after[k] - before[k] for k in after}
+    if any(delta.values()):
+        logger.warning("data: %d examples truncated to data.max_len = %d, %d dropped as longer (data.overlong = %r), "
+                       "%d dropped with no trained token left", delta["truncated"], cfg.data.max_len,
+                       delta["dropped_overlong"], cfg.data.overlong, delta["dropped_untrained"])
+
+
+def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, model, tokenizer,
+         on_step_end, extra_eval) -> TrainResult:
+    from fusedrl.stages import STAGE_MODELS, STAGES
+
     seed_everything(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
-    device = resolve_device(cfg.run.device)
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)
         model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
-    stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
+    from fusedrl.data.records import overlong_counts
+    from fusedrl.data.validate import rl_prompt_limit, using_prompt_limit
+    counts_before = overlong_counts()
+    with using_prompt_limit(tokenizer, rl_prompt_limit(cfg), "data.max_len - rollout.max_new_tokens"):
+        stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
+    _log_overlong(counts_before, overlong_counts(), cfg)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)
     if is_rank0() and not result.interrupted:
+        check_finite_outcome(model, result)
         if cfg.checkpoint.save_final:
             from fusedrl.models.causal_lm import save_model
             save_model(model, run_dir / "final", tokenizer=tokenizer)
