@@ -101,7 +101,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     setup_logging()
-    from fusedrl.config import ConfigError, TrainConfig, describe_config, parse_overrides, to_toml
+    from fusedrl.config import TrainConfig, describe_config, parse_overrides, to_toml
 
     if args.command == "config":
         if rest:  # `fusedrl config --stage grpo` must not print the sft default as if it were grpo's

@@ -103,7 +103,7 @@ def build_model(*, name_or_path: Optional[str] = None, config: Optional[dict] = 
         except ValueError as err:
             if "trust_remote_code" not in str(err):
                 raise
-            raise ValueError(f"model.name_or_path: {str(name_or_path)!r} needs its own Python code to load; set "
+            raise ConfigError.message("model.name_or_path", f"model.name_or_path: {str(name_or_path)!r} needs its own Python code to load; set "
                              "model.trust_remote_code = true only if you trust that code") from None
     model.to(device)
     if gradient_checkpointing:
@@ -157,11 +157,11 @@ def check_arch(arch: dict) -> None:
     from transformers import AutoConfig
 
     if not isinstance(arch.get("model_type"), str):
-        raise ValueError(f"model.arch.model_type: expected a string such as \"qwen2\", got {arch.get('model_type')!r}")
+        raise ConfigError.message("model.arch.model_type", f"model.arch.model_type: expected a string such as \"qwen2\", got {arch.get('model_type')!r}")
     try:
         defaults = AutoConfig.for_model(arch["model_type"])
     except ValueError as err:
-        raise ValueError(f"model.arch.model_type: {err}") from None
+        raise ConfigError.message("model.arch.model_type", f"model.arch.model_type: {err}") from None
     for key, value in arch.items():
         default = getattr(defaults, key, None)
         for tp in (bool, int, float):
@@ -170,17 +170,17 @@ def check_arch(arch: dict) -> None:
                     isinstance(value, int) and not isinstance(value, bool) if tp is int
                     else isinstance(value, (int, float)) and not isinstance(value, bool))
                 if not ok:
-                    raise ValueError(f"model.arch.{key}: expected {tp.__name__}, got {value!r} "
+                    raise ConfigError.message("model.arch", f"model.arch.{key}: expected {tp.__name__}, got {value!r} "
                                      f"({type(value).__name__})")
                 break
     heads, kv = arch.get("num_attention_heads"), arch.get("num_key_value_heads")
     if isinstance(heads, int) and isinstance(kv, int) and kv > 0 and heads % kv:
-        raise ValueError(f"model.arch.num_attention_heads ({heads}) must be a multiple of "
+        raise ConfigError.message("model.arch.num_attention_heads", f"model.arch.num_attention_heads ({heads}) must be a multiple of "
                          f"model.arch.num_key_value_heads ({kv})")
     hidden = arch.get("hidden_size")
     if isinstance(heads, int) and isinstance(hidden, int) and heads > 0 and hidden % heads \
             and "head_dim" not in arch:
-        raise ValueError(f"model.arch.hidden_size ({hidden}) must be a multiple of "
+        raise ConfigError.message("model.arch.hidden_size", f"model.arch.hidden_size ({hidden}) must be a multiple of "
                          f"model.arch.num_attention_heads ({heads})")
 
 
@@ -193,7 +193,7 @@ def build_policy(cfg, tokenizer, device: torch.device):
                             trust_remote_code=bool(getattr(cfg, "trust_remote_code", False)))
         vocab = model.get_input_embeddings().num_embeddings
         if tokenizer is not None and len(tokenizer) > vocab:
-            raise ValueError(f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens, more than the "
+            raise ConfigError.message("model.tokenizer", f"model.tokenizer: the tokenizer has {len(tokenizer)} tokens, more than the "
                              f"{vocab} embeddings of model {cfg.name_or_path!r}; use the model's own tokenizer")
         return model
     if not cfg.arch:

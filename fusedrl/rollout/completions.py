@@ -10,7 +10,7 @@ at `make_sampler` only.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import torch
 

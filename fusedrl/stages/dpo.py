@@ -216,7 +216,7 @@ def kto_data(records: List[dict], tokenizer, *, max_len: int, overlong: str, mis
         if mismatched:
             j = next((j for j in range(i + 1, i + len(items)) if items[j % len(items)][0] != prompt), None)
             if j is None:
-                raise ValueError("dpo.kto_kl: every example has the same prompt, so no mismatched pair exists; "
+                raise ConfigError.message("dpo.kto_kl", "dpo.kto_kl: every example has the same prompt, so no mismatched pair exists; "
                                  "set dpo.kto_kl = false")
             texts.append((prompt, items[j % len(items)][1]))
         members = [tokenize_sft({"prompt": p, "completion": c}, tokenizer, max_len=max_len, overlong=overlong,

@@ -16,6 +16,7 @@ import torch
 
 from fusedrl.config import OptimConfig, ScheduleConfig, TrainConfig
 from fusedrl.stages.base import POLICY, Trainable
+from fusedrl.config_io import ConfigError
 
 
 def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min_lr_ratio: float) -> float:
@@ -36,7 +37,7 @@ def lr_factor(step: int, *, total_steps: int, warmup_steps: int, decay: str, min
     elif decay == "cosine":
         shape = 0.5 * (1.0 + math.cos(math.pi * progress))
     else:
-        raise ValueError(f"schedule.decay: expected constant, linear or cosine, got {decay!r}")
+        raise ConfigError.message("schedule.decay", f"schedule.decay: expected constant, linear or cosine, got {decay!r}")
     return min_lr_ratio + (1.0 - min_lr_ratio) * shape
 
 
