@@ -193,6 +193,7 @@ MINIMUM = {
     "sft.eval_micro_batches": 0,
     "pg.resample_rounds": 0,
 }
+POSITIVE = {"optim.lr", "optim.eps"}  # strictly > 0 (a zero learning rate trains nothing, silently)
 
 
 # ----------------------------------------------------------------------------- loading
@@ -210,6 +211,8 @@ def validate(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key}", value, "a finite number")
         elif key in MINIMUM and value is not None and value < MINIMUM[key]:
             raise ConfigError(f"{key}", value, f"a value >= {MINIMUM[key]}")
+        elif key in POSITIVE and value is not None and not value > 0:
+            raise ConfigError(f"{key}", value, "a number > 0")
     if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "2 values")
 

@@ -98,7 +98,7 @@ def _read_json_records(path: str) -> List[Tuple[str, Any]]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
         line = raw[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[err.start]:#04x}); save the file as UTF-8") from None
     if text.lstrip().startswith("["):
         try:
             rows = json.loads(text)

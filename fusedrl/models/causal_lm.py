@@ -49,7 +49,7 @@ def refuse_remote_code(name_or_path, key: str = "model.name_or_path") -> None:
     except (OSError, ValueError, AttributeError):
         return  # transformers reports an unreadable config itself
     if auto_map:
-        raise ValueError(f"{key}: {str(name_or_path)!r} needs its own Python code (auto_map in config.json) "
+        raise ConfigError.message(key, f"{key}: {str(name_or_path)!r} needs its own Python code (auto_map in config.json) "
                          "to load; set model.trust_remote_code = true only if you trust that code")
 
 

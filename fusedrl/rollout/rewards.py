@@ -32,6 +32,7 @@ from typing import Callable, Dict, List, Sequence
 import torch
 
 from fusedrl.data.packed import Example, pack_balanced
+from fusedrl.config_io import ConfigError
 
 __all__ = ["load_verifier", "score_completions", "reward_model_scores", "exact_match", "char_accuracy", "shaped_match", "ends_cleanly"]
 
@@ -64,18 +65,18 @@ def load_verifier(spec: str, *, what: str = "verifier") -> Verifier:
         raise TypeError(f"{what}: expected a 'module:function' string, got {type(spec).__name__}")
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name.strip() or not attr.strip() or ":" in attr:
-        raise ValueError(f"{what}: expected 'module:function' (e.g. 'fusedrl.rollout.rewards:exact_match'), "
+        raise ConfigError.message(what, f"{what}: expected 'module:function' (e.g. 'fusedrl.rollout.rewards:exact_match'), "
                          f"got {spec!r}")
     try:
         module = importlib.import_module(module_name.strip())
     except ImportError as err:
-        raise ValueError(f"{what}: cannot import module {module_name!r} named in {spec!r}: "
+        raise ConfigError.message(what, f"{what}: cannot import module {module_name!r} named in {spec!r}: "
                          f"{type(err).__name__}: {err}") from err
     logger.info("%s: %r runs code from %s", what, spec, getattr(module, "__file__", None) or "a built-in module")
     target = module
     for part in attr.strip().split("."):
         if not hasattr(target, part):
-            raise ValueError(f"{what}: module {module_name!r} has no attribute {attr!r} (named in {spec!r})")
+            raise ConfigError.message(what, f"{what}: module {module_name!r} has no attribute {attr!r} (named in {spec!r})")
         target = getattr(target, part)
     if not callable(target):
         raise TypeError(f"{what}: {spec!r} is a {type(target).__name__}, expected a function "

@@ -42,11 +42,16 @@ def check_stage_config(cfg, stage: str) -> None:
     """Every check of the stage's own tables, run when the config is loaded (ConfigError naming the field)."""
     import dataclasses
 
+    from fusedrl.config_io import ConfigError
     from fusedrl.stages.configs_alignment import check_section
     from fusedrl.stages.configs_rl import check_rollout, resolve_pg_options
     from fusedrl.stages.ppo import resolve_ppo_options
 
     if stage in PG_STAGES:
+        if cfg.pg.algo not in (stage, "grpo"):  # "grpo" is the field's default; run.stage names the algorithm
+            raise ConfigError("pg.algo", cfg.pg.algo, [stage],
+                              f"pg.algo: {cfg.pg.algo!r} contradicts run.stage = {stage!r}; remove pg.algo "
+                              "(run.stage names the algorithm) or make them agree")
         resolve_pg_options(dataclasses.replace(cfg.pg, algo=stage), cfg.rollout)
         check_rollout(cfg.rollout)
     elif stage == "ppo":

@@ -208,6 +208,18 @@ def check_policy_options(prefix: str, cfg) -> None:
     if cfg.aggregation is not None and cfg.aggregation not in AGGREGATION_CHOICES:
         raise ConfigError(f"{prefix}.aggregation", cfg.aggregation, f"one of {AGGREGATION_CHOICES}")
     _positive_int(f"{prefix}.mini_batches", cfg.mini_batches)
+    if cfg.dual_clip is not None and (isinstance(cfg.dual_clip, bool) or not cfg.dual_clip > 1):
+        raise ConfigError(f"{prefix}.dual_clip", cfg.dual_clip, "None or a number > 1 (verl's default is 3)")
+    clamp = getattr(cfg, "kl_clamp", None)
+    if clamp is not None and not clamp > 0:
+        raise ConfigError(f"{prefix}.kl_clamp", clamp, "None or a number > 0")
+
+
+def _check_clip(key: str, value, *, upper_open: bool) -> None:
+    """A clip range in [0, 1) (or [0, 1] where 1 means "no bound on that side", CISPO's lower side)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value > 1 \
+            or (upper_open and value == 1):
+        raise ConfigError(key, value, "a number in [0, 1)" if upper_open else "a number in [0, 1]")
 
 
 # ----------------------------------------------------------------------------- algorithms
@@ -288,6 +300,17 @@ def resolve_pg_options(cfg: PolicyGradientConfig, rollout: RolloutConfig) -> Res
         raise ConfigError("pg.iterations", cfg.iterations, "an int >= 1")
     spec = ALGORITHMS[cfg.algo]
     pick = lambda value, default: default if value is None else value  # noqa: E731
+    if cfg.eps_low is not None:  # CISPO's lower side may be 1 (no lower bound), as its default
+        _check_clip("pg.eps_low", cfg.eps_low, upper_open=spec.loss_algo != "cispo")
+    if cfg.eps_high is not None and (isinstance(cfg.eps_high, bool) or not cfg.eps_high > 0):
+        raise ConfigError("pg.eps_high", cfg.eps_high, "None or a number > 0")
+    if not cfg.adv_eps > 0:
+        raise ConfigError("pg.adv_eps", cfg.adv_eps, "a number > 0")
+    if cfg.baseline_decay is not None and not 0 <= cfg.baseline_decay < 1:
+        raise ConfigError("pg.baseline_decay", cfg.baseline_decay, "None or a number in [0, 1)")
+    for key in ("tau_pos", "tau_neg"):
+        if not getattr(cfg, key) > 0:
+            raise ConfigError(f"pg.{key}", getattr(cfg, key), "a number > 0")
     dynamic = pick(cfg.dynamic_sampling, spec.dynamic_sampling)
     if spec.advantage in GROUP_ADVANTAGES and rollout.group_size < 2:
         raise ConfigError("rollout.group_size", rollout.group_size, ">= 2",

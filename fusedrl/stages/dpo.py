@@ -38,6 +38,7 @@ from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.cache import content_key, load_tensors, model_fingerprint, path_fingerprint, save_tensors
 from fusedrl.stages.groups import GroupedDataset, sequence_sums, tokenize_groups
 from fusedrl import kernels
+from fusedrl.data.validate import DataError
 
 logger = logging.getLogger("fusedrl")
 
@@ -208,7 +209,7 @@ def kto_data(records: List[dict], tokenizer, *, max_len: int, overlong: str, mis
         elif "completion" in record and isinstance(record.get("label"), (bool, int, float)):
             items.append((record["prompt"], record["completion"], float(bool(record["label"]))))
         else:
-            raise ValueError(f"records[{i}]: KTO needs prompt/completion/label or prompt/chosen/rejected, "
+            raise DataError(f"records[{i}]: KTO needs prompt/completion/label or prompt/chosen/rejected, "
                              f"got keys {sorted(record)}")
     examples, groups, extras = [], [], []
     for i, (prompt, completion, desirable) in enumerate(items):
@@ -239,10 +240,10 @@ def dpo_dataset(records, tokenizer, cfg: DPOConfig, *, max_len: int, token_budge
         examples, groups, _ = tokenize_groups(records, tokenizer, max_len=max_len, overlong=overlong)
         extras = None
         if groups and len(groups[0]) != 2:
-            raise ValueError(f"records: dpo.loss {cfg.loss!r} needs prompt/chosen/rejected pairs, got groups of "
+            raise DataError(f"records: dpo.loss {cfg.loss!r} needs prompt/chosen/rejected pairs, got groups of "
                              f"{len(groups[0])} completions")
     if not groups:
-        raise ValueError(f"records: no example left after tokenizing {len(records)} records (max_len {max_len})")
+        raise DataError(f"records: no example left after tokenizing {len(records)} records (max_len {max_len})")
     return GroupedDataset(examples, groups, token_budget, seed=seed, shuffle=shuffle, extras=extras)
 
 
@@ -259,7 +260,7 @@ def build_dpo_stage(cfg, model, tokenizer) -> DPOStage:
     """The direct-alignment stage of a config with a ``dpo`` table (reference log-probs computed here)."""
     dpo_cfg = getattr(cfg, "dpo", None)
     if dpo_cfg is None:
-        raise ValueError("dpo: the config has no [dpo] table "
+        raise ConfigError.message("dpo", "dpo: the config has no [dpo] table "
                          "(use fusedrl.stages.configs_alignment.AlignmentTrainConfig)")
     check_section(dpo_cfg, "dpo")
     data = cfg.data

@@ -25,6 +25,7 @@ from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import Example
 from fusedrl.data.packed import EpochBins, build_batch
 from fusedrl.packing import pack_by_budget
+from fusedrl.data.validate import DataError
 
 
 def sequence_sums(values: torch.Tensor, cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
@@ -141,17 +142,17 @@ def tokenize_groups(records: List[dict], tokenizer, *, max_len: int, overlong: s
     kept: List[int] = []
     for r, record in enumerate(records):
         if not isinstance(record, dict) or "prompt" not in record:
-            raise ValueError(f"records[{r}]: expected a dict with 'prompt' and 'chosen'/'rejected' or "
+            raise DataError(f"records[{r}]: expected a dict with 'prompt' and 'chosen'/'rejected' or "
                              f"'completions', got {record!r:.80}")
         if "completions" in record:
             completions = record["completions"]
             if not isinstance(completions, list) or len(completions) < 2:
-                raise ValueError(f"records[{r}]['completions']: expected a list of >= 2 completions, best first, "
+                raise DataError(f"records[{r}]['completions']: expected a list of >= 2 completions, best first, "
                                  f"got {completions!r:.80}")
         elif "chosen" in record and "rejected" in record:
             completions = [record["chosen"], record["rejected"]]
         else:
-            raise ValueError(f"records[{r}]: expected 'chosen' and 'rejected', or 'completions'; "
+            raise DataError(f"records[{r}]: expected 'chosen' and 'rejected', or 'completions'; "
                              f"got keys {sorted(record)}")
         members = []
         for completion in completions:

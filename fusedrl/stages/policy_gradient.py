@@ -102,7 +102,7 @@ class PolicyGradientStage(BaseStage):
                  baseline_decay: Optional[float] = None, name: Optional[str] = None):
         check_rollout(rollout, require_reward=False)
         if not records:
-            raise ValueError("records: the RL stage needs at least one prompt record")
+            raise DataError("records: the RL stage needs at least one prompt record")
         self.name = name or self.name
         self.records, self.tokenizer, self.rollout, self.opt = list(records), tokenizer, rollout, options
         self.rewards, self.eval_records = rewards, list(eval_records or [])

@@ -44,6 +44,8 @@ from fusedrl.kernels import fold_kl_into_rewards, gae, value_loss, whiten
 def resolve_ppo_options(cfg: PPOConfig) -> ResolvedOptions:
     """[ppo] as the options the shared stage code reads; raises ValueError naming bad keys."""
     check_policy_options("ppo", cfg)
+    if isinstance(cfg.eps, bool) or not isinstance(cfg.eps, (int, float)) or not 0 < cfg.eps < 1:
+        raise ConfigError("ppo.eps", cfg.eps, "a number in (0, 1)")
     for key in ("epochs", "mini_batches"):
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:

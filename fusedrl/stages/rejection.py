@@ -249,7 +249,7 @@ def build_rejection_stage(cfg, model, tokenizer, *, scorer: Optional[Scorer] = N
     """
     rs_cfg = getattr(cfg, "rejection", None)
     if rs_cfg is None:
-        raise ValueError("rejection: the config has no [rejection] table "
+        raise ConfigError.message("rejection", "rejection: the config has no [rejection] table "
                          "(use fusedrl.stages.configs_alignment.AlignmentTrainConfig)")
     check_section(rs_cfg, "rejection", require_scorer=scorer is None)
     data = cfg.data

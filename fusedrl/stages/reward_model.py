@@ -30,6 +30,7 @@ from fusedrl.stages.configs_alignment import RM_LOSSES, RewardModelConfig, check
 from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.groups import GroupedDataset, completion_token_mask, tokenize_groups
 from fusedrl.kernels import bradley_terry_loss, outcome_rm_loss, plackett_luce_loss
+from fusedrl.data.validate import DataError
 
 logger = logging.getLogger("fusedrl")
 
@@ -158,7 +159,7 @@ def outcome_examples(records: List[dict], tokenizer, *, max_len: int, overlong: 
         if isinstance(label, bool):
             label = float(label)
         if label not in (0, 1, 0.0, 1.0):
-            raise ValueError(f"records[{i}]['label']: expected 0/1 or true/false for an outcome reward model, "
+            raise DataError(f"records[{i}]['label']: expected 0/1 or true/false for an outcome reward model, "
                              f"got {label!r}")
         example = tokenize_sft({"prompt": record["prompt"], "completion": record["completion"]}, tokenizer,
                                max_len=max_len, overlong=overlong)
@@ -176,18 +177,18 @@ def reward_model_data(records: List[dict], tokenizer, *, loss: str, max_len: int
     if loss == "outcome":
         examples, extras, dropped = outcome_examples(records, tokenizer, max_len=max_len, overlong=overlong)
         if not examples:
-            raise ValueError(f"records: no example left to train on ({dropped} dropped)")
+            raise DataError(f"records: no example left to train on ({dropped} dropped)")
         return PackedDataset(examples, token_budget, seed=seed, shuffle=shuffle, extras=extras)
     examples, groups, kept = tokenize_groups(records, tokenizer, max_len=max_len, overlong=overlong)
     if not groups:
-        raise ValueError(f"records: no group left to train on ({len(records)} dropped by the overlong policy)")
+        raise DataError(f"records: no group left to train on ({len(records)} dropped by the overlong policy)")
     extras = None
     if loss == "margin":
         extras = [{"margin": 0.0} for _ in examples]
         for group, r in zip(groups, kept):
             value = records[r].get(margin_key)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"records[{r}][{margin_key!r}]: loss 'margin' needs a number in each record, "
+                raise DataError(f"records[{r}][{margin_key!r}]: loss 'margin' needs a number in each record, "
                                  f"got {value!r}")
             extras[group[0]]["margin"] = float(value)
     return GroupedDataset(examples, groups, token_budget, seed=seed, shuffle=shuffle, extras=extras)
@@ -211,7 +212,7 @@ def build_reward_model_stage(cfg, model, tokenizer) -> RewardModelStage:
     (build it with ``build_reward_model``)."""
     rm_cfg = getattr(cfg, "reward_model", None)
     if rm_cfg is None:
-        raise ValueError("reward_model: the config has no [reward_model] table "
+        raise ConfigError.message("reward_model", "reward_model: the config has no [reward_model] table "
                          "(use fusedrl.stages.configs_alignment.AlignmentTrainConfig)")
     check_section(rm_cfg, "reward_model")
     if not isinstance(model, ScalarHeadModel):

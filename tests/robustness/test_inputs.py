@@ -202,3 +202,21 @@ def test_disk_errors_are_named_only_where_they_belong(tmp_path):
     assert _disk_error(OSError(errno.EACCES, "denied", outside), run) is None  # a data file: not ours to rename
     assert _disk_error(OSError(errno.ENOSPC, "full", outside), run) == f"cannot write {outside}: No space left on device"
     assert _disk_error(OSError(errno.ENOENT, "missing", inside), run) is None
+
+
+@pytest.mark.parametrize("name, extra, needles", [
+    ("sft_tiny", ["--optim.lr=0"], ["optim.lr", "> 0"]),
+    ("sft_tiny", ["--optim.lr=inf"], ["optim.lr", "finite"]),
+    ("grpo_tiny", ["--pg.eps_low=1.5"], ["pg.eps_low", "[0, 1)"]),
+    ("grpo_tiny", ["--pg.eps_low=-0.1"], ["pg.eps_low"]),
+    ("grpo_tiny", ["--pg.adv_eps=0"], ["pg.adv_eps", "> 0"]),
+    ("grpo_tiny", ["--pg.dual_clip=0.5"], ["pg.dual_clip", "> 1"]),
+    ("grpo_tiny", ["--pg.kl_clamp=0"], ["pg.kl_clamp"]),
+    ("grpo_tiny", ["--pg.kl_kind=k4"], ["pg.kl_kind", "k4"]),
+    ("grpo_tiny", ["--pg.algo=ppo"], ["pg.algo", "run.stage"]),
+    ("grpo_tiny", ["--pg.algo=dapo"], ["pg.algo", "contradicts", "'grpo'"]),
+    ("ppo_tiny", ["--ppo.eps=1.5"], ["ppo.eps", "(0, 1)"]),
+])
+def test_policy_options_are_checked_at_load_naming_the_key(tmp_path, capsys, name, extra, needles):
+    """Checked when the config loads (before any model or sample), named by their config key."""
+    _refused(tmp_path, capsys, extra, *needles, name=name)

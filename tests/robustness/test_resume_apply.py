@@ -5,7 +5,7 @@ import copy
 import torch
 
 from fusedrl.config import TrainConfig
-from fusedrl.train.loop import build_optimizer, build_scheduler, lr_factor
+from fusedrl.train.optim import build_optimizer, build_scheduler, lr_factor
 from fusedrl.train.resume import apply_optim_config, config_changes, resumable
 
 

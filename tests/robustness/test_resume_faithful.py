@@ -8,7 +8,7 @@ import pytest
 from fusedrl.config import load_config
 from fusedrl.stages import STAGE_CONFIGS
 from fusedrl.train.checkpoint import list_checkpoints
-from fusedrl.train.loop import lr_factor
+from fusedrl.train.optim import lr_factor
 
 from tests.robustness._helpers import argv, assert_one_line_error, cli, snapshot, train_rows
 

@@ -11,7 +11,7 @@ import torch
 
 from fusedrl.config import TrainConfig
 from fusedrl.models.causal_lm import build_model
-from fusedrl.train.loop import build_optimizer
+from fusedrl.train.optim import build_optimizer
 from fusedrl.stages.cache import load_tensors
 from fusedrl.train.checkpoint import CheckpointError, _sha256, list_checkpoints, load_checkpoint
 

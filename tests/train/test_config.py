@@ -148,14 +148,14 @@ def test_cli_turns_only_config_and_data_errors_into_one_line(tmp_path, monkeypat
     assert cli.main(["train", str(path)]) == 2
     assert "pg.kl_kind: expected one of" in caplog.text
 
-    def broken(cfg, resume=False):
+    def broken(cfg, resume=False, overwrite=False):
         raise DataError("data.train: record 3 has no 'prompt'")
 
     sft = _write(tmp_path, '[run]\nstage = "sft"\n')
     monkeypatch.setattr("fusedrl.train.run.run_training", broken)
     assert cli.main(["train", str(sft)]) == 2
 
-    def bug(cfg, resume=False):
+    def bug(cfg, resume=False, overwrite=False):
         raise ValueError("a bug, not a config problem")
 
     monkeypatch.setattr("fusedrl.train.run.run_training", bug)
