@@ -65,6 +65,7 @@ from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.stages.configs_rl import (ALGORITHMS, Advantage, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
 from fusedrl.stages.base import BaseStage, StepTotals
+from fusedrl.stages.groups import sequence_sums
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
                              linear_policy_loss, rloo_advantages, whiten)
 from fusedrl.models.causal_lm import hidden_states, lm_head, load_reference, token_logprobs
@@ -237,8 +238,7 @@ class PolicyGradientStage(BaseStage):
         """(N,) sum over completion tokens of KL_t(old || ref) with the configured estimator."""
         kl = kl_penalty(exp.completion_view("old_logp"), exp.completion_view("ref_logp"), self.opt.kl_kind,
                         clamp=self.opt.kl_clamp)
-        seq_ids = torch.repeat_interleave(torch.arange(len(exp)), torch.tensor(exp.completion_lengths()))
-        return torch.zeros(len(exp)).index_add(0, seq_ids, kl.float())
+        return sequence_sums(kl.float(), exp.completion_cu_seqlens(), kl.numel())
 
     def _advantages(self, exp: Experience, rollout: Rollout) -> None:
         """Sequence advantages, broadcast to the completion tokens as tok["advantages"]."""
