@@ -170,6 +170,27 @@ def summary_table(records: List[Dict]) -> str:
     return "\n".join(rows)
 
 
+def time_split_table(records: List[Dict]) -> str:
+    """Markdown table of where a step's host time goes: mean seconds per `time_<phase>` metric and its share.
+
+    RL stages log time_generate, time_score, time_logprobs (old / reference log-probs), time_advantages
+    and time_update; "" when no record has a time_ metric.
+    """
+    totals: Dict[str, List[float]] = {}
+    for record in records:
+        for key, value in record.items():
+            if key.startswith("time_") and isinstance(value, (int, float)) and math.isfinite(value):
+                totals.setdefault(key[len("time_"):], []).append(float(value))
+    if not totals:
+        return ""
+    means = {phase: sum(v) / len(v) for phase, v in totals.items()}
+    whole = sum(means.values()) or 1.0
+    rows = ["| phase | mean seconds per step | share |", "| --- | --- | --- |"]
+    rows += [f"| {phase} | {format_value(sec)} | {100 * sec / whole:.0f}% |"
+             for phase, sec in sorted(means.items(), key=lambda kv: -kv[1])]
+    return "\n".join(rows)
+
+
 def write_report(run_dir: str | Path, *, title: str, extra: str = "") -> Path:
     """Write run_dir/report.md from metrics.jsonl and the PNGs in run_dir/plots."""
     run_dir = Path(run_dir)
@@ -178,6 +199,9 @@ def write_report(run_dir: str | Path, *, title: str, extra: str = "") -> Path:
     if extra:
         lines += [extra, ""]
     lines += ["## Metrics", "", summary_table(records), ""]
+    split = time_split_table(records)
+    if split:
+        lines += ["## Where a step's time goes", "", split, ""]
     plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
     if plots:
         lines += ["## Plots", ""]

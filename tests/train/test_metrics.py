@@ -51,3 +51,19 @@ def test_resumed_logs_keep_the_last_record_per_step(tmp_path):
 def test_console_line_puts_the_main_numbers_first():
     line = format_line(3, 10, {"zeta": 1.0, "lr": 1e-5, "loss": 2.5, "grad_norm": 0.25})
     assert line == "step 3/10 | loss 2.5 | grad_norm 0.25 | lr 1.000e-05 | zeta 1"
+
+
+def test_report_shows_the_time_split(tmp_path):
+    from fusedrl.train.metrics import time_split_table, write_report
+
+    records = [{"step": 1, "time_generate": 3.0, "time_update": 1.0, "loss": 0.5},
+               {"step": 2, "time_generate": 5.0, "time_update": 1.0, "time_score": float("nan")}]
+    table = time_split_table(records)
+    lines = table.splitlines()
+    assert lines[2].startswith("| generate | 4") and lines[2].endswith("| 80% |")  # mean 4 s of 5 s
+    assert lines[3].startswith("| update | 1") and lines[3].endswith("| 20% |")
+    assert "score" not in table  # non-finite values are not averaged
+    assert time_split_table([{"step": 1, "loss": 1.0}]) == ""
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records[:1]))
+    report = write_report(tmp_path, title="t").read_text()
+    assert "## Where a step's time goes" in report and "| generate |" in report
