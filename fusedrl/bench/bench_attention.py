@@ -5,7 +5,7 @@
     python -m fusedrl.bench.bench_attention --smoke              # tiny fp32 shapes on CPU, writes nothing
     python -m fusedrl.bench.bench_attention --device cpu         # the CPU path vs the per-document loop
 
-Cases (benchmarks.md): causal, bf16, Hq=32, Hkv=8, D=128, 16384 tokens; document
+Cases (bench/NOTES.md): causal, bf16, Hq=32, Hkv=8, D=128, 16384 tokens; document
 lengths from `random.Random(0)` (ATTN-LONG: randint(total//64, total//4), 7 documents;
 ATTN-RL: lognormal around 300 clipped to [16, 4096], 37 documents), the last one cut to fit.
 

@@ -4,7 +4,7 @@
     python -m fusedrl.bench.bench_distill --modes full
     python -m fusedrl.bench.bench_distill --smoke              # tiny shapes on CPU, writes nothing
 
-Case (benchmarks.md): reverse KL, temperature 1, token mean; student and teacher both
+Case (bench/NOTES.md): reverse KL, temperature 1, token mean; student and teacher both
 H = 4096, bf16, N = 16384 tokens, V = 151936. Inputs from a torch.Generator on the device,
 seed 0: hidden ~ N(0, 1), weights ~ N(0, 1) / sqrt(H); only the student's hidden states and
 weight take gradients; the upstream gradient is a random scalar (bench/common).

@@ -1,6 +1,6 @@
 """GRPO loss from final hidden states, fwd+bwd: fusedrl vs the unfused eager path vs Liger.
 
-Cases (benchmarks.md): GRPO-7B (B=8, T=2048, H=4096, V=151936) and GRPO-0.5B
+Cases (bench/NOTES.md): GRPO-7B (B=8, T=2048, H=4096, V=151936) and GRPO-0.5B
 (B=32, T=1024, H=896, V=151936), bf16 hidden states and LM head; beta = 0.04,
 k3 KL to the reference, eps 0.2 (clipped surrogate), token_mean, reference and
 old log-probs given, one advantage per sequence, every completion token trained.

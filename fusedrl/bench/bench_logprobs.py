@@ -5,7 +5,7 @@
     python -m fusedrl.bench.bench_logprobs --smoke               # tiny shapes on CPU, writes nothing
     python -m fusedrl.bench.bench_logprobs --device cpu --cases LP-CPU-2k-32k   # the exact CPU path vs eager
 
-Cases (benchmarks.md): bf16 hidden (N, H) and weight (V, H) from a torch.Generator on the
+Cases (bench/NOTES.md): bf16 hidden (N, H) and weight (V, H) from a torch.Generator on the
 device, seed 0 (hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
 upstream gradient random fp32 (bench/common). LP-7B: N=16384, H=4096, V=151936;
 LP-0.5B: N=32768, H=896, V=151936.
@@ -21,7 +21,7 @@ FLOPs: forward 2 N H V, full 6 N H V (three matmuls; fusedrl's backward recomput
 logits, so it performs 8 N H V). The 3-matmul roofline is 6 N H V at the bf16 matmul
 ceiling measured in the same run (an 8192^3 bf16 matmul). "peak MiB" is memory above the
 inputs; in full mode the hidden and weight gradients are subtracted (their size is the
-same for every provider), matching benchmarks.md's anchors.
+same for every provider), matching bench/NOTES.md's anchors.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ lower bound max(sum/k, largest item); bins used against ceil(total/budget)).
     python -m fusedrl.bench.bench_packing --cases k8,budget
     python -m fusedrl.bench.bench_packing --scaling       # C++ at n = 10k, 100k, 1M: time per 10x n
 
-Target (benchmarks.md): C++ >= 20x the Python reference at 16k sequences, same quality.
+Target (bench/NOTES.md): C++ >= 20x the Python reference at 16k sequences, same quality.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Rollout throughput: the native engine vs transformers `generate` (and vLLM when installed).
 
-Cases (benchmarks.md): ROLLOUT-0.5B (Qwen2-0.5B shapes, random init, bf16, 64 prompts of 128
+Cases (bench/NOTES.md): ROLLOUT-0.5B (Qwen2-0.5B shapes, random init, bf16, 64 prompts of 128
 random tokens, n = 1, 256 new tokens), ROLLOUT-G8 (the same with n = 8: prefix sharing) on a GPU;
 ROLLOUT-CPU (the G8 pattern on a ~30M-parameter Qwen2-shaped model in float32 on the CPU:
 16 prompts of 128 tokens x 8 samples, 64 new tokens). Sampling at temperature 1, no top-k /

@@ -1,4 +1,4 @@
-"""Advantage estimators and reward shaping (algorithms.md, "Advantages").
+"""Advantage estimators and reward shaping (docs/objectives.md, "Advantages").
 
 Group layout: rewards of G samples per prompt are either (num_prompts * G,)
 grouped contiguously (pass `group_size=G`) or (num_prompts, G). Outputs have
@@ -193,7 +193,7 @@ def fold_kl_into_rewards(seq_rewards, logp, ref_logp, mask=None, *, cu_seqlens=N
                          kind: str = "k1", clamp: Optional[float] = None) -> torch.Tensor:
     """Per-token rewards r_t = -beta * KL_t, plus the sequence reward on the last masked token.
 
-    PPO / REINFORCE style KL regularisation (algorithms.md): the KL goes into the
+    PPO / REINFORCE style KL regularisation (docs/objectives.md): the KL goes into the
     reward instead of the loss. A sequence with no masked token gets no reward.
 
     Args:

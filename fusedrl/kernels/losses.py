@@ -1,4 +1,4 @@
-"""Value, reward-model and preference losses (algorithms.md), each returning (loss, metrics).
+"""Value, reward-model and preference losses (docs/objectives.md), each returning (loss, metrics).
 
 All math in float32 (float64 for float64 inputs); metrics are detached 0-d
 tensors (no host sync). Batch means divide by the batch size unless a global

@@ -1,4 +1,4 @@
-"""The policy-gradient loss family (algorithms.md, "Policy losses"), returning (loss, metrics).
+"""The policy-gradient loss family (docs/objectives.md, "Policy losses"), returning (loss, metrics).
 
 Per token (d_t = logp_t - old_t, ratio_t = exp(d_t), A_t the advantage, clip(.) = clamp to
 [1 - eps_low, 1 + eps_high], n_i = masked tokens of sequence i, sg = stop-gradient):

@@ -1,4 +1,4 @@
-"""Direct-alignment (preference) losses from per-sequence summed log-probs (algorithms.md).
+"""Direct-alignment (preference) losses from per-sequence summed log-probs (docs/objectives.md).
 
 Inputs are (P,) float per-sequence sums over completion tokens: `chosen_logp`,
 `rejected_logp` under the policy (differentiable), `ref_chosen_logp`,

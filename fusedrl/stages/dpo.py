@@ -10,7 +10,7 @@ reference), h = (logp_c - ref_c) - (logp_r - ref_r):
     simpo     -log sigmoid(beta (avg_c - avg_r) - gamma)           no reference
     orpo      NLL_avg(chosen) - lam log sigmoid(odds ratio)       no reference
 
-The losses are `fusedrl.kernels`' (algorithms.md). Reference log-probs are
+The losses are `fusedrl.kernels`' (docs/objectives.md). Reference log-probs are
 computed once, before training, by `reference_logprobs` with the fused
 `linear_logprobs` kernel (no logits), stored with the examples (memory) and in
 a safetensors cache keyed by the reference's and the data's identity (disk);

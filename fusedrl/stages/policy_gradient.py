@@ -1,7 +1,7 @@
 """Policy-gradient RL with group or baseline advantages: GRPO, Dr. GRPO, DAPO, GSPO, CISPO, SAPO, RLOO, REINFORCE.
 
 One stage class; the algorithm is a row of `ALGORITHMS` choosing the advantage
-estimator and the `policy_loss` options (algorithms.md has the math):
+estimator and the `policy_loss` options (docs/objectives.md has the math):
 
     algo       advantages                       loss (policy_loss algo, aggregation, clip)
     grpo       (R - mean_g R) / (std_g R + eps)  grpo, seq_mean, [0.8, 1.2]

@@ -105,7 +105,7 @@ def test_aggregation_hand_and_empty_sequence(backend):
 
 def naive_loss(logp, old, adv, mask, lengths, algo, mode, *, max_len=7, eps_low=0.2, eps_high=0.28, dual=None,
                ref=None, beta=0.0, kind="k3", ent=None, c_ent=0.0, sampler=None):
-    """Float64 oracle straight from algorithms.md: a loop over sequences, per-token advantages."""
+    """Float64 oracle straight from docs/objectives.md: a loop over sequences, per-token advantages."""
     seq_terms, n_total, start = [], 0.0, 0
     for n in lengths:
         sl = slice(start, start + n)
