@@ -17,6 +17,8 @@ from fusedrl.stages.reward_model import build_reward_model, build_reward_model_s
 from fusedrl.stages.configs_rl import RLTrainConfig
 from fusedrl.stages.policy_gradient import PG_STAGES
 from fusedrl.stages.ppo import build_ppo_stage
+from fusedrl.stages.configs_distill import DistillTrainConfig
+from fusedrl.stages.distill import build_distill_stage
 
 STAGES = {
     "sft": build_sft_stage,
@@ -25,6 +27,7 @@ STAGES = {
     "dpo": build_dpo_stage,
     **PG_STAGES,  # grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce
     "ppo": build_ppo_stage,
+    "distill": build_distill_stage,
 }
 
 # Root config class by stage name; stages not listed use TrainConfig.
@@ -34,6 +37,7 @@ STAGE_CONFIGS = {
     "rejection": AlignmentTrainConfig,
     "dpo": AlignmentTrainConfig,
     **{name: RLTrainConfig for name in [*PG_STAGES, "ppo"]},
+    "distill": DistillTrainConfig,
 }
 
 # Model builder by stage name, for stages that train something other than the causal-LM
