@@ -121,23 +121,33 @@ def aligned_hidden(model, batch: PackedBatch, teacher_prompts: Sequence[Sequence
     return out
 
 
-def teacher_token_kl(student, teacher: Teacher, batches: Sequence[PackedBatch], prompt_lens: Sequence[Sequence[int]],
-                     *, temperature: float, device) -> List[torch.Tensor]:
-    """Exact per-position reverse KL(student || teacher) of each batch, (total,) float32 on the host, 0 off
-    the completion tokens: the dense reward of on-policy distillation is its negative."""
-    from fusedrl.kernels import linear_distill_loss
+def distill_token_kl(exp, student, teacher: Teacher, *, token_budget: int, device, temperature: float = 1.0
+                     ) -> List[torch.Tensor]:
+    """Exact reverse KL(student || teacher) of each completion token of an Experience, token-aligned like
+    exp.tok (entry j: the KL of the distributions that emit token j; 0 on prompt tokens), on the host.
 
-    out = []
-    weight, bias = lm_head(student)
-    t_weight, t_bias = teacher.head()
+    The dense reward of on-policy distillation is its negative. The teacher reads the same tokens.
+    """
+    from fusedrl.kernels import linear_distill_loss
+    from fusedrl.rollout.experience import token_forward
+
+    def per_position(batch: PackedBatch) -> torch.Tensor:
+        weight, bias = lm_head(student)
+        t_weight, t_bias = teacher.head()
+        _, _, kl = linear_distill_loss(
+            hidden_states(student, batch), weight, hidden_states(teacher.model, batch), t_weight, student_bias=bias,
+            teacher_bias=t_bias, labels=batch.labels, cu_seqlens=batch.cu_seqlens, kind="reverse_kl",
+            temperature=temperature, return_per_token=True)
+        return kl
+
     with torch.no_grad(), teacher.on_device():
-        for batch, lens in zip(batches, prompt_lens):
-            batch = batch.to(device)
-            prompts = [batch.input_ids[s:s + p].tolist() for s, p in zip(batch.cu_seqlens[:-1].tolist(), lens)]
-            h_t = aligned_hidden(teacher.model, batch, prompts, lens, device)
-            _, _, per_token = linear_distill_loss(
-                hidden_states(student, batch), weight, h_t, t_weight, student_bias=bias, teacher_bias=t_bias,
-                labels=batch.labels, cu_seqlens=batch.cu_seqlens, kind="reverse_kl", temperature=temperature,
-                return_per_token=True)
-            out.append(per_token.float().cpu())
-    return out
+        return token_forward(exp, per_position, token_budget, device)
+
+
+def reward_teacher(table, model_cfg, policy) -> Optional[Teacher]:
+    """The frozen teacher of a [pg] / [ppo] table's distillation reward (None when distill_coef is 0)."""
+    if not table.distill_coef:
+        return None
+    device = next(policy.parameters()).device
+    return load_teacher(table.distill_teacher, device=device, vocab_size=lm_head(policy)[0].shape[0],
+                        dtype=model_cfg.dtype)

@@ -104,6 +104,10 @@ class PolicyGradientConfig:
     """SAPO gate temperature for positive advantages."""
     tau_neg: float = 1.05
     """SAPO gate temperature for negative advantages."""
+    distill_teacher: Optional[str] = None
+    """Teacher (folder or hub id, the policy's vocabulary) of the on-policy distillation reward; None: off."""
+    distill_coef: float = 0.0
+    """Dense distillation reward: advantage_t -= distill_coef * KL_t(policy || teacher) per completion token; 0: off."""
 
 
 @dataclass
@@ -144,6 +148,10 @@ class PPOConfig:
     """Entropy bonus coefficient."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap when sampler and learner differ; None: off."""
+    distill_teacher: Optional[str] = None
+    """Teacher (folder or hub id, the policy's vocabulary) of the on-policy distillation reward; None: off."""
+    distill_coef: float = 0.0
+    """Dense distillation reward: reward_t (before GAE) -= distill_coef * KL_t(policy || teacher) per completion token; 0: off."""
 
 
 @dataclass
@@ -192,6 +200,9 @@ def check_policy_options(prefix: str, cfg) -> None:
     if cfg.aggregation is not None and cfg.aggregation not in AGGREGATION_CHOICES:
         raise ValueError(f"{prefix}.aggregation: expected one of {AGGREGATION_CHOICES}, got {cfg.aggregation!r}")
     _positive_int(f"{prefix}.mini_batches", cfg.mini_batches)
+    _nonneg(f"{prefix}.distill_coef", cfg.distill_coef)
+    if cfg.distill_coef and not cfg.distill_teacher:
+        raise ValueError(f"{prefix}.distill_teacher: distill_coef > 0 needs a teacher model (a folder or hub id)")
 
 
 # ----------------------------------------------------------------------------- algorithms
