@@ -10,7 +10,8 @@ short word) is generated. The pipeline is a list of stage steps run in order
 (`[demo] stages`); each trains the current policy with the one loop and is
 scored by greedy exact-match accuracy on held-out prompts, before the first
 step and after every step: SFT, reward model, rejection sampling, DPO, GRPO
-(verifier reward) and PPO (reward-model reward). A new stage adds an entry to `DEMO_STEPS`.
+(verifier reward), PPO (reward-model reward), then distillation of the final policy
+into a smaller student (whose own task score the report shows). A new stage adds an entry to `DEMO_STEPS`.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch
 
 from fusedrl.config import TrainConfig, apply_override, load_config, save_config, validate
 from fusedrl.demo.alignment import ALIGNMENT_STEPS
+from fusedrl.demo.distill import DISTILL_STEPS
 from fusedrl.demo.rl import RL_STEPS
 from fusedrl.train.metrics import format_value, read_metrics
 from fusedrl.train.plot import line_plot
@@ -34,8 +36,8 @@ from fusedrl.demo.tasks import TaskConfig, make_split, sample_completions, score
 logger = logging.getLogger("fusedrl")
 
 
-# The whole RLHF pipeline, in the book's order.
-DEFAULT_STAGES = ("sft", "reward_model", "rejection", "dpo", "grpo", "ppo")
+# The whole RLHF pipeline, in the book's order, then a smaller student distilled from its final policy.
+DEFAULT_STAGES = ("sft", "reward_model", "rejection", "dpo", "grpo", "ppo")  # "distill" is available: add it to demo.stages
 
 
 @dataclass
@@ -132,6 +134,7 @@ DEMO_STEPS: Dict[str, Callable[[DemoContext], Dict[str, Any]]] = {
     "sft": sft_step,
     **ALIGNMENT_STEPS,  # reward_model, rejection, dpo (fusedrl.demo.alignment)
     **RL_STEPS,  # grpo, ppo (fusedrl.demo.rl)
+    **DISTILL_STEPS,  # distill: a smaller student of the final policy (fusedrl.demo.distill)
 }
 
 

@@ -19,6 +19,8 @@ from fusedrl.stages.reward_model import build_reward_model, build_reward_model_s
 from fusedrl.stages.configs_rl import RLTrainConfig
 from fusedrl.stages.policy_gradient import PG_STAGES
 from fusedrl.stages.ppo import build_ppo_stage
+from fusedrl.stages.configs_distill import DistillTrainConfig
+from fusedrl.stages.distill import build_distill_stage
 
 STAGES = {
     "sft": build_sft_stage,
@@ -27,6 +29,7 @@ STAGES = {
     "dpo": build_dpo_stage,
     **PG_STAGES,  # grpo, dr_grpo, dapo, gspo, cispo, sapo, rloo, reinforce
     "ppo": build_ppo_stage,
+    "distill": build_distill_stage,
 }
 
 # Root config class by stage name; stages not listed use TrainConfig.
@@ -36,6 +39,7 @@ STAGE_CONFIGS = {
     "rejection": AlignmentTrainConfig,
     "dpo": AlignmentTrainConfig,
     **{name: RLTrainConfig for name in [*PG_STAGES, "ppo"]},
+    "distill": DistillTrainConfig,
 }
 
 def check_stage_config(cfg, stage: str) -> None:
@@ -59,6 +63,11 @@ def check_stage_config(cfg, stage: str) -> None:
         check_rollout(cfg.rollout)
     elif stage in ("reward_model", "rejection", "dpo"):
         check_section(getattr(cfg, stage), stage)
+    elif stage == "distill":
+        from fusedrl.stages.configs_distill import check_distill
+
+        check_distill(cfg.distill, cfg.rollout)
+        check_rollout(cfg.rollout, require_reward=False)
 
 
 @dataclasses.dataclass

@@ -22,6 +22,8 @@ from fusedrl.config import ConfigError, TrainConfig
 
 
 RM_LOSSES = ("bradley_terry", "margin", "plackett_luce", "outcome")
+RM_KINDS = ("sequence", "process")
+PRM_HEADS = ("classify", "scalar")
 DPO_LOSSES = ("dpo", "cdpo", "ipo", "simpo", "orpo", "kto", "apo_zero", "apo_down", "rpo")
 REFERENCE_FREE = ("simpo", "orpo")
 SELECTIONS = ("best_per_prompt", "top_k", "random")
@@ -38,6 +40,17 @@ class RewardModelConfig:
     """Give a fresh scalar head a bias (transformers' sequence classifiers have none)."""
     eval_micro_batches: int = 0
     """Micro-batches of data.eval used by the evaluation (0: the whole file)."""
+    kind: str = "sequence"
+    """"sequence" (one score per sequence: `loss` above) or "process" (a PRM: a head at each step's last
+    token of prompt/steps/labels records; see fusedrl.stages.process_reward)."""
+    prm_head: str = "classify"
+    """kind = "process": "classify" (prm_classes classes) or "scalar" (one logit, binary cross-entropy)."""
+    prm_classes: int = 2
+    """kind = "process", classify head: 2 (bad, good) or 3 (bad, neutral, good; needs {-1, 0, 1} labels)."""
+    step_separator: str = "\n"
+    """kind = "process": the text rendered after every step; each step ends at its separator's last token."""
+    neutral_as: int = 1
+    """kind = "process", 2 classes or scalar head: the class of PRM800K's neutral label 0 (0 bad, 1 good)."""
 
 
 @dataclass
@@ -109,7 +122,9 @@ class AlignmentTrainConfig(TrainConfig):
 
 
 # Allowed values and lower bounds by "section.field" (same shape as config.CHOICES / MINIMUM).
-CHOICES = {"reward_model.loss": RM_LOSSES, "rejection.selection": SELECTIONS, "dpo.loss": DPO_LOSSES}
+CHOICES = {"reward_model.loss": RM_LOSSES, "rejection.selection": SELECTIONS, "dpo.loss": DPO_LOSSES,
+           "reward_model.kind": RM_KINDS, "reward_model.prm_head": PRM_HEADS, "reward_model.prm_classes": (2, 3),
+           "reward_model.neutral_as": (0, 1)}
 MINIMUM = {"reward_model.eval_micro_batches": 0, "rejection.num_samples": 1, "rejection.top_k": 0,
            "rejection.max_new_tokens": 1, "rejection.sample_batch_size": 1, "rejection.max_prompts": 0,
            "rejection.top_k_sampling": 0, "dpo.label_noise": 0.0, "dpo.gamma": 0.0, "dpo.lam": 0.0,

@@ -113,6 +113,10 @@ class PolicyGradientConfig:
     """SAPO gate temperature for positive advantages."""
     tau_neg: float = 1.05
     """SAPO gate temperature for negative advantages."""
+    distill_teacher: Optional[str] = None
+    """Teacher (folder or hub id, the policy's vocabulary) of the on-policy distillation reward; None: off."""
+    distill_coef: float = 0.0
+    """Dense distillation reward: advantage_t -= distill_coef * KL_t(policy || teacher) per completion token; 0: off."""
 
 
 @dataclass
@@ -153,6 +157,10 @@ class PPOConfig:
     """Entropy bonus coefficient."""
     tis_cap: Optional[float] = None
     """Truncated importance sampling cap when sampler and learner differ; None: off."""
+    distill_teacher: Optional[str] = None
+    """Teacher (folder or hub id, the policy's vocabulary) of the on-policy distillation reward; None: off."""
+    distill_coef: float = 0.0
+    """Dense distillation reward: reward_t (before GAE) -= distill_coef * KL_t(policy || teacher) per completion token; 0: off."""
 
 
 @dataclass
@@ -213,6 +221,10 @@ def check_policy_options(prefix: str, cfg) -> None:
     clamp = getattr(cfg, "kl_clamp", None)
     if clamp is not None and not clamp > 0:
         raise ConfigError(f"{prefix}.kl_clamp", clamp, "None or a number > 0")
+    _nonneg(f"{prefix}.distill_coef", cfg.distill_coef)
+    if cfg.distill_coef and not cfg.distill_teacher:
+        raise ConfigError.message(f"{prefix}.distill_teacher", f"{prefix}.distill_teacher: distill_coef > 0 needs a "
+                                  "teacher model (a folder or hub id)")
 
 
 def _check_clip(key: str, value, *, upper_open: bool) -> None:

@@ -100,7 +100,8 @@ class PolicyGradientStage(BaseStage):
 
     def __init__(self, *, records: List[dict], tokenizer, rollout: RolloutConfig, options: ResolvedOptions,
                  rewards: RewardSource, eval_records: Optional[List[dict]] = None, ref_model=None, seed: int = 0,
-                 baseline_decay: Optional[float] = None, name: Optional[str] = None):
+                 baseline_decay: Optional[float] = None, name: Optional[str] = None, distill_teacher=None,
+                 distill_coef: float = 0.0):
         check_rollout(rollout, require_reward=False)
         if not records:
             raise DataError("records: the RL stage needs at least one prompt record")
@@ -111,6 +112,10 @@ class PolicyGradientStage(BaseStage):
         if options.beta > 0 and ref_model is None:
             raise ValueError("ref_model: beta > 0 needs a frozen reference model (see load_reference)")
         self.ref_model = ref_model if options.beta > 0 else None
+        if distill_coef and distill_teacher is None:
+            raise ValueError("distill_teacher: distill_coef > 0 needs a teacher (fusedrl.rollout.teacher)")
+        # on-policy distillation as a dense reward (None / 0: off)
+        self.distill_teacher, self.distill_coef = (distill_teacher, float(distill_coef)) if distill_coef else (None, 0.)
         self.prompts = PromptSampler(len(self.records), seed)
         self.seed = seed
         self.generator: Optional[torch.Generator] = None  # on the policy's device, made at the first rollout
@@ -168,6 +173,14 @@ class PolicyGradientStage(BaseStage):
                     exp.tok["ref_logp"] = token_forward(exp, lambda b: token_logprobs(ref, b, tau), budget, device)
                     forwards += 1
                 forwards += self._extra_forwards(exp, device)
+        if self.distill_teacher is not None:
+            from fusedrl.rollout.teacher import distill_token_kl
+
+            with timer("logprobs"):
+                exp.tok["distill_kl"] = distill_token_kl(exp, model, self.distill_teacher, token_budget=budget,
+                                                         device=device, temperature=tau)
+                forwards += 2
+            self._host["distill_kl"] = exp.completion_view("distill_kl").mean().item()
         with timer("advantages"):
             self._advantages(exp, rollout)
         if not need_old:
@@ -258,6 +271,8 @@ class PolicyGradientStage(BaseStage):
         else:  # Advantage.REINFORCE
             adv = self.baseline.advantages(rewards)
         per_token = torch.repeat_interleave(adv.float(), torch.tensor(exp.completion_lengths()))
+        if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
+            per_token = per_token - self.distill_coef * exp.completion_view("distill_kl")
         if self.opt.whiten:
             per_token = whiten(per_token)
         exp.set_from_completion_view("advantages", per_token)
@@ -375,9 +390,12 @@ def build_policy_gradient_stage(cfg, model, tokenizer, *, algo: Optional[str] = 
     records, eval_records = load_prompt_records(cfg)
     device = next(model.parameters()).device
     ref = load_reference(cfg.model, pg.ref_model, model) if options.beta > 0 else None
+    from fusedrl.rollout.teacher import reward_teacher
+
     return PolicyGradientStage(records=records, tokenizer=tokenizer, rollout=cfg.rollout, options=options,
                                rewards=build_reward_source(cfg.rollout, device), eval_records=eval_records,
-                               ref_model=ref, seed=cfg.run.seed, baseline_decay=pg.baseline_decay, name=pg.algo)
+                               ref_model=ref, seed=cfg.run.seed, baseline_decay=pg.baseline_decay, name=pg.algo,
+                               distill_teacher=reward_teacher(pg, cfg.model, model), distill_coef=pg.distill_coef)
 
 
 def _builder(algo: str):

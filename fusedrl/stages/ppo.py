@@ -106,6 +106,8 @@ class PPOStage(PolicyGradientStage):
             beta = 0.0
         rewards = fold_kl_into_rewards(exp.seq["rewards"], old, ref, cu_seqlens=cu_seqlens, beta=beta,
                                        kind=self.opt.kl_kind)  # (T,)
+        if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
+            rewards = rewards - self.distill_coef * exp.completion_view("distill_kl")
         advantages, returns = gae(rewards, values, cu_seqlens=cu_seqlens, gamma=self.ppo.gamma, lam=self.ppo.lam)
         if self.opt.whiten:
             advantages = whiten(advantages)
@@ -147,7 +149,10 @@ def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
     records, eval_records = load_prompt_records(cfg)
     device = next(model.parameters()).device
     ref = load_reference(cfg.model, cfg.ppo.ref_model, model) if options.beta > 0 else None
+    from fusedrl.rollout.teacher import reward_teacher
+
     return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
                     records=records, tokenizer=tokenizer,
                     rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device),
-                    eval_records=eval_records, ref_model=ref, seed=cfg.run.seed)
+                    eval_records=eval_records, ref_model=ref, seed=cfg.run.seed,
+                    distill_teacher=reward_teacher(cfg.ppo, cfg.model, model), distill_coef=cfg.ppo.distill_coef)

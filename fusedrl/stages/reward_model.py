@@ -199,6 +199,9 @@ def build_reward_model(cfg, tokenizer, device) -> ScalarHeadModel:
     from fusedrl.models.causal_lm import build_policy
 
     rm_cfg = getattr(cfg, "reward_model", RewardModelConfig())
+    if rm_cfg.kind == "process":  # a process reward model (fusedrl.stages.process_reward)
+        from fusedrl.stages.process_reward import build_process_reward_model
+        return build_process_reward_model(cfg, tokenizer, device)
     if cfg.model.name_or_path is not None:
         dtype = None if cfg.model.dtype == "auto" else cfg.model.dtype
         return ScalarHeadModel.from_pretrained(cfg.model.name_or_path, dtype=dtype, device=device,
@@ -215,6 +218,9 @@ def build_reward_model_stage(cfg, model, tokenizer) -> RewardModelStage:
         raise ConfigError.message("reward_model", "reward_model: the config has no [reward_model] table "
                          "(use fusedrl.stages.configs_alignment.AlignmentTrainConfig)")
     check_section(rm_cfg, "reward_model")
+    if rm_cfg.kind == "process":  # a process reward model (fusedrl.stages.process_reward)
+        from fusedrl.stages.process_reward import build_process_reward_stage
+        return build_process_reward_stage(cfg, model, tokenizer)
     if not isinstance(model, ScalarHeadModel):
         raise TypeError(f"model: the reward-model stage trains a ScalarHeadModel, got {type(model).__name__}; "
                         f"build it with fusedrl.stages.reward_model.build_reward_model(cfg, tokenizer, device)")

@@ -176,3 +176,23 @@ def test_ppo_tiny_trains_with_the_reward_model_run(tmp_path, reward_model_run):
                               f"--rollout.reward_model={rm}", f"--ppo.value_model={rm}"), 2)
     # a reward model scores every sample differently; the critic starts from it, so it has a loss
     assert rows[0]["reward_std"] > 0 and rows[0]["value_loss"] > 0 and rows[0]["grad_norm"] > 0
+
+
+def test_prm_tiny_trains_and_beats_the_majority_rate(tmp_path):
+    records = _train("prm_tiny", tmp_path / "prm", "--loop.max_steps=30", "--loop.eval_every=30")
+    rows = _train_rows(records, 30)
+    assert all(0.0 <= r["step_accuracy"] <= 1.0 for r in rows)
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert final["eval/step_accuracy"] > final["eval/majority_rate"], final
+    assert {"eval/solution_accuracy_min", "eval/solution_accuracy_prod", "eval/solution_accuracy_last"} <= set(final)
+
+
+def test_distill_tiny_trains_from_the_sft_example(tmp_path):
+    teacher = tmp_path / "sft"
+    _train("sft_tiny", teacher, "--loop.max_steps=2", "--loop.eval_every=0")
+    records = _train("distill_tiny", tmp_path / "distill", "--loop.max_steps=3", "--loop.eval_every=3",
+                     f"--distill.teacher={teacher / 'final'}")
+    rows = _train_rows(records, 3)
+    assert all(r["divergence"] > 0 for r in rows)
+    final = [r for r in records if r["kind"] == "eval"][-1]
+    assert final["eval/divergence"] > 0 and 0.0 <= final["eval/accuracy"] <= 1.0
