@@ -33,7 +33,9 @@ from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.data.packed import Example, pack_balanced
 from fusedrl.kernels import linear_distill_loss
 from fusedrl.models.causal_lm import hidden_states, lm_head
-from fusedrl.rollout.experience import PromptSampler, RewardSource, Rollout, Timer, sample_rollout
+from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.experience import PromptSampler, RewardSource, Rollout, Timer
+from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.teacher import Teacher, aligned_hidden
 from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.configs_distill import DistillStageConfig, check_distill
@@ -127,9 +129,10 @@ class DistillStage(BaseStage):
 
     def _sample(self, model, indices: Sequence[int], group_size: int) -> Rollout:
         r = self.rollout
-        return sample_rollout(model, self.tokenizer, self.records, indices, group_size=group_size,
-                              max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                              top_k=r.top_k, generator=self._sampling_generator(model))
+        sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
+        params = SamplingParams(n=group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                                max_new_tokens=r.max_new_tokens, seed=self.seed)
+        return sample_rollout(sampler, self.tokenizer, self.records, indices, params)
 
     def _student_samples(self, model, indices: Sequence[int]) -> List[Sample]:
         rollout = self._sample(model, indices, self.rollout.group_size)
