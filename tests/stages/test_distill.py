@@ -38,9 +38,10 @@ def distill_stage(tok, *, mode="on_policy", teacher=None, rollout=None, **cfg):
 def _fixed_samples(stage, model, n=8):
     """Student samples drawn once (a fixed held-out set to measure the divergence on)."""
     g = torch.Generator().manual_seed(123)
-    from fusedrl.rollout.experience import sample_rollout
-    rollout = sample_rollout(model, stage.tokenizer, stage.records, list(range(n)), group_size=1,
-                             max_new_tokens=6, generator=g)
+    from fusedrl.rollout.completions import make_sampler, sample_rollout
+    from fusedrl.rollout.sampling import SamplingParams
+    rollout = sample_rollout(make_sampler("hf", model, stage.tokenizer, generator=g), stage.tokenizer, stage.records,
+                             list(range(n)), SamplingParams(n=1, max_new_tokens=6))
     return [(list(p), list(c), list(p)) for p, c in zip(rollout.prompt_ids, rollout.completion_ids) if c]
 
 
