@@ -61,6 +61,8 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="A lean RLHF post-training engine on fused kernels.")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of every error (config and data errors too)")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run one stage from a TOML config",
                            description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
@@ -121,6 +123,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
             return 0
     except _user_errors() as err:  # the project's own error types: one clear line, exit 2
+        if args.debug:
+            raise
         logger.error("%s%s", "NonFiniteError: " if type(err).__name__ == "NonFiniteError" else "", err)
         return 2  # anything else is a bug or an environment problem: it keeps its traceback
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover

@@ -172,3 +172,13 @@ def test_config_reference_lists_every_table(capsys):
                   "reward_model", "rejection", "dpo", "rollout", "pg", "ppo"):
         assert f"[{table}]" in out, table
     assert "`backend`" in out and "`kl_kind`" in out
+
+
+def test_debug_flag_shows_the_traceback_of_a_config_error(tmp_path):
+    from fusedrl import cli
+    from fusedrl.config import ConfigError
+
+    path = _write(tmp_path, '[run]\nstage = "grpo"\n[pg]\nkl_kind = "k4"\n')
+    assert cli.main(["train", str(path)]) == 2
+    with pytest.raises(ConfigError, match="pg.kl_kind"):
+        cli.main(["--debug", "train", str(path)])
