@@ -14,7 +14,7 @@ Cases (fp32, CPU, issue 20's targets: fusedrl <= 1.5x the peer's time, <= 1.2x i
     python -m fusedrl.bench.bench_objectives --smoke          # small shapes, writes nothing
 
 Time: one intra-op thread (at these sizes a second thread's OpenMP spin-waits only add noise on
-a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one warm-up. Memory: peak resident memory above the start of the call, with glibc
+a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one warm-up. Memory (measured after all timings): peak resident memory above the start of the call, with glibc
 told to mmap every block of 64 KiB or more and trim at once (`mallopt`), so each freed
 tensor leaves the resident set and the high-water mark sees each call's live peak
 (`common.cpu_peak_extra_bytes`, the minimum of three calls).
@@ -119,7 +119,7 @@ def mmap_every_block(threshold: int = 1 << 16) -> bool:
         return False
 
 
-def run_objective_case(case_id: str, sizes, rounds: int) -> List[dict]:
+def run_objective_case(case_id: str, sizes, rounds: int, memory_fns: list) -> List[dict]:
     make, ours, peer, modes = SPECS[case_id]
     case = Case(id=case_id, make_inputs=lambda: make(*sizes), reference=peer, tol=1e-4)
     inputs = case.make_inputs()
@@ -135,10 +135,19 @@ def run_objective_case(case_id: str, sizes, rounds: int) -> List[dict]:
         for mode in modes:
             fn = _mode_fn(p, inputs, mode)
             p50, p20, p80, low = _cpu_time_ms(fn, rounds)
-            mems = [cpu_peak_extra_bytes(fn) for _ in range(3)]
-            rows.append({**base, "mode": mode, "status": "ok", "ms_p50": p50, "ms_p20": p20, "ms_p80": p80, "cpu_ms_min": low,
-                         "peak_extra_bytes": None if None in mems else min(mems)})
+            rows.append({**base, "mode": mode, "status": "ok", "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
+                         "cpu_ms_min": low})
+            memory_fns.append((rows[-1], fn))
     return rows
+
+
+def measure_memory(memory_fns) -> bool:
+    """After every timing (mallopt's mmap-per-block would slow each allocation): each row's peak."""
+    mapped = mmap_every_block()
+    for row, fn in memory_fns:
+        mems = [cpu_peak_extra_bytes(fn) for _ in range(3)]
+        row["peak_extra_bytes"] = None if None in mems else min(mems)
+    return mapped
 
 
 def summary(rows: Sequence[dict]) -> str:
@@ -163,14 +172,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda":
         print("bench_objectives: CPU cases only (the GPU objectives run inside bench_grpo)")
         return 1
-    mapped = mmap_every_block()
+    memory_fns: list = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows: List[dict] = []
     for case_id in cases:
         sizes = (SMOKE if args.smoke else CASES)[case_id]
         print(f"{case_id}: sizes {sizes}, float32 on cpu, 1 thread", file=sys.stderr)
-        rows += run_objective_case(case_id, sizes, 3 if args.smoke else ROUNDS)
+        rows += run_objective_case(case_id, sizes, 3 if args.smoke else ROUNDS, memory_fns)
+    mapped = measure_memory(memory_fns)
     torch.set_num_threads(threads)
     return finish("objectives-cpu", rows, args, extra={"threads": 1, "mallopt_mmap": mapped},
                   after_table=summary(rows), is_failure=lambda r: r["status"] != "ok")

@@ -52,14 +52,14 @@ def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
     dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
     m = x.mask
     mf = m.to(dtype)
-    everywhere = bool(m.all())  # one host check: a full mask needs no cleaning
     zero = torch.zeros((), dtype=dtype, device=x.logp.device)
 
     def clean(t):  # masked positions read as 0 so padding garbage (inf, NaN) cannot leak in
         if t is None:
             return None
         t = t.to(dtype)
-        return t if everywhere else torch.where(m, t, zero)
+        out = t * mf  # one fast op; where() only when a non-finite value is about (one host check)
+        return out if torch.isfinite(out.detach().sum()) else torch.where(m, t, zero)
 
     logp, old, adv = clean(x.logp), clean(x.old).detach(), clean(x.adv).detach()
     ref, ent, sampler, sel = clean(x.ref), clean(x.entropy), clean(x.sampler), clean(x.sel)
