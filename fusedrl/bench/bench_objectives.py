@@ -14,14 +14,16 @@ Cases (fp32, CPU, issue 20's targets: fusedrl <= 1.5x the peer's time, <= 1.2x i
     python -m fusedrl.bench.bench_objectives --smoke          # small shapes, writes nothing
 
 Time: one intra-op thread (at these sizes a second thread's OpenMP spin-waits only add noise on
-a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one warm-up. Memory (measured after all timings): peak resident memory above the start of the call, with glibc
-told to mmap every block of 64 KiB or more and trim at once (`mallopt`), so each freed
+a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one warm-up. Memory, in a fresh child process per case (a heap grown by the timings
+would hide it): peak resident memory above the start of the call, with glibc told to mmap every block of 64 KiB or more and trim at once (`mallopt`), so each freed
 tensor leaves the resident set and the high-water mark sees each call's live peak
 (`common.cpu_peak_extra_bytes`, the minimum of three calls).
 """
 from __future__ import annotations
 
 import ctypes
+import json
+import subprocess
 import sys
 import time
 from typing import Callable, Dict, List, Optional, Sequence
@@ -119,7 +121,7 @@ def mmap_every_block(threshold: int = 1 << 16) -> bool:
         return False
 
 
-def run_objective_case(case_id: str, sizes, rounds: int, memory_fns: list) -> List[dict]:
+def run_objective_case(case_id: str, sizes, rounds: int) -> List[dict]:
     make, ours, peer, modes = SPECS[case_id]
     case = Case(id=case_id, make_inputs=lambda: make(*sizes), reference=peer, tol=1e-4)
     inputs = case.make_inputs()
@@ -137,17 +139,35 @@ def run_objective_case(case_id: str, sizes, rounds: int, memory_fns: list) -> Li
             p50, p20, p80, low = _cpu_time_ms(fn, rounds)
             rows.append({**base, "mode": mode, "status": "ok", "ms_p50": p50, "ms_p20": p20, "ms_p80": p80,
                          "cpu_ms_min": low})
-            memory_fns.append((rows[-1], fn))
+    measure_memory(case_id, sizes, rows)
     return rows
 
 
-def measure_memory(memory_fns) -> bool:
-    """After every timing (mallopt's mmap-per-block would slow each allocation): each row's peak."""
-    mapped = mmap_every_block()
-    for row, fn in memory_fns:
-        mems = [cpu_peak_extra_bytes(fn) for _ in range(3)]
-        row["peak_extra_bytes"] = None if None in mems else min(mems)
-    return mapped
+def _memory_child(case_id: str, sizes, modes) -> Dict[str, Optional[int]]:
+    """In a fresh process (mallopt before any tensor): {provider/mode: min peak extra bytes of 3 calls}."""
+    mmap_every_block()
+    torch.set_num_threads(1)
+    make, ours, peer, _ = SPECS[case_id]
+    inputs, out = make(*sizes), {}
+    for name, fn in (("fusedrl", ours), ("torch peer", peer)):
+        for mode in modes:
+            run = _mode_fn(Provider(name, fn), inputs, mode)
+            run()
+            mems = [cpu_peak_extra_bytes(run) for _ in range(3)]
+            out[f"{name}/{mode}"] = None if None in mems else min(mems)
+    return out
+
+
+def measure_memory(case_id: str, sizes, rows: List[dict]) -> None:
+    """Each row's peak_extra_bytes, from a child process: a heap grown by the timings would hide it."""
+    modes = sorted({r["mode"] for r in rows if r["status"] == "ok"})
+    code = ("import json, sys; from fusedrl.bench.bench_objectives import _memory_child; "
+            f"print(json.dumps(_memory_child({case_id!r}, {tuple(sizes)!r}, {modes!r})))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    found = json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else {}
+    for r in rows:
+        if r["status"] == "ok":
+            r["peak_extra_bytes"] = found.get(f"{r['provider']}/{r['mode']}")
 
 
 def summary(rows: Sequence[dict]) -> str:
@@ -172,17 +192,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.device == "cuda":
         print("bench_objectives: CPU cases only (the GPU objectives run inside bench_grpo)")
         return 1
-    memory_fns: list = []
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     rows: List[dict] = []
     for case_id in cases:
         sizes = (SMOKE if args.smoke else CASES)[case_id]
         print(f"{case_id}: sizes {sizes}, float32 on cpu, 1 thread", file=sys.stderr)
-        rows += run_objective_case(case_id, sizes, 3 if args.smoke else ROUNDS, memory_fns)
-    mapped = measure_memory(memory_fns)
+        rows += run_objective_case(case_id, sizes, 3 if args.smoke else ROUNDS)
     torch.set_num_threads(threads)
-    return finish("objectives-cpu", rows, args, extra={"threads": 1, "mallopt_mmap": mapped},
+    return finish("objectives-cpu", rows, args, extra={"threads": 1},
                   after_table=summary(rows), is_failure=lambda r: r["status"] != "ok")
 
 
