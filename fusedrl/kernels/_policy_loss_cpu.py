@@ -35,7 +35,7 @@ def _coefficients(mode: str, mf, tokens, layout: Layout, cfg, num_tokens: Option
     else:
         seqs = max(layout.num_seqs, 1) if num_seqs is None else num_seqs
         if mode == "seq_mean":
-            coef = (1.0 / (tokens.clamp(min=1) * seqs))[layout.seq_ids] * mf
+            coef = (1.0 / (tokens.clamp(min=1) * seqs)).index_select(0, layout.seq_ids) * mf
         elif mode == "seq_sum":
             coef = mf / seqs
         else:

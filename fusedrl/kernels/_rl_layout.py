@@ -118,7 +118,7 @@ def per_token_or_seq(name: str, value, layout: Layout, which: Optional[str] = No
     if which == "token" and fits_token:
         return value.reshape(-1)
     if which == "sequence" and fits_seq:
-        return value[layout.seq_ids]
+        return value.index_select(0, layout.seq_ids)
     want = {"token": f"per token {layout.shape}", "sequence": f"per sequence ({layout.num_seqs},)",
             None: f"per token {layout.shape} or per sequence ({layout.num_seqs},)"}[which]
     raise ValueError(f"{name} must be {want}, got {shape}")

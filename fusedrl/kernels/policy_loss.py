@@ -108,7 +108,7 @@ def is_weights(old, sampler, mf, tokens, layout: Layout, cfg: PolicyLossConfig) 
 
 
 def _seq_mean(values, mf, tokens, layout):
-    return (segment_sum(values * mf, layout) / tokens.clamp(min=1))[layout.seq_ids]
+    return (segment_sum(values * mf, layout) / tokens.clamp(min=1)).index_select(0, layout.seq_ids)
 
 
 def _surrogate(logp, old, adv, sel, mf, tokens, layout, cfg) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
