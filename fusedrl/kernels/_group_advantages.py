@@ -112,8 +112,16 @@ def group_advantages(rewards, group_size: Optional[int] = None, *, group_ids=Non
     _choice("eps_mode", eps_mode, EPS_MODES)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
+    _choice("singleton", singleton, SINGLETONS)
     size = even_group_size(rewards, group_size, group_ids)
     r = _compute(rewards).reshape(-1)
+    if size is not None and size > 1 and std == "group":  # no singletons: (groups, G) math, one (N,) temporary
+        rv = r.view(-1, size)
+        mean = rv.mean(dim=1, keepdim=True)
+        centred = rv - mean
+        std_g = torch.sqrt(centred.square().sum(dim=1, keepdim=True) / (size - 1 if unbiased else size))
+        scale = std_g + eps if eps_mode == "std" else torch.sqrt(std_g ** 2 + eps)
+        return centred.div_(scale).view(rewards.shape)
     if size is None:
         count, mean, std_g = group_stats(r, torch.unique(group_ids, return_inverse=True)[1], unbiased)
     else:
