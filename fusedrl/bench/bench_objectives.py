@@ -13,10 +13,12 @@ Cases (fp32, CPU, issue 20's targets: fusedrl <= 1.5x the peer's time, <= 1.2x i
     python -m fusedrl.bench.bench_objectives --device cpu     # writes bench/results/objectives-cpu-*.json
     python -m fusedrl.bench.bench_objectives --smoke          # small shapes, writes nothing
 
-Time: one intra-op thread (at these sizes a second thread's OpenMP spin-waits only add noise on
-a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one warm-up. Memory, in a fresh child process per case (a heap grown by the timings
-would hide it): peak resident memory above the start of the call, with glibc told to mmap every block of 64 KiB or more and trim at once (`mallopt`), so each freed
-tensor leaves the resident set and the high-water mark sees each call's live peak
+Time: one intra-op thread (at these sizes a second thread's OpenMP spin-waits only add noise
+on a shared machine), thread CPU time, the median and minimum of ROUNDS calls after one
+warm-up. Memory, in a fresh child process per case (a heap grown by the timings would hide
+it): peak resident memory above the start of the call, with glibc told to mmap every block
+of 64 KiB or more and trim at once (`mallopt`), so each freed tensor leaves the resident set
+and the high-water mark sees each call's live peak
 (`common.cpu_peak_extra_bytes`, the minimum of three calls).
 """
 from __future__ import annotations
