@@ -141,9 +141,9 @@ def _k3_nograd(delta: torch.Tensor) -> torch.Tensor:
         t = d / 40320
         for c in (1.0 / 5040, 1.0 / 720, 1.0 / 120, 1.0 / 24, 1.0 / 6):  # t <- d * (c - t)
             t.neg_().add_(c).mul_(d)
-        series = (d * d).mul_(t.neg_().add_(0.5))
-        big = torch.expm1(delta.neg()).add_(delta)
-        return torch.where(small, series, big)
+        series = d.square_().mul_(t.neg_().add_(0.5))
+        big = torch.neg(delta).expm1_().add_(delta)
+        return torch.where(small, series, big, out=big)
 
 
 def _k3_series(delta: torch.Tensor) -> torch.Tensor:
