@@ -53,11 +53,14 @@ def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
     m = x.mask
     mf = m.to(dtype)
     zero = torch.zeros((), dtype=dtype, device=x.logp.device)
+    on_host = x.logp.device.type == "cpu"
 
     def clean(t):  # masked positions read as 0 so padding garbage (inf, NaN) cannot leak in
         if t is None:
             return None
         t = t.to(dtype)
+        if not on_host:  # no host sync off the CPU
+            return torch.where(m, t, zero)
         out = t * mf  # one fast op; where() only when a non-finite value is about (one host check)
         return out if torch.isfinite(out.detach().sum()) else torch.where(m, t, zero)
 
