@@ -16,7 +16,11 @@ Groups (fp32, CPU):
   demo's model (Hq = 4, Hkv = 2, D = 32), ~1400 tokens of 4-40-token documents, forward +
   backward, one thread;
 - partition-100k: the C++ balanced partition vs the pure-Python twin, 100k lengths, k = 8;
-  partition-1m: C++ alone at 1M (its growth from 100k is the O(n log n) check).
+  partition-1m: C++ alone at 1M (its growth from 100k is the O(n log n) check);
+- policy-loss-64k-full / -fwd, kl-k3-64k-full, grpo-advantages-4096: `policy_loss` (GRPO, k3 KL
+  beta 0.04, clip 0.2, token_mean, N = 65536 packed over 64 sequences), `kl_penalty` k3 and
+  `grpo_advantages` (4096 groups of 16) beside the same formula in plain PyTorch, one thread
+  (the cases of `python -m fusedrl.bench.bench_objectives --device cpu`, which adds memory).
 """
 import random
 
@@ -129,3 +133,32 @@ def test_partition_cpp_scaling(benchmark, n):
     benchmark.group = "partition-cpp-scaling"
     lengths = _lengths(n)
     _pedantic(benchmark, lambda: packing.balanced_partition(lengths, 8, b=1 / 4096, backend="cpp"), rounds=5)
+
+
+# --- the RL objectives (fusedrl.bench.bench_objectives' cases, one thread): fusedrl beside the plain-PyTorch formula
+OBJECTIVE_CASES = {  # group: (case id, mode)
+    "policy-loss-64k-full": ("PL-CPU-64k", "full"),
+    "policy-loss-64k-fwd": ("PL-CPU-64k", "forward"),
+    "kl-k3-64k-full": ("KL-CPU-64k", "full"),
+    "grpo-advantages-4096": ("ADV-CPU-4096", "forward"),
+}
+
+
+@pytest.mark.parametrize("impl", ["fusedrl", "torch-peer"])
+@pytest.mark.parametrize("group", list(OBJECTIVE_CASES))
+def test_objectives(benchmark, group, impl):
+    from fusedrl.bench import bench_objectives as bo
+    from fusedrl.bench.common import Provider, _mode_fn
+
+    benchmark.group = group
+    case_id, mode = OBJECTIVE_CASES[group]
+    make, ours, peer, _ = bo.SPECS[case_id]
+    inputs = make(*bo.CASES[case_id])
+    torch.testing.assert_close(ours(inputs).detach(), peer(inputs).detach(), rtol=1e-4, atol=1e-6)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run = _mode_fn(Provider(impl, ours if impl == "fusedrl" else peer), inputs, mode)
+        _pedantic(benchmark, run, rounds=20)
+    finally:
+        torch.set_num_threads(threads)

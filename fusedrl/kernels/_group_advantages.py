@@ -45,6 +45,14 @@ def _choice(name, value, allowed):
 
 def group_index(rewards, group_size: Optional[int], group_ids) -> torch.Tensor:
     """(N,) int64 dense group index of every reward (flattened order)."""
+    size = even_group_size(rewards, group_size, group_ids)
+    if size is None:
+        return torch.unique(group_ids, return_inverse=True)[1]
+    return torch.arange(rewards.numel(), device=rewards.device) // size
+
+
+def even_group_size(rewards, group_size: Optional[int], group_ids) -> Optional[int]:
+    """Validate the grouping; G for contiguous groups of G, None for uneven ones (group_ids)."""
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES)
     if group_ids is not None:
         if group_size is not None:
@@ -53,7 +61,7 @@ def group_index(rewards, group_size: Optional[int], group_ids) -> torch.Tensor:
         if rewards.dim() != 1 or group_ids.shape != rewards.shape:
             raise ValueError(f"group_ids must be (N,) like rewards {tuple(rewards.shape)}, "
                              f"got {tuple(group_ids.shape)}")
-        return torch.unique(group_ids, return_inverse=True)[1]
+        return None
     if rewards.dim() == 2:
         if group_size is not None and group_size != rewards.shape[1]:
             raise ValueError(f"group_size={group_size} disagrees with rewards of shape {tuple(rewards.shape)}")
@@ -67,7 +75,7 @@ def group_index(rewards, group_size: Optional[int], group_ids) -> torch.Tensor:
             raise ValueError(f"rewards length {rewards.numel()} is not a multiple of group_size={group_size}")
     else:
         raise ValueError(f"rewards must be (num_prompts * G,) or (num_prompts, G), got shape {tuple(rewards.shape)}")
-    return torch.arange(rewards.numel(), device=rewards.device) // group_size
+    return group_size
 
 
 def group_stats(r: torch.Tensor, idx: torch.Tensor, unbiased: bool = True):
@@ -78,6 +86,16 @@ def group_stats(r: torch.Tensor, idx: torch.Tensor, unbiased: bool = True):
     sq = torch.zeros_like(count).index_add(0, idx, (r - mean[idx]) ** 2)
     denom = (count - 1).clamp(min=1) if unbiased else count.clamp(min=1)
     return count[idx], mean[idx], torch.sqrt(sq / denom)[idx]
+
+
+def even_group_stats(r: torch.Tensor, size: int, unbiased: bool = True):
+    """group_stats for contiguous groups of `size`: reductions over a (groups, size) view, no scatter."""
+    rv = r.view(-1, size)
+    mean = rv.mean(dim=1, keepdim=True)
+    sq = (rv - mean).square_().sum(dim=1, keepdim=True)
+    std = torch.sqrt(sq / max(size - 1 if unbiased else size, 1))
+    count = torch.full((1,), float(size), dtype=r.dtype, device=r.device).expand(r.numel())
+    return count, mean.expand(-1, size).reshape(-1), std.expand(-1, size).reshape(-1)
 
 
 def _finish(adv, count, singleton, singleton_value, rewards):
@@ -95,9 +113,20 @@ def group_advantages(rewards, group_size: Optional[int] = None, *, group_ids=Non
     _choice("eps_mode", eps_mode, EPS_MODES)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or eps < 0:
         raise ValueError(f"eps must be a number >= 0, got {eps!r}")
-    idx = group_index(rewards, group_size, group_ids)
+    _choice("singleton", singleton, SINGLETONS)
+    size = even_group_size(rewards, group_size, group_ids)
     r = _compute(rewards).reshape(-1)
-    count, mean, std_g = group_stats(r, idx, unbiased)
+    if size is not None and size > 1 and std == "group":  # no singletons: (groups, G) math, one (N,) temporary
+        rv = r.view(-1, size)
+        mean = rv.mean(dim=1, keepdim=True)
+        centred = rv - mean
+        std_g = torch.sqrt(centred.square().sum(dim=1, keepdim=True) / (size - 1 if unbiased else size))
+        scale = std_g + eps if eps_mode == "std" else torch.sqrt(std_g ** 2 + eps)
+        return centred.div_(scale).view(rewards.shape)
+    if size is None:
+        count, mean, std_g = group_stats(r, torch.unique(group_ids, return_inverse=True)[1], unbiased)
+    else:
+        count, mean, std_g = even_group_stats(r, size, unbiased)
     centred = r - mean
     if std == "none":
         return _finish(centred, count, singleton, r, rewards)

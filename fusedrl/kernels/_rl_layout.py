@@ -74,9 +74,12 @@ def make_layout(tokens: torch.Tensor, cu_seqlens: Optional[torch.Tensor], name: 
     check_cu_seqlens(cu_seqlens, tokens.numel())
     if cu_seqlens.device != device:
         raise ValueError(f"cu_seqlens must be on {name}'s device {device}, got {cu_seqlens.device}")
-    positions = torch.arange(tokens.numel(), device=device, dtype=torch.int32)
-    # the sequence of token p is the number of boundaries cu[1:] that are <= p
-    seq_ids = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True).long()
+    if device.type == "cpu":  # cu_seqlens was validated above: each sequence id repeated over its tokens
+        seq_ids = torch.repeat_interleave(torch.arange(cu_seqlens.numel() - 1, device=device),
+                                          cu_seqlens.diff().long(), output_size=tokens.numel())
+    else:  # the sequence of token p is the number of boundaries cu[1:] that are <= p (no host sync)
+        positions = torch.arange(tokens.numel(), device=device, dtype=torch.int32)
+        seq_ids = torch.searchsorted(cu_seqlens[1:].contiguous(), positions, right=True).long()
     return Layout(tuple(tokens.shape), cu_seqlens.numel() - 1, cu_seqlens, seq_ids)
 
 
@@ -115,7 +118,7 @@ def per_token_or_seq(name: str, value, layout: Layout, which: Optional[str] = No
     if which == "token" and fits_token:
         return value.reshape(-1)
     if which == "sequence" and fits_seq:
-        return value[layout.seq_ids]
+        return value.index_select(0, layout.seq_ids)
     want = {"token": f"per token {layout.shape}", "sequence": f"per sequence ({layout.num_seqs},)",
             None: f"per token {layout.shape} or per sequence ({layout.num_seqs},)"}[which]
     raise ValueError(f"{name} must be {want}, got {shape}")
@@ -128,7 +131,7 @@ def flat_mask(mask, layout: Layout) -> torch.Tensor:
     check_tensor("mask", mask)
     if tuple(mask.shape) != layout.shape:
         raise ValueError(f"mask must have the per-token shape {layout.shape}, got {tuple(mask.shape)}")
-    return mask.reshape(-1) != 0
+    return mask.reshape(-1) if mask.dtype == torch.bool else mask.reshape(-1) != 0
 
 
 def segment_sum(values: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -57,6 +57,7 @@ import torch
 
 from ._autocast import autocast_aware
 from . import _dispatch
+from ._policy_loss_cpu import policy_loss_cpu
 from ._policy_config import (AGGREGATIONS, ALGOS, CLIPPED_ALGOS, DUAL_CLIP_DEFAULT, IS_LEVELS, IS_MODES,
                              IS_SCOPES, PolicyLossConfig)
 from ._rl_layout import (Layout, Number, check_normaliser, check_token_tensor, flat_mask, make_layout,
@@ -107,7 +108,7 @@ def is_weights(old, sampler, mf, tokens, layout: Layout, cfg: PolicyLossConfig) 
 
 
 def _seq_mean(values, mf, tokens, layout):
-    return (segment_sum(values * mf, layout) / tokens.clamp(min=1))[layout.seq_ids]
+    return (segment_sum(values * mf, layout) / tokens.clamp(min=1)).index_select(0, layout.seq_ids)
 
 
 def _surrogate(logp, old, adv, sel, mf, tokens, layout, cfg) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -203,13 +204,13 @@ def aggregate(terms: torch.Tensor, tokens: torch.Tensor, layout: Layout, cfg: Po
     return loss
 
 
-def summarise(stats: torch.Tensor, cfg: PolicyLossConfig, has_ref: bool, has_ent: bool,
+def summarise(sums: torch.Tensor, tokens: torch.Tensor, cfg: PolicyLossConfig, has_ref: bool, has_ent: bool,
               has_sampler: bool) -> Dict[str, torch.Tensor]:
-    """Metrics (0-d float32 tensors, token means over this micro-batch) from the per-sequence stats."""
-    sums = stats.sum(dim=1)
+    """Metrics (0-d float32 tensors, token means over this micro-batch) from the stats' token totals
+    (len(STATS),) and the tokens of each sequence (B,)."""
     count = sums[0].clamp(min=1)
     out = {"clip_frac": sums[1] / count, "ratio_mean": sums[2] / count, "approx_kl": sums[7] / count,
-           "ppo_kl": sums[3] / count, "response_len": stats[0].mean() if stats.shape[1] else sums[0]}
+           "ppo_kl": sums[3] / count, "response_len": tokens.mean() if tokens.numel() else sums[0]}
     if has_ref:
         out["kl_ref"] = sums[4] / count
     if has_ent:
@@ -396,8 +397,9 @@ def policy_loss(
         from ._policy_loss_triton import policy_loss_triton
 
         terms, stats = policy_loss_triton(x, layout, cfg)
+        loss = aggregate(terms, stats[0], layout, cfg, num_tokens, num_seqs)
+        sums, tokens = stats.sum(dim=1), stats[0]
     else:
-        terms, stats = policy_loss_reference(x, layout, cfg)
-    loss = aggregate(terms, stats[0], layout, cfg, num_tokens, num_seqs)
-    metrics = summarise(stats, cfg, ref_logp is not None, entropy is not None, sampler_logp is not None)
+        loss, sums, tokens = policy_loss_cpu(x, layout, cfg, num_tokens, num_seqs)
+    metrics = summarise(sums, tokens, cfg, ref_logp is not None, entropy is not None, sampler_logp is not None)
     return loss, metrics

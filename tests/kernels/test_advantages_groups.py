@@ -115,3 +115,20 @@ def test_overlong_factor_and_bad_input():
         grpo_advantages(t(1.0, 2.0), group_ids=torch.tensor([0, 0, 1]))
     with pytest.raises(ValueError, match="std must be one of"):
         grpo_advantages(t(1.0, 2.0), 2, std="global")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps_mode", ["std", "sqrt"])
+@pytest.mark.parametrize("unbiased", [True, False])
+def test_even_groups_match_the_group_ids_path(dtype, eps_mode, unbiased):
+    # contiguous groups take a (groups, G) reduction; the same groups given as group_ids take the scatter path
+    from fusedrl.kernels import grpo_advantages
+
+    rewards = torch.randn(7 * 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
+    ids = torch.arange(35) // 5
+    for shape in ((35,), (7, 5)):
+        r = rewards.view(shape)
+        even = grpo_advantages(r, None if len(shape) == 2 else 5, eps_mode=eps_mode, unbiased=unbiased)
+        assert even.shape == r.shape and even.dtype == dtype
+        scatter = grpo_advantages(rewards, group_ids=ids, eps_mode=eps_mode, unbiased=unbiased)
+        torch.testing.assert_close(even.reshape(-1), scatter, rtol=4 * torch.finfo(dtype).eps, atol=0)

@@ -127,3 +127,23 @@ def test_value_clamp_and_k3_precision():
     assert_close(g, -torch.expm1(-d64.detach()), atol=0, rtol=1e-8)
     with pytest.raises(ValueError, match="value_clamp must be > 0"):
         kl_penalty(logp, ref, "k3", value_clamp=-1.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_k3_node_matches_the_series_formula(dtype):
+    # k3_value's one autograd node (in-place value, expm1 gradient) against the plain formula under autograd
+    from fusedrl.kernels.kl import _k3_series, k3_value
+
+    gen = torch.Generator().manual_seed(3)
+    d = torch.cat([torch.randn(301, generator=gen, dtype=torch.float64) * s for s in (1e-4, 0.05, 0.3, 4.0)])
+    d = torch.cat([d, torch.tensor([0.0, 0.1, -0.1, 0.0999, -30.0, 30.0], dtype=torch.float64)]).to(dtype)
+    a, b = d.clone().requires_grad_(), d.clone().requires_grad_()
+    fast, plain = k3_value(a), _k3_series(b)
+    assert_close(fast, plain, atol=0, rtol=4 * torch.finfo(dtype).eps)
+    up = torch.randn(d.shape, generator=gen, dtype=torch.float64).to(dtype)
+    (ga,), (gb,) = torch.autograd.grad(fast, a, up), torch.autograd.grad(plain, b, up)
+    exact = (-torch.expm1(-d.double()) * up.double()).to(dtype)  # 1 - exp(-d), which the series only approximates
+    assert_close(ga, exact, atol=0, rtol=4 * torch.finfo(dtype).eps)
+    assert_close(gb, exact, atol=1e-12, rtol=1e-5)
+    with torch.no_grad():
+        assert_close(k3_value(d), plain.detach(), atol=0, rtol=4 * torch.finfo(dtype).eps)
