@@ -63,8 +63,12 @@ def _sha256(path: Path) -> str:
 
 # ----------------------------------------------------------------------------- RNG
 
-def rng_state() -> Dict[str, Any]:
-    """All RNG states as tensors / ints / lists (loadable with weights_only=True)."""
+def rng_state(cuda: str = "all") -> Dict[str, Any]:
+    """All RNG states as tensors / ints / lists (loadable with weights_only=True).
+
+    cuda: "all" (every visible device's generator: one process driving them all) or "current"
+    (this process's device only, for one process per GPU under torchrun).
+    """
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     py_version, py_internal, py_gauss = random.getstate()
     state = {
@@ -73,7 +77,10 @@ def rng_state() -> Dict[str, Any]:
                   "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "python": {"version": py_version, "internal": list(py_internal), "gauss_next": py_gauss},
     }
-    if torch.cuda.is_available():
+    if cuda == "current":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda_device"] = torch.cuda.get_rng_state()
+    elif torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
@@ -87,6 +94,8 @@ def set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((python_state["version"], tuple(python_state["internal"]), python_state["gauss_next"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "cuda_device" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda_device"])
 
 
 # ----------------------------------------------------------------------------- model weights

@@ -19,11 +19,9 @@ so a checkpoint written by 2 ranks loads into one unsharded model and vice versa
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-import random
 import re
 import shutil
 import warnings
@@ -31,9 +29,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-import numpy as np
 import torch
 import torch.distributed as dist
+
+from fusedrl.train.checkpoint import _sha256, checkpoint_name, rng_state, set_rng_state
 
 logger = logging.getLogger("fusedrl")
 
@@ -69,42 +68,6 @@ def _single_process_quiet():
         if not _dist():
             warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
         yield
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def rng_state() -> Dict[str, Any]:
-    """This process's RNG states (torch, current CUDA device, numpy, python) as weights_only-loadable values."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                       "has_gauss": int(has_gauss), "gauss": float(gauss)},
-             "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next}}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    np_state = state["numpy"]
-    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
-                         np_state["has_gauss"], np_state["gauss"]))
-    py_state = state["python"]
-    random.setstate((py_state["version"], tuple(py_state["internal"]), py_state["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def checkpoint_name(step: int) -> str:
-    return f"step_{step:08d}"
 
 
 def _train_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
@@ -147,7 +110,7 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
     _barrier()
     with _single_process_quiet():
         dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
-    torch.save({"rng": rng_state(), "state": rank_state or {}}, tmp / "ranks" / f"rank_{rank:05d}.pt")
+    torch.save({"rng": rng_state(cuda="current"), "state": rank_state or {}}, tmp / "ranks" / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(shared_state or {}, tmp / "shared.pt")
         meta = {"format": FORMAT, "step": step, "world_size": _world(), "trainer": trainer_state or {}}
