@@ -19,6 +19,7 @@ from torch import nn
 
 from fusedrl.data.batch import PackedBatch
 from fusedrl.models.packed_attention import packed_forward
+from fusedrl.models.scalar_head import base_of_causal_lm
 
 CONFIG_KEY = "fusedrl_prm"
 WEIGHTS_NAME = "model.safetensors"
@@ -60,10 +61,7 @@ class ProcessRewardModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, causal_lm: nn.Module, **kwargs) -> "ProcessRewardModel":
         """The base model of `causal_lm` (shared) with a fresh step head; the LM head is dropped."""
-        base = getattr(causal_lm, "base_model", None)
-        if base is None or base is causal_lm:
-            raise TypeError(f"causal_lm: expected a transformers *ForCausalLM model, got {type(causal_lm).__name__}")
-        out = cls(base, **kwargs)
+        out = cls(base_of_causal_lm(causal_lm), **kwargs)
         out.train(causal_lm.training)
         return out
 

@@ -62,6 +62,14 @@ def _sequence_classification_class(config) -> Optional[str]:
     return name if name and hasattr(transformers, name) else None
 
 
+
+def base_of_causal_lm(causal_lm: nn.Module) -> nn.Module:
+    """The decoder of a transformers *ForCausalLM (shared, not copied), for a model with its own head."""
+    base = getattr(causal_lm, "base_model", None)
+    if base is None or base is causal_lm:
+        raise TypeError(f"causal_lm: expected a transformers *ForCausalLM model, got {type(causal_lm).__name__}")
+    return base
+
 class ScalarHeadModel(nn.Module):
     """A transformers base model plus a linear scalar head.
 
@@ -98,10 +106,7 @@ class ScalarHeadModel(nn.Module):
     @classmethod
     def from_causal_lm(cls, causal_lm: nn.Module, **kwargs) -> "ScalarHeadModel":
         """Take the base model of ``causal_lm`` (shared, not copied) and add a fresh head; the LM head is dropped."""
-        base = getattr(causal_lm, "base_model", None)
-        if base is None or base is causal_lm:
-            raise TypeError(f"causal_lm: expected a transformers *ForCausalLM model, got {type(causal_lm).__name__}")
-        model = cls(base, **kwargs)
+        model = cls(base_of_causal_lm(causal_lm), **kwargs)
         model.train(causal_lm.training)
         return model
 
