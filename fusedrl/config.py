@@ -9,7 +9,7 @@ A run file is TOML with one table per component:
     [schedule]   warm-up then constant / linear / cosine decay
     [loop]       steps, evaluation, non-finite handling
     [checkpoint] how often to save, how many to keep
-    [logging]    console, progress bar, plots
+    [logging]    console, progress bar, plots, TensorBoard / W&B sinks
     [sft]        options of the SFT stage (later stages add their own table)
 
 Every field is documented by the string literal right under it; `describe_config`
@@ -149,6 +149,14 @@ class LoggingConfig:
     """Print the step line every this many steps (metrics.jsonl gets every step)."""
     plots: bool = True
     """Write PNG plots of the logged metrics to OUT_DIR/plots at the end."""
+    tensorboard: bool = False
+    """Also log the metrics to TensorBoard, in OUT_DIR/tensorboard (needs the `tensorboard` extra)."""
+    wandb_project: Optional[str] = None
+    """Also log the metrics to this Weights & Biases project (needs the `wandb` extra); None: no W&B."""
+    wandb_entity: Optional[str] = None
+    """W&B entity (user or team) of the run; None: the account's default."""
+    wandb_mode: str = ""
+    """W&B mode: "online", "offline" (sync later with `wandb sync`), "disabled"; "": WANDB_MODE or online."""
 
 
 @dataclass

@@ -29,7 +29,7 @@ from fusedrl.config import TrainConfig, apply_override, load_config, save_config
 from fusedrl.demo.alignment import ALIGNMENT_STEPS
 from fusedrl.demo.distill import DISTILL_STEPS
 from fusedrl.demo.rl import RL_STEPS
-from fusedrl.train.metrics import format_value, read_metrics
+from fusedrl.train.metrics import format_value, plot_lines, read_metrics
 from fusedrl.train.plot import line_plot
 from fusedrl.demo.tasks import TaskConfig, make_split, sample_completions, score_model
 
@@ -233,8 +233,6 @@ def _write_summary(ctx: DemoContext, examples, before: List[str], after: List[st
         lines.append(f"| `{record['prompt']}` | `{record['answer']}` | {show(b)} | {show(a)} |")
     for row in ctx.rows:
         stage_dir = out / row["stage"]
-        plots = sorted((stage_dir / "plots").glob("*.png")) if (stage_dir / "plots").is_dir() else []
-        if plots:
-            lines += ["", f"## {row['stage']}: training curves", ""]
-            lines += [f"![{p.stem}]({row['stage']}/plots/{p.name})" for p in plots]
+        plots = plot_lines(stage_dir / "plots", f"{row['stage']}/plots", f"## {row['stage']}: training curves")
+        lines += [""] + plots if plots else []
     (out / "report.md").write_text("\n".join(lines) + "\n")

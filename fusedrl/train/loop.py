@@ -218,7 +218,7 @@ def train(
     state = _resume(run_dir, trained, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
-                            progress=cfg.logging.progress, console_every=cfg.logging.console_every)
+                            progress=cfg.logging.progress, console_every=cfg.logging.console_every, config=cfg)
 
     def checkpoint() -> Optional[Path]:
         if not is_rank0():  # full state dicts, one writer

@@ -2,8 +2,10 @@
 
     metrics.jsonl   {"kind": "train", "step": 3, "loss": ..., "grad_norm": ..., "lr": ..., ...}
                     {"kind": "eval",  "step": 10, "eval/loss": ..., ...}
-    plots/*.png     one plot per metric (train and eval series of one name share a plot)
-    report.md       a summary table and the plots
+    plots/*.png     one plot per metric (train and eval series of one name share a plot), noisy
+                    series smoothed (EMA over the faint raw values); plots/overview.png: all of them
+    report.md       a summary table and the overview figure (links to the per-metric plots)
+    sinks           TensorBoard and Weights & Biases when [logging] asks (fusedrl.train.sinks)
 
 Only rank 0 writes or prints when torch.distributed is initialised.
 """
@@ -18,7 +20,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from fusedrl.train.plot import line_plot
+from fusedrl.train.plot import line_plot, stage_figure
 
 logger = logging.getLogger("fusedrl")
 
@@ -61,10 +63,11 @@ class MetricsLogger:
         start_step: steps already done (a resumed run).
         progress: show a rich progress bar (only when stderr is a terminal).
         console_every: print the step line every this many steps.
+        config: the run's config; its [logging] table opens the TensorBoard / W&B sinks (rank 0).
     """
 
     def __init__(self, run_dir: str | Path, *, total_steps: int, start_step: int = 0,
-                 progress: bool = True, console_every: int = 1):
+                 progress: bool = True, console_every: int = 1, config=None):
         self.run_dir = Path(run_dir)
         self.path = self.run_dir / "metrics.jsonl"
         self.total_steps = total_steps
@@ -72,6 +75,7 @@ class MetricsLogger:
         self.enabled = is_rank0()
         self._progress = None
         self._task = None
+        self.sinks: list = []
         if self.enabled:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             if start_step == 0 and self.path.exists():
@@ -82,6 +86,9 @@ class MetricsLogger:
                                           TimeRemainingColumn(), transient=True)
                 self._progress.start()
                 self._task = self._progress.add_task("train", total=total_steps, completed=start_step)
+            if config is not None:
+                from fusedrl.train.sinks import open_sinks
+                self.sinks = open_sinks(self.run_dir, config)
 
     def _write(self, record: Dict) -> None:
         with self.path.open("a") as handle:
@@ -92,6 +99,8 @@ class MetricsLogger:
         if not self.enabled:
             return
         self._write({"kind": "train", "step": step, **record})
+        for sink in self.sinks:
+            sink.log(step, record, "train")
         if step % self.console_every == 0 or step == self.total_steps:
             logger.info(format_line(step, self.total_steps, record))
         if self._progress is not None:
@@ -103,9 +112,14 @@ class MetricsLogger:
             return
         record = {k if k.startswith("eval/") else f"eval/{k}": v for k, v in record.items()}
         self._write({"kind": "eval", "step": step, **record})
+        for sink in self.sinks:
+            sink.log(step, record, "eval")
         logger.info("eval at step %d: %s", step, ", ".join(f"{k} {format_value(v)}" for k, v in record.items()))
 
     def close(self) -> None:
+        for sink in self.sinks:
+            sink.close()
+        self.sinks = []
         if self._progress is not None:
             self._progress.stop()
             self._progress = None
@@ -136,23 +150,38 @@ def series(records: Iterable[Dict], key: str, kind: Optional[str] = None):
     return steps, [float(by_step[s]) for s in steps]
 
 
-def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "") -> List[Path]:
-    """One PNG per metric under out_dir: train key `k` and eval key `eval/k` share a plot."""
-    out_dir = Path(out_dir)
+OVERVIEW = "overview.png"  # the stage's one figure (a panel per metric) that report.md shows
+
+
+def plotted_keys(records: List[Dict]) -> List[str]:
+    """The numeric metrics of `records` in first-seen order (bookkeeping keys left out)."""
     keys = []
     for record in records:
         for key, value in record.items():
-            if key not in _NOT_PLOTTED and key not in keys and isinstance(value, (int, float)):
+            if key not in _NOT_PLOTTED and key not in keys and isinstance(value, (int, float)) \
+                    and not isinstance(value, bool):
                 keys.append(key)
-    written = []
+    return keys
+
+
+def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "", title: str = "") -> List[Path]:
+    """One PNG per metric under out_dir (train key `k` and eval key `eval/k` share a plot), then
+    out_dir/overview.png with every metric in one figure. Noisy series are drawn smoothed (EMA over
+    faint raw values, see `fusedrl.train.plot`). Returns the per-metric PNGs written."""
+    out_dir = Path(out_dir)
+    keys = plotted_keys(records)
+    panels = {}
     for key in keys:
         if key.startswith("eval/") and key[5:] in keys:
             continue  # drawn with its train counterpart
         curves = {key: series(records, key)}
         if f"eval/{key}" in keys:
             curves = {"train": curves[key], "eval": series(records, f"eval/{key}")}
-        name = (prefix + key).replace("/", "_")
-        written.append(line_plot(curves, out_dir / f"{name}.png", title=f"{prefix}{key}"))
+        panels[prefix + key] = curves
+    written = [line_plot(curves, out_dir / f"{name.replace('/', '_')}.png", title=name)
+               for name, curves in panels.items()]
+    if panels:
+        stage_figure(panels, out_dir / f"{prefix}{OVERVIEW}", title=title)
     return written
 
 
@@ -191,6 +220,21 @@ def time_split_table(records: List[Dict]) -> str:
     return "\n".join(rows)
 
 
+def plot_lines(plots_dir: Path, link_prefix: str, heading: str = "## Plots") -> List[str]:
+    """Markdown for a stage's plots: its overview figure, then links to the per-metric PNGs
+    (every PNG embedded when there is no overview, as written before write_plots drew one)."""
+    plots = sorted(p for p in plots_dir.glob("*.png") if p.name != OVERVIEW) if plots_dir.is_dir() else []
+    if not plots:
+        return []
+    lines = [heading, ""]
+    if (plots_dir / OVERVIEW).is_file():
+        lines += [f"![{Path(OVERVIEW).stem}]({link_prefix}/{OVERVIEW})", "",
+                  "Per metric: " + ", ".join(f"[{p.stem}]({link_prefix}/{p.name})" for p in plots)]
+    else:
+        lines += [f"![{p.stem}]({link_prefix}/{p.name})" for p in plots]
+    return lines
+
+
 def write_report(run_dir: str | Path, *, title: str, extra: str = "") -> Path:
     """Write run_dir/report.md from metrics.jsonl and the PNGs in run_dir/plots."""
     run_dir = Path(run_dir)
@@ -202,10 +246,7 @@ def write_report(run_dir: str | Path, *, title: str, extra: str = "") -> Path:
     split = time_split_table(records)
     if split:
         lines += ["## Where a step's time goes", "", split, ""]
-    plots = sorted((run_dir / "plots").glob("*.png")) if (run_dir / "plots").is_dir() else []
-    if plots:
-        lines += ["## Plots", ""]
-        lines += [f"![{p.stem}](plots/{p.name})" for p in plots]
+    lines += plot_lines(run_dir / "plots", "plots")
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -4,7 +4,7 @@
     from fusedrl.train.run import run_training
     result = run_training(load_config("examples/sft_tiny.toml", [("loop.max_steps", "50")]))
 
-This is what `fusedrl train CONFIG.toml` calls.
+This is what `fusedrl train CONFIG.toml` calls. final/ gets a Hugging Face model card (README.md).
 """
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from fusedrl.data.tokenizer import build_tokenizer
 from fusedrl.models.causal_lm import build_policy
 from fusedrl.train.loop import NonFiniteError, TrainResult, train
 from fusedrl.train.metrics import is_rank0, read_metrics, write_plots, write_report
+from fusedrl.train.model_card import write_model_card
 from fusedrl.train.run_dir import RunDirError, open_run_dir
+from fusedrl.train.sinks import check_logging
 
 logger = logging.getLogger("fusedrl")
 
@@ -67,6 +69,7 @@ def load_run_config(path: str, overrides=()) -> TrainConfig:
         raise ConfigError("run.stage", stage, sorted(STAGES), f"run.stage: expected one of {sorted(STAGES)}, got {stage!r}")
     cfg = load_config(path, overrides, cls=STAGE_CONFIGS.get(stage, TrainConfig))
     check_stage_config(cfg, stage)  # all validation at load: a bad value never reaches the model build
+    check_logging(cfg.logging)  # a TensorBoard / W&B sink whose package is missing stops here
     return cfg
 
 
@@ -168,7 +171,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
         if cfg.checkpoint.save_final:
             from fusedrl.models.causal_lm import save_model
             save_model(model, run_dir / "final", tokenizer=tokenizer)
+            write_model_card(run_dir / "final", cfg, result)
         if cfg.logging.plots:
-            write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
+            write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots", title=f"{cfg.run.stage}: {run_dir.name}")
         write_report(run_dir, title=f"fusedrl run: {cfg.run.stage} ({run_dir.name})")
     return result
