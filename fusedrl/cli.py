@@ -4,6 +4,8 @@
     fusedrl demo [--out DIR] [--quick] [--config TOML]                 the CPU demo (no download)
     fusedrl bench [ARGS ...]                                           kernel benchmarks (fusedrl.bench.run_all)
     fusedrl config [--reference]                                       print the default config / its reference
+    fusedrl init STAGE [DIR] [--force]                                 a starter config and its data in DIR
+    fusedrl --version                                                  the installed version
 
 Examples:
 
@@ -63,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fusedrl", description="A lean RLHF post-training engine on fused kernels.")
     parser.add_argument("--debug", action="store_true",
                         help="show the full traceback of every error (config and data errors too)")
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="run one stage from a TOML config",
                            description="Overrides: --section.field=value, e.g. --optim.lr=1e-5 --loop.max_steps=100.")
@@ -77,7 +80,29 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("bench", help="kernel benchmarks (forwards its arguments to fusedrl.bench.run_all)", add_help=False)
     show = sub.add_parser("config", help="print the default config as TOML (or the field reference)")
     show.add_argument("--reference", action="store_true", help="markdown reference of every field")
+    init = sub.add_parser("init", help="write a starter config and its small data (tiny model, CPU)",
+                          description="Then: cd DIR && fusedrl train STAGE.toml")
+    init.add_argument("stage", metavar="STAGE", help="sft, reward_model, prm, rejection, dpo, grpo (or dr_grpo, "
+                      "dapo, gspo, cispo, sapo, rloo, reinforce), ppo, distill")
+    init.add_argument("dir", metavar="DIR", nargs="?", default=".", help="target folder (default: here)")
+    init.add_argument("--force", action="store_true", help="overwrite the files it would write")
     return parser
+
+
+def _version() -> str:
+    from fusedrl import __version__
+    return f"fusedrl {__version__}"
+
+
+def _init(args) -> int:
+    from fusedrl.train.starter import write_starter
+
+    written = write_starter(args.stage, args.dir, force=args.force)
+    for path in written:
+        print(f"wrote {path}")
+    where = "" if args.dir in (".", "") else f"cd {args.dir} && "
+    print(f"next: {where}fusedrl train {written[0].name}")
+    return 0
 
 
 def _bench(argv: List[str]) -> int:
@@ -92,8 +117,9 @@ def _user_errors() -> tuple:
     from fusedrl.train.checkpoint import CheckpointError
     from fusedrl.train.loop import NonFiniteError
     from fusedrl.train.run_dir import RunDirError
+    from fusedrl.train.starter import StarterError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError)
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError, StarterError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -122,6 +148,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             from fusedrl.demo.pipeline import run_demo
             run_demo(out_dir=args.out, quick=args.quick, config_path=args.config, overrides=overrides)
             return 0
+        if args.command == "init":
+            if rest:
+                parser.error(f"init: unrecognized arguments: {' '.join(rest)}")
+            return _init(args)
     except _user_errors() as err:  # the project's own error types: one clear line, exit 2
         if args.debug:
             raise
