@@ -7,7 +7,7 @@
 Case (bench/NOTES.md): reverse KL, temperature 1, token mean; student and teacher both
 H = 4096, bf16, N = 16384 tokens, V = 151936. Inputs from a torch.Generator on the device,
 seed 0: hidden ~ N(0, 1), weights ~ N(0, 1) / sqrt(H); only the student's hidden states and
-weight take gradients; the upstream gradient is a random scalar (bench/common).
+weight take gradients; the upstream gradient is a random scalar (fusedrl/bench/common.py).
 
 Providers: fusedrl `linear_distill_loss(kind="reverse_kl")`; eager (the two bf16 logits
 matmuls, float32 log-softmax of each, sum p_S (log p_S - log p_T), mean); Liger-Kernel's

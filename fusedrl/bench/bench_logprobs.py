@@ -7,7 +7,7 @@
 
 Cases (bench/NOTES.md): bf16 hidden (N, H) and weight (V, H) from a torch.Generator on the
 device, seed 0 (hidden ~ N(0, 1), weight ~ N(0, 1) / sqrt(H)), labels uniform in [0, V) from seed 1,
-upstream gradient random fp32 (bench/common). LP-7B: N=16384, H=4096, V=151936;
+upstream gradient random fp32 (fusedrl/bench/common.py). LP-7B: N=16384, H=4096, V=151936;
 LP-0.5B: N=32768, H=896, V=151936.
 
 Providers: fusedrl `linear_logprobs`; eager with bf16 logits (log_softmax(h @ W.T).gather);

@@ -34,6 +34,9 @@ from fusedrl.train.plot import line_plot
 from fusedrl.demo.tasks import TaskConfig, make_split, sample_completions, score_model
 
 logger = logging.getLogger("fusedrl")
+# How the demo reports its wall time (report.md and the last log line); README quotes it
+# (tests/test_docs_links.py checks the README's line has this form).
+TOTAL_TIME = "total time {:.0f} s"
 
 
 # The whole RLHF pipeline, in the book's order, then a smaller student distilled from its final policy.
@@ -197,6 +200,7 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, config_p
     after = sample_completions(ctx.model, tokenizer, examples, max_new_tokens=cfg.demo.max_new_tokens)
     total = time.perf_counter() - start
     _write_summary(ctx, examples, before, after, total)
+    logger.info("demo: %s; report %s", TOTAL_TIME.format(total), out_dir / "report.md")
     return {"scores": ctx.scores, "rows": ctx.rows, "seconds": total, "report": out_dir / "report.md"}
 
 
@@ -215,7 +219,7 @@ def _write_summary(ctx: DemoContext, examples, before: List[str], after: List[st
         f"Task: **{cfg.task.kind}** ({cfg.task.train_size} training examples, {len(ctx.eval_records)} held-out "
         f"prompts, exact match of the greedy completion). Model: {cfg.model.arch.get('model_type')} with "
         f"{n_params:,} parameters, initialised from scratch; character tokenizer; device {cfg.run.device}; "
-        f"total time {seconds:.0f} s.", "",
+        f"{TOTAL_TIME.format(seconds)}.", "",
         "## Task score by stage", "",
         "| stage | task score | seconds | details |", "| --- | --- | --- | --- |",
         f"| init (untrained) | {ctx.scores[0][1]:.3f} | | |",

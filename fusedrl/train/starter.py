@@ -49,7 +49,7 @@ def _set_stage(text: str, stage: str) -> str:
 
 
 def _starter_of(file: str, name: str, example: str) -> str:
-    """The starter name a reference to examples/FILE becomes (`fusedrl init` writes NAME.toml)."""
+    """The starter name that a reference to the example `file` becomes (`fusedrl init` writes NAME.toml)."""
     if file == example:
         return name
     return next((n for n, (f, _) in STARTERS.items() if f == file), Path(file).stem)
