@@ -90,8 +90,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    from fusedrl import __version__
-    return f"fusedrl {__version__}"
+    import fusedrl
+    return f"fusedrl {fusedrl.__version__}"
 
 
 def _init(args) -> int:

@@ -148,7 +148,8 @@ class LoggingConfig:
     console_every: int = 1
     """Print the step line every this many steps (metrics.jsonl gets every step)."""
     plots: bool = True
-    """Write PNG plots of the logged metrics to OUT_DIR/plots at the end."""
+    """Write PNG plots (matplotlib) of the logged metrics to OUT_DIR/plots at the end: one per metric
+    and overview.png (every metric, shown in report.md); noisy series are drawn smoothed."""
     tensorboard: bool = False
     """Also log the metrics to TensorBoard, in OUT_DIR/tensorboard (needs the `tensorboard` extra)."""
     wandb_project: Optional[str] = None
