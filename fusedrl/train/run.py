@@ -107,6 +107,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
         final weights or evaluation are not finite.
     """
     from fusedrl.data.validate import check_data_paths, rl_prompt_limit, using_bad_record_policy
+    from fusedrl.data.sources import using_data_options
     from fusedrl.stages import STAGES
 
     if cfg.run.stage not in STAGES:
@@ -117,7 +118,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     rl_prompt_limit(cfg)
     with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
         try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
-            with using_bad_record_policy(cfg.data.on_bad_record):
+            with using_bad_record_policy(cfg.data.on_bad_record), using_data_options(cfg.data):
                 return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
         except OSError as err:
             message = _disk_error(err, folder.path)
