@@ -270,10 +270,8 @@ def describe_config(cfg: Any = None) -> str:
 
 # ----------------------------------------------------------------------------- [data] columns, [model] lora
 
-LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str),
-             "bias": str}
-_LORA_TYPES = {"r": "an int", "alpha": "a number", "dropout": "a number", "target_modules": "a list of names",
-               "bias": "a string"}
+LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
+_LORA_TYPES = {"r": "an int", "alpha": "a number", "dropout": "a number", "target_modules": "a list of names"}
 _HEAD_NAMES = ("lm_head", "embed_tokens", "embed_out", "wte", "output")
 
 
@@ -292,10 +290,14 @@ def check_lora_table(lora: Dict[str, Any]) -> None:
     """ConfigError naming model.lora.KEY for an unknown key or a bad value (empty table: LoRA off)."""
     if not lora:
         return
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError.message("model.lora", "model.lora: LoRA needs the optional extra: pip install "
+                                  "'fusedrl[lora]' (the `peft` package)")
     for key, value in lora.items():
         if key not in LORA_KEYS:
             raise ConfigError(f"model.lora.{key}", value, f"one of the keys {sorted(LORA_KEYS)}",
-                              f"unknown config key 'model.lora.{key}'; known keys: {', '.join(sorted(LORA_KEYS))}")
+                              f"model.lora.{key}: unknown key; known keys: {', '.join(sorted(LORA_KEYS))}")
         if isinstance(value, bool) or not isinstance(value, LORA_KEYS[key]):
             raise ConfigError(f"model.lora.{key}", value, _LORA_TYPES[key])
     if not isinstance(lora.get("r"), int) or lora["r"] < 1:
@@ -304,8 +306,6 @@ def check_lora_table(lora: Dict[str, Any]) -> None:
         raise ConfigError("model.lora.alpha", lora["alpha"], "a number > 0")
     if not 0.0 <= float(lora.get("dropout", 0.0)) < 1.0:
         raise ConfigError("model.lora.dropout", lora["dropout"], "a number in [0, 1)")
-    if lora.get("bias", "none") not in ("none", "all", "lora_only"):
-        raise ConfigError("model.lora.bias", lora["bias"], "one of none, all, lora_only")
     if "target_modules" not in lora:
         return  # PEFT's default targets for the model family (attention projections)
     targets = lora["target_modules"]

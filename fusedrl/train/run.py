@@ -155,6 +155,9 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)
+        if build and getattr(cfg.model, "lora", None):
+            raise ConfigError.message("model.lora", f"model.lora: LoRA applies to the policy; the {cfg.run.stage} "
+                                      "stage trains another model")
         model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
     from fusedrl.data.records import overlong_counts
     from fusedrl.data.validate import rl_prompt_limit, using_prompt_limit
@@ -168,7 +171,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
         check_finite_outcome(model, result)
         if cfg.checkpoint.save_final:
             from fusedrl.models.causal_lm import save_model
-            save_model(model, run_dir / "final", tokenizer=tokenizer)
+            save_model(model, run_dir / "final", tokenizer=tokenizer, merge_adapters=True)  # LoRA: merged
         if cfg.logging.plots:
             write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
         write_report(run_dir, title=f"fusedrl run: {cfg.run.stage} ({run_dir.name})")
