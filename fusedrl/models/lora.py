@@ -3,6 +3,7 @@
     model = apply_lora(model, {"r": 16, "alpha": 32, "target_modules": ["q_proj", "v_proj"]})  # a PeftModel
     inner = unwrap(model)             # the transformers model, LoRA layers in place (packed_forward runs it)
     ref = AdapterDisabled(model)      # the reference: the policy with its adapters off (no second model)
+    critic = base_copy(model)         # PPO's value model: a full copy of the base weights, no adapters
     save_adapter(model, path)         # adapter_model.safetensors + adapter_config.json (checkpoints)
     load_adapter(model, path)
     save_merged(model, path)          # W + scale * B A in the save_pretrained layout (final/)
@@ -16,6 +17,7 @@ optional extra ``fusedrl[lora]``; without it, a config with `[model] lora` is a 
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import sys
 from pathlib import Path
@@ -110,6 +112,13 @@ class AdapterDisabled:
 
     def __repr__(self) -> str:
         return f"AdapterDisabled({type(unwrap(self.policy)).__name__})"
+
+
+def base_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A trainable copy of the transformers model under the adapters, adapters left out (PPO's critic)."""
+    if not is_peft_model(model):
+        raise TypeError(f"model: expected a PEFT model, got {type(model).__name__}")
+    return copy.deepcopy(model).unload().requires_grad_(True)
 
 
 def adapter_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
