@@ -78,9 +78,11 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training examples: a .jsonl or .parquet file (format detected from the first record)."""
+    """Training examples: a .jsonl or .parquet file, or a Hugging Face dataset (a save_to_disk folder, a local
+    dataset folder or script, or "hf:org/name"; optional ":SPLIT" suffix); format detected from the first record."""
     eval: Optional[str] = None
-    """Held-out examples in the same format, used by the stage's evaluation; None skips it."""
+    """Held-out examples in the same format (any source data.train accepts), used by the stage's evaluation;
+    None skips it."""
     max_len: int = 1024
     """Longest example in tokens; longer ones follow `overlong`."""
     overlong: str = "truncate"
