@@ -69,8 +69,9 @@ def check_data_file(value: Optional[str], key: str, *, required: bool) -> None:
     except ValueError as err:
         raise DataError(f"{key}: {str(err).partition(': ')[2]}") from None
     if kind == "missing":
-        raise DataError(f"{key}: {value!r} does not exist (relative paths are from {os.getcwd()}); expected a "
-                        ".jsonl/.json/.parquet file, a dataset folder or script, or hf:org/name")
+        raise DataError(f"{key}: {value!r} is not a file or a folder: it does not exist (relative paths are from "
+                        f"{os.getcwd()}); expected a .jsonl/.json/.parquet file, a dataset folder or script, or "
+                        "hf:org/name")
     if kind == "unsupported":
         raise DataError(f"{key}: {value!r} has no .jsonl/.json/.parquet suffix and is not a dataset folder or "
                         "script; rename it to one")
