@@ -140,7 +140,7 @@ def test_columns_are_validated_at_config_load(tmp_path):
     assert cfg.data.columns == {"prompt": "q", "answer": "a"}
 
 
-@pytest.mark.parametrize("stage,kind", [("sft", "sft"), ("dpo", "prefs")])
+@pytest.mark.parametrize("stage,kind", [("sft", "sft"), ("dpo", "prefs"), ("grpo", "prompts")])
 def test_fusedrl_train_from_a_saved_dataset(tmp_path, stage, kind):
     folder = _saved(tmp_path, kind)
     cfg = ROOT / "examples" / f"{stage}_tiny.toml"

@@ -145,6 +145,12 @@ def test_merged_weights_give_the_adapted_logprobs(tmp_path):
     assert names == set(merged.state_dict())  # the plain model's names
 
 
+def _arch(tok):
+    return {"model_type": "qwen2", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "vocab_size": len(tok), "max_position_embeddings": 64,
+            "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id, "tie_word_embeddings": True}
+
+
 @pytest.mark.parametrize("table,key", [
     ({"r": 0}, "model.lora.r"), ({"r": 2.5}, "model.lora.r"), ({"alpha": 8}, "model.lora.r"),
     ({"r": 4, "rank": 4}, "model.lora.rank"), ({"r": 4, "dropout": 1.5}, "model.lora.dropout"),
@@ -168,3 +174,29 @@ def test_missing_peft_and_an_adapted_head_are_one_line_errors(monkeypatch):
     monkeypatch.setitem(__import__("sys").modules, "peft", None)
     with pytest.raises(ConfigError, match=r"model.lora: LoRA needs the optional extra: pip install 'fusedrl\[lora\]'"):
         load_config(None, [("model.lora", "{r = 4}")])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_build_policy_wraps_and_gradients_reach_only_the_adapters(checkpointing):
+    from fusedrl.models.causal_lm import build_policy
+
+    tok = rl_tiny.tokenizer()
+    arch = {k: v for k, v in _arch(tok).items() if k not in ("vocab_size", "eos_token_id", "pad_token_id")}
+    grads = []
+    for gc in (False, checkpointing):
+        torch.manual_seed(0)
+        cfg = ModelConfig(arch=arch, dtype="float32", gradient_checkpointing=gc, lora=dict(LORA))
+        model = build_policy(cfg, tok, torch.device("cpu"))
+        assert is_peft_model(model) and model.training
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(len(name)))
+        batch = _batch(tok, seed=2)
+        upstream = torch.randn(batch.total, generator=torch.Generator().manual_seed(3))
+        (token_logprobs(model, batch) * upstream).sum().backward()
+        assert all(p.grad is None for n, p in model.named_parameters() if "lora_" not in n)
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if "lora_" in n})
+        assert all(g.abs().sum() > 0 for g in grads[-1].values())
+    for name in grads[0]:  # activation checkpointing recomputes the same adapted forward
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
