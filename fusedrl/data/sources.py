@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from fusedrl.config import check_data_columns
 from fusedrl.data.validate import DataError
 
 HF_PREFIX = "hf:"
@@ -78,18 +79,11 @@ class using_data_options:
         return False
 
 
-def check_columns(columns: Any, key: str = "data.columns") -> None:
-    """DataError naming the key unless ``columns`` maps record fields (str) to distinct column names (str)."""
+def check_columns(columns: Any) -> None:
+    """ValueError naming data.columns[.FIELD] unless ``columns`` maps record fields to distinct column names."""
     if not isinstance(columns, Mapping):
-        raise DataError(f"{key}: expected a table {{field = \"column\"}}, got {columns!r}")
-    for name, column in columns.items():
-        if not isinstance(name, str) or not name or not isinstance(column, str) or not column:
-            raise DataError(f"{key}.{name}: expected a non-empty column name (string), got {column!r}")
-    seen = {}
-    for name, column in columns.items():
-        if column in seen:
-            raise DataError(f"{key}.{name}: column {column!r} is already mapped to {seen[column]!r}")
-        seen[column] = name
+        raise DataError(f"data.columns: expected a table {{field = \"column\"}}, got {columns!r}")
+    check_data_columns(dict(columns))
 
 
 # ----------------------------------------------------------------------------- sources

@@ -57,8 +57,8 @@ def apply_lora(model: torch.nn.Module, table: Dict[str, Any]) -> torch.nn.Module
     if not table:
         raise ConfigError.message("model.lora", "model.lora: empty table (set at least r) or leave it out")
     peft = _peft()
-    kwargs = dict(r=table["r"], lora_alpha=table.get("alpha", table["r"]), lora_dropout=float(table.get("dropout", 0.0)),
-                  bias="none", task_type="CAUSAL_LM")
+    kwargs = dict(r=table["r"], lora_alpha=table.get("alpha", table["r"]), bias="none", task_type="CAUSAL_LM",
+                  lora_dropout=float(table.get("dropout", 0.0)))
     if "target_modules" in table:
         kwargs["target_modules"] = table["target_modules"]
     try:
@@ -74,7 +74,8 @@ def apply_lora(model: torch.nn.Module, table: Dict[str, Any]) -> torch.nn.Module
 def check_head(model: torch.nn.Module) -> None:
     """ConfigError when the LM head or the input embeddings carry an adapter (the fused kernels read the plain head)."""
     inner = unwrap(model)
-    for what, module in (("LM head", inner.get_output_embeddings()), ("input embeddings", inner.get_input_embeddings())):
+    modules = (("LM head", inner.get_output_embeddings()), ("input embeddings", inner.get_input_embeddings()))
+    for what, module in modules:
         if module is not None and hasattr(module, "lora_A"):
             raise ConfigError.message("model.lora.target_modules",
                                       f"model.lora.target_modules: the {what} got an adapter; the fused LM-head "
