@@ -154,8 +154,9 @@ def read_dataset(source: str, *, split: Optional[str] = None) -> Tuple[List[Tupl
     else:
         try:
             loaded = datasets.load_dataset(location, split=split)
-        except ValueError as err:  # an unknown split, a folder without data files, ...
-            raise DataError(f"source: {source!r}: {str(err).splitlines()[0]}") from None
+        except (ValueError, OSError) as err:  # an unknown split, no data files, not on the hub, offline, ...
+            lines = str(err).strip().splitlines() or [type(err).__name__]
+            raise DataError(f"source: {source!r}: {lines[0]}") from None
     names = list(loaded.column_names)
     return [(f"{source}[{split}] row {i}", dict(row)) for i, row in enumerate(loaded)], names
 

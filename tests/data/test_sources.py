@@ -155,3 +155,13 @@ def test_fusedrl_train_from_a_saved_dataset(tmp_path, stage, kind):
     assert any(r["kind"] == "eval" for r in rows)  # data.eval read the "test" split (data.eval_split)
     saved = read_toml(out / "config.toml")["data"]
     assert saved["columns"] == RENAMES[kind] and saved["eval_split"] == "test"
+
+
+def test_an_unreachable_hub_dataset_is_one_line(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # never touches the network
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(DataError, match=r"^source: 'hf:nobody-zz/nothing:test': ") as err:
+        load_records("hf:nobody-zz/nothing:test")
+    assert "\n" not in str(err.value)
