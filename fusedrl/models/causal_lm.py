@@ -144,8 +144,11 @@ def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The output projection: (weight (V, H), bias (V,) or None); tied to the embeddings when the model ties them."""
     model = unwrap(model)
     head = model.get_output_embeddings()
-    if head is None or not hasattr(head, "weight") or hasattr(head, "lora_A"):
+    if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model: {type(model).__name__} has no output embedding (LM head)")
+    if hasattr(head, "lora_A"):  # the kernels would read the base weight and silently skip the adapter
+        raise ValueError("model: the LM head carries a LoRA adapter, which the fused LM-head kernels do not apply; "
+                         "leave it out of model.lora.target_modules")
     return head.weight, getattr(head, "bias", None)
 
 

@@ -200,3 +200,14 @@ def test_build_policy_wraps_and_gradients_reach_only_the_adapters(checkpointing)
         assert all(g.abs().sum() > 0 for g in grads[-1].values())
     for name in grads[0]:  # activation checkpointing recomputes the same adapted forward
         torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_head_refuses_an_adapted_lm_head():
+    from fusedrl.models.causal_lm import lm_head
+
+    tok = rl_tiny.tokenizer()
+    wrapped = peft.get_peft_model(rl_tiny.tiny_policy(tok), peft.LoraConfig(r=2, target_modules=["lm_head"]))
+    with pytest.raises(ValueError, match="the LM head carries a LoRA adapter"):
+        token_logprobs(wrapped, _batch(tok))
+    _, model = _adapted(tok)
+    assert lm_head(model)[0] is unwrap(model).get_output_embeddings().weight
