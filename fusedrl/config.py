@@ -69,14 +69,20 @@ class ModelConfig:
     trust_remote_code: bool = False
     """Let transformers run the Python code of the model / tokenizer folder (its auto_map). Off: such a
     model is refused with an error (never a prompt on stdin). Reward and reference models never run it."""
+    lora: Dict[str, Any] = field(default_factory=dict)
+    """LoRA adapters on the policy through PEFT (the `lora` extra), e.g. {r = 16, alpha = 32, dropout = 0.0,
+    target_modules = ["q_proj", "v_proj"]}; empty: full fine-tuning. Only the adapters train, the reference
+    is the same model with its adapters disabled, and final/ holds the merged weights (docs/lora.md)."""
 
 
 @dataclass
 class DataConfig:
     train: str = ""
-    """Training examples: a .jsonl or .parquet file (format detected from the first record)."""
+    """Training examples: a .jsonl or .parquet file, or a Hugging Face dataset (a save_to_disk folder, a local
+    dataset folder or script, or "hf:org/name"; optional ":SPLIT" suffix); format detected from the first record."""
     eval: Optional[str] = None
-    """Held-out examples in the same format, used by the stage's evaluation; None skips it."""
+    """Held-out examples in the same format (any source data.train accepts), used by the stage's evaluation;
+    None skips it."""
     max_len: int = 1024
     """Longest example in tokens; longer ones follow `overlong`."""
     overlong: str = "truncate"
@@ -93,6 +99,13 @@ class DataConfig:
     """A record with unusable content (empty prompt/completion/chosen/rejected, chosen == rejected,
     a label not in {true, false, 0, 1}, a non-finite margin, an unknown chat role, over 1M characters):
     "error" stops at load naming its file:line; "drop" drops it (the count is logged)."""
+    columns: Dict[str, str] = field(default_factory=dict)
+    """Record field -> the source's column holding it, e.g. {prompt = "question", answer = "solution"};
+    applied before any record check (docs/data.md). Unmapped columns keep their names."""
+    split: str = "train"
+    """Split of a Hugging Face dataset source in data.train (a ":SPLIT" suffix on the source wins)."""
+    eval_split: str = "test"
+    """Split of a Hugging Face dataset source in data.eval (a ":SPLIT" suffix on the source wins)."""
 
 
 @dataclass
@@ -224,6 +237,10 @@ def validate(cfg: Any, prefix: str = "") -> None:
             raise ConfigError(f"{key}", value, "a number > 0")
     if not prefix and hasattr(cfg, "optim") and len(cfg.optim.betas) != 2:
         raise ConfigError("optim.betas", cfg.optim.betas, "2 values")
+    if not prefix and isinstance(getattr(getattr(cfg, "data", None), "columns", None), dict):
+        check_data_columns(cfg.data.columns)
+    if not prefix and isinstance(getattr(getattr(cfg, "model", None), "lora", None), dict):
+        check_lora_table(cfg.model.lora)
 
 
 def load_config(
@@ -260,3 +277,55 @@ def save_config(cfg: Any, path: str | Path) -> None:
 def describe_config(cfg: Any = None) -> str:
     """A markdown reference of every table and field: name, type, default, documentation."""
     return describe_tables(cfg if cfg is not None else TrainConfig())
+
+
+# ----------------------------------------------------------------------------- [data] columns, [model] lora
+
+LORA_KEYS = {"r": int, "alpha": (int, float), "dropout": (int, float), "target_modules": (list, str)}
+_LORA_TYPES = {"r": "an int", "alpha": "a number", "dropout": "a number", "target_modules": "a list of names"}
+_HEAD_NAMES = ("lm_head", "embed_tokens", "embed_out", "wte", "output")
+
+
+def check_data_columns(columns: Dict[str, Any]) -> None:
+    """ConfigError naming data.columns.FIELD unless every value is a column name and no column is mapped twice."""
+    seen: Dict[str, str] = {}
+    for name, column in columns.items():
+        if not isinstance(column, str) or not column:
+            raise ConfigError(f"data.columns.{name}", column, "a column name (non-empty string)")
+        if column in seen:
+            raise ConfigError(f"data.columns.{name}", column, f"a column not already mapped to {seen[column]!r}")
+        seen[column] = name
+
+
+def check_lora_table(lora: Dict[str, Any]) -> None:
+    """ConfigError naming model.lora.KEY for an unknown key or a bad value (empty table: LoRA off)."""
+    if not lora:
+        return
+    import importlib.util
+    if importlib.util.find_spec("peft") is None:
+        raise ConfigError.message("model.lora", "model.lora: LoRA needs the optional extra: pip install "
+                                  "'fusedrl[lora]' (the `peft` package)")
+    for key, value in lora.items():
+        if key not in LORA_KEYS:
+            raise ConfigError(f"model.lora.{key}", value, f"one of the keys {sorted(LORA_KEYS)}",
+                              f"model.lora.{key}: unknown key; known keys: {', '.join(sorted(LORA_KEYS))}")
+        if isinstance(value, bool) or not isinstance(value, LORA_KEYS[key]):
+            raise ConfigError(f"model.lora.{key}", value, _LORA_TYPES[key])
+    if not isinstance(lora.get("r"), int) or lora["r"] < 1:
+        raise ConfigError("model.lora.r", lora.get("r"), "an int >= 1 (the adapters' rank)")
+    if "alpha" in lora and not lora["alpha"] > 0:
+        raise ConfigError("model.lora.alpha", lora["alpha"], "a number > 0")
+    if not 0.0 <= float(lora.get("dropout", 0.0)) < 1.0:
+        raise ConfigError("model.lora.dropout", lora["dropout"], "a number in [0, 1)")
+    if "target_modules" not in lora:
+        return  # PEFT's default targets for the model family (attention projections)
+    targets = lora["target_modules"]
+    names = [targets] if isinstance(targets, str) else targets
+    if not names or not all(isinstance(t, str) and t for t in names):
+        raise ConfigError("model.lora.target_modules", targets,
+                          'module names, e.g. ["q_proj", "v_proj"], or "all-linear"')
+    for name in names:
+        if name.rpartition(".")[2] in _HEAD_NAMES:
+            raise ConfigError("model.lora.target_modules", targets,
+                              f"modules other than the LM head and the embeddings ({name!r}: the fused LM-head "
+                              "kernels read the plain head weight, so an adapter there would be ignored)")

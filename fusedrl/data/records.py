@@ -21,10 +21,11 @@ import json
 import logging
 import os
 import re
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fusedrl.data.batch import IGNORE_INDEX
 from fusedrl.data.packed import Example, PackedDataset, pack_examples
+from fusedrl.data.sources import data_options, map_columns, read_dataset
 from fusedrl.data.validate import DataError, bad_record_policy, screen_records
 
 __all__ = [
@@ -37,21 +38,27 @@ logger = logging.getLogger(__name__)
 FORMATS = ("messages", "prompt_completion", "preference", "unpaired", "prompt")
 TRAIN_ON = ("all_assistant", "last_assistant")
 OVERLONG = ("truncate", "drop")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
 # ----------------------------------------------------------------------------- loading
 
-def load_records(source: str, *, split: Optional[str] = None, on_bad: Optional[str] = None) -> List[dict]:
+def load_records(source: str, *, split: Optional[str] = None, on_bad: Optional[str] = None,
+                 columns: Optional[Dict[str, str]] = None) -> List[dict]:
     """Load and validate records from a file or a Hugging Face dataset.
 
     Args:
         source: a ``.jsonl`` / ``.json`` file (one object per line, or one JSON
-            array), a ``.parquet`` file, or a Hugging Face ``datasets`` name.
-        split: dataset split for Hugging Face names (default ``"train"``); ignored for files.
+            array), a ``.parquet`` file, or a Hugging Face ``datasets`` source: a
+            ``save_to_disk`` folder, a local dataset folder or script, or ``hf:org/name``,
+            each optionally ending with ``:SPLIT`` (see ``fusedrl.data.sources``).
+        split: dataset split when the source has no ``:SPLIT`` (default: the run's
+            data.split / data.eval_split for its data.train / data.eval, else ``"train"``);
+            ignored for files.
         on_bad: a record whose content is unusable (empty text, chosen == rejected, a bad label
             or margin, an unknown role, too long: ``fusedrl.data.validate``) raises ("error") or is
             dropped and counted ("drop"); default: the run's ``data.on_bad_record``.
+        columns: record field -> the source's column holding it, applied before validation
+            (default: the run's ``data.columns``).
 
     Returns:
         The records as dicts, all of one format (see ``detect_format``).
@@ -59,22 +66,23 @@ def load_records(source: str, *, split: Optional[str] = None, on_bad: Optional[s
     Raises:
         ValueError: a record that is not valid JSON, not an object, or not in a
             known format; the message names the file and the line (1-based) or
-            Parquet/array row (0-based) and what is wrong.
+            Parquet/array row (0-based) and what is wrong; a mapped column the source lacks.
         FileNotFoundError: a file path that does not exist.
-        ImportError: a dataset name when ``datasets`` is not installed.
+        DataError: a dataset source when ``datasets`` (the ``data`` extra) is not installed.
     """
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source: expected a path or dataset name (str), got {type(source).__name__}")
     path = os.fspath(source)
+    options = data_options()
     suffix = os.path.splitext(path)[1].lower()
+    names = None
     if suffix in (".jsonl", ".json"):
         located = _read_json_records(path)
     elif suffix == ".parquet":
         located = _read_parquet_records(path)
-    elif os.path.exists(path):
-        raise DataError(f"source: unsupported file type {path!r}; expected one of {_FILE_SUFFIXES}")
     else:
-        located = _read_hf_records(path, split or "train")
+        located, names = read_dataset(path, split=split or options.split_for(path))
+    located = map_columns(located, options.columns if columns is None else columns, path, names)
     first_format, typed = None, []
     for where, record in located:
         if not isinstance(record, dict):
@@ -121,19 +129,6 @@ def _read_parquet_records(path: str) -> List[Tuple[str, Any]]:
 
     rows = pq.read_table(path).to_pylist()
     return [(f"{path} row {i}", row) for i, row in enumerate(rows)]
-
-
-def _read_hf_records(name: str, split: str) -> List[Tuple[str, Any]]:
-    try:
-        import datasets
-    except ImportError:
-        raise ImportError(
-            f"source: {name!r} is not a file, so it would be a Hugging Face dataset name, but the "
-            "`datasets` package is not installed; install it (pip install datasets) or pass a "
-            f".jsonl/.json/.parquet file"
-        ) from None
-    rows = datasets.load_dataset(name, split=split)
-    return [(f"{name}[{split}] row {i}", dict(row)) for i, row in enumerate(rows)]
 
 
 # ----------------------------------------------------------------------------- formats

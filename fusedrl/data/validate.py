@@ -49,23 +49,35 @@ def _looks_like_a_path(text: str) -> bool:
 
 
 def check_data_file(value: Optional[str], key: str, *, required: bool) -> None:
-    """ValueError naming `key` when the data file is missing, empty or of an unknown type."""
+    """ValueError naming `key` when the data source is missing, empty or of an unknown type.
+
+    A source is a .jsonl/.json/.parquet file or a Hugging Face dataset source (a save_to_disk or dataset
+    folder, a dataset script, hf:org/name; see fusedrl.data.sources), the latter only with `datasets`.
+    """
     if value is None or value == "":
         if required:
-            raise DataError(f"{key}: no training data given; set it to a .jsonl/.json/.parquet file")
+            raise DataError(f"{key}: no training data given; set it to a .jsonl/.json/.parquet file or a dataset")
         return
     suffix = os.path.splitext(value)[1].lower()
-    if os.path.isdir(value):
-        raise DataError(f"{key}: {value!r} is a folder; expected a .jsonl/.json/.parquet file")
-    if suffix in FILE_SUFFIXES:
+    if suffix in FILE_SUFFIXES and not value.startswith("hf:"):
         if not os.path.isfile(value):
             raise DataError(f"{key}: file {value!r} does not exist (relative paths are from {os.getcwd()})")
         return
-    if os.path.exists(value):
-        raise DataError(f"{key}: {value!r} has no .jsonl/.json/.parquet suffix; rename it to one")
-    if _looks_like_a_path(value) or importlib.util.find_spec("datasets") is None:
-        raise DataError(f"{key}: {value!r} is not a file (missing, or without a .jsonl/.json/.parquet "
-                         "suffix) and not a usable Hugging Face dataset name (needs the `datasets` package)")
+    from fusedrl.data.sources import INSTALL_HINT, parse_source
+    try:
+        kind, _, _ = parse_source(value)
+    except ValueError as err:
+        raise DataError(f"{key}: {str(err).partition(': ')[2]}") from None
+    if kind == "missing":
+        raise DataError(f"{key}: {value!r} is not a file or a folder: it does not exist (relative paths are from "
+                        f"{os.getcwd()}); expected a .jsonl/.json/.parquet file, a dataset folder or script, or "
+                        "hf:org/name")
+    if kind == "unsupported":
+        raise DataError(f"{key}: {value!r} has no .jsonl/.json/.parquet suffix and is not a dataset folder or "
+                        "script; rename it to one")
+    if importlib.util.find_spec("datasets") is None:
+        raise DataError(f"{key}: {value!r} is a Hugging Face dataset source, which needs the optional extra: "
+                        f"{INSTALL_HINT}")
 
 
 def check_model_path(value: Optional[str], key: str = "model.name_or_path") -> None:

@@ -20,6 +20,7 @@ import torch
 
 from fusedrl.config import ConfigError
 from fusedrl.data.batch import PackedBatch
+from fusedrl.models.lora import AdapterDisabled, apply_lora, is_peft_model, save_merged, unwrap
 from fusedrl.models.packed_attention import packed_forward
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -128,6 +129,10 @@ def hidden_states(model, batch: PackedBatch) -> torch.Tensor:
     """
     if not isinstance(batch, PackedBatch):
         raise TypeError(f"batch: expected a PackedBatch, got {type(batch).__name__}")
+    if isinstance(model, AdapterDisabled):  # a LoRA run's reference: the policy with its adapters off
+        with model.disabled() as inner:
+            return hidden_states(inner, batch)
+    model = unwrap(model)  # a PEFT-wrapped policy: its transformers model, LoRA layers in place
     device = next(model.parameters()).device
     if batch.input_ids.device != device:
         raise ValueError(f"batch: is on {batch.input_ids.device} but the model is on {device}; "
@@ -137,14 +142,25 @@ def hidden_states(model, batch: PackedBatch) -> torch.Tensor:
 
 def lm_head(model) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """The output projection: (weight (V, H), bias (V,) or None); tied to the embeddings when the model ties them."""
+    model = unwrap(model)
     head = model.get_output_embeddings()
     if head is None or not hasattr(head, "weight"):
         raise ValueError(f"model: {type(model).__name__} has no output embedding (LM head)")
+    if hasattr(head, "lora_A"):  # the kernels would read the base weight and silently skip the adapter
+        raise ValueError("model: the LM head carries a LoRA adapter, which the fused LM-head kernels do not apply; "
+                         "leave it out of model.lora.target_modules")
     return head.weight, getattr(head, "bias", None)
 
 
-def save_model(model, path, tokenizer=None) -> None:
-    """Save in the ``save_pretrained`` layout with safetensors weights (and the tokenizer if given)."""
+def save_model(model, path, tokenizer=None, *, merge_adapters: bool = False) -> None:
+    """Save in the ``save_pretrained`` layout with safetensors weights (and the tokenizer if given).
+
+    A LoRA (PEFT) model saves its adapters only, or with ``merge_adapters`` the merged weights
+    (plus the adapters in ``path/adapter``): `fusedrl.models.lora.save_merged`.
+    """
+    if merge_adapters and is_peft_model(model):
+        save_merged(model, path, tokenizer)
+        return
     os.makedirs(path, exist_ok=True)
     model.save_pretrained(path)
     if tokenizer is not None:
@@ -185,7 +201,14 @@ def check_arch(arch: dict) -> None:
 
 
 def build_policy(cfg, tokenizer, device: torch.device):
-    """The model to train: loaded from name_or_path, or built from `arch` sized to the tokenizer."""
+    """The model to train: loaded from name_or_path, or built from `arch` sized to the tokenizer;
+    wrapped with LoRA adapters (PEFT) when `cfg.lora` is set (`fusedrl.models.lora.apply_lora`)."""
+    model = _build_base_policy(cfg, tokenizer, device)
+    lora = getattr(cfg, "lora", None)
+    return apply_lora(model, lora) if lora else model
+
+
+def _build_base_policy(cfg, tokenizer, device: torch.device):
     dtype = None if cfg.dtype == "auto" else cfg.dtype
     if cfg.name_or_path is not None:
         model = build_model(name_or_path=cfg.name_or_path, dtype=dtype, device=device,
@@ -221,8 +244,11 @@ def load_reference(cfg, path: Optional[str], policy: torch.nn.Module) -> torch.n
         `path` loaded, else model.name_or_path loaded (the run's initial weights, so a resumed run
         gets the same reference), else a frozen copy of `policy` as it is now (a policy built from
         model.arch is rebuilt identically from the seed on resume, so the copy is too). Eval mode
-        for loaded models, no gradients.
+        for loaded models, no gradients. A LoRA policy (PEFT) without `path`: an `AdapterDisabled`
+        view of it (its adapters off: the base weights), not a second model.
     """
+    if path is None and is_peft_model(policy):
+        return AdapterDisabled(policy)  # LoRA: the same weights with the adapters off, no second model
     source = path or cfg.name_or_path
     if source is None:
         return copy.deepcopy(policy).requires_grad_(False)

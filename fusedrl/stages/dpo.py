@@ -34,6 +34,7 @@ from fusedrl.data.batch import PackedBatch
 from fusedrl.data.records import Example, load_records, pack_examples, tokenize_sft
 from fusedrl.stages.configs_alignment import DPO_LOSSES, REFERENCE_FREE, DPOConfig, check_section
 from fusedrl.models.causal_lm import load_reference, token_logprobs
+from fusedrl.models.lora import is_peft_model
 from fusedrl.stages.base import BaseStage, StepTotals
 from fusedrl.stages.cache import content_key, load_tensors, model_fingerprint, path_fingerprint, save_tensors
 from fusedrl.stages.groups import GroupedDataset, sequence_sums, tokenize_groups
@@ -287,8 +288,9 @@ def compute_reference(dpo_cfg: DPOConfig, policy, examples: List[Example], token
 
     model_cfg: the [model] table (the reference is loaded with its dtype).
     """
-    if dpo_cfg.reference is None:
-        return reference_logprobs(policy, examples, token_budget, cache_dir=cache_dir)
+    if dpo_cfg.reference is None:  # the policy's starting weights (LoRA: the policy with its adapters off)
+        return reference_logprobs(load_reference(model_cfg, None, policy) if is_peft_model(policy) else policy,
+                                  examples, token_budget, cache_dir=cache_dir)
     identity = path_fingerprint(dpo_cfg.reference)
     device = next(policy.parameters()).device
     reference = None

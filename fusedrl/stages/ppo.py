@@ -38,6 +38,7 @@ from fusedrl.stages.configs_rl import Advantage, PPOConfig, check_policy_options
 from fusedrl.stages.base import POLICY, StepTotals, Trainable
 from fusedrl.stages.policy_gradient import PolicyGradientStage, ResolvedOptions, load_prompt_records
 from fusedrl.models.causal_lm import load_reference
+from fusedrl.models.lora import base_copy, is_peft_model
 from fusedrl.kernels import fold_kl_into_rewards, gae, value_loss, whiten
 
 
@@ -137,7 +138,8 @@ def build_value_model(cfg, policy, device):
     source = cfg.ppo.value_model or cfg.rollout.reward_model
     if source is not None:
         return ScalarHeadModel.from_pretrained(source, device=device)
-    return ScalarHeadModel.from_causal_lm(copy.deepcopy(policy), init_std=0.0)
+    backbone = base_copy(policy) if is_peft_model(policy) else copy.deepcopy(policy)  # LoRA: no adapters
+    return ScalarHeadModel.from_causal_lm(backbone, init_std=0.0)
 
 
 def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:

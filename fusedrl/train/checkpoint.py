@@ -112,6 +112,13 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 def load_weights(model: torch.nn.Module, path: Path) -> None:
     """Load every *.safetensors file under `path` into `model` (strict, tied weights allowed)."""
+    from fusedrl.models.lora import is_peft_model, load_adapter
+
+    if is_peft_model(model):  # a LoRA run saves and restores its adapters only
+        try:
+            return load_adapter(model, path)
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
     files = sorted(Path(path).glob("*.safetensors"))
     if not files:
         raise CheckpointError(f"{path}: no .safetensors weights found")

@@ -110,6 +110,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
         final weights or evaluation are not finite.
     """
     from fusedrl.data.validate import check_data_paths, rl_prompt_limit, using_bad_record_policy
+    from fusedrl.data.sources import using_data_options
     from fusedrl.stages import STAGES
 
     if cfg.run.stage not in STAGES:
@@ -120,7 +121,7 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     rl_prompt_limit(cfg)
     with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
         try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
-            with using_bad_record_policy(cfg.data.on_bad_record):
+            with using_bad_record_policy(cfg.data.on_bad_record), using_data_options(cfg.data):
                 return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
         except OSError as err:
             message = _disk_error(err, folder.path)
@@ -157,6 +158,9 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)
+        if build and getattr(cfg.model, "lora", None):
+            raise ConfigError.message("model.lora", f"model.lora: LoRA applies to the policy; the {cfg.run.stage} "
+                                      "stage trains another model")
         model = build(cfg, tokenizer, device) if build else build_policy(cfg.model, tokenizer, device)
     from fusedrl.data.records import overlong_counts
     from fusedrl.data.validate import rl_prompt_limit, using_prompt_limit
@@ -170,7 +174,7 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
         check_finite_outcome(model, result)
         if cfg.checkpoint.save_final:
             from fusedrl.models.causal_lm import save_model
-            save_model(model, run_dir / "final", tokenizer=tokenizer)
+            save_model(model, run_dir / "final", tokenizer=tokenizer, merge_adapters=True)  # LoRA: merged
             write_model_card(run_dir / "final", cfg, result)
         if cfg.logging.plots:
             write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots", title=f"{cfg.run.stage}: {run_dir.name}")

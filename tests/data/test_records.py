@@ -89,7 +89,7 @@ def test_bad_parquet_row_is_named(tmp_path):
 
 def test_sources_that_are_not_files(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed (no network use either way)
-    with pytest.raises(ImportError, match="`datasets` package is not installed"):
+    with pytest.raises(ValueError, match=r"needs the optional extra: pip install 'fusedrl\[data\]'"):
         load_records("someone/some-dataset")
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match="source: unsupported file type"):
