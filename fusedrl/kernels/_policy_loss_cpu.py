@@ -23,7 +23,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ._rl_layout import Layout, Number, segment_sum
-from .kl import k3_value, kl_from_delta
+from .kl import k3_and_grad, k3_value, kl_from_delta
 
 
 def _coefficients(mode: str, mf, tokens, layout: Layout, cfg, num_tokens: Optional[Number],
@@ -47,6 +47,16 @@ def _coefficients(mode: str, mf, tokens, layout: Layout, cfg, num_tokens: Option
 def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
                     num_seqs: Optional[Number]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss (differentiable 0-d), sums (len(STATS),) float32 token totals, tokens (B,) float32)."""
+    if fast_path_applies(x, cfg):
+        out = policy_loss_fast(x, layout, cfg, num_tokens, num_seqs)
+        if out is not None:
+            return out
+    return policy_loss_general(x, layout, cfg, num_tokens, num_seqs)
+
+
+def policy_loss_general(x, layout: Layout, cfg, num_tokens: Optional[Number],
+                        num_seqs: Optional[Number]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every algo and option: per-token values under autograd, one dot product per aggregation mode."""
     from .policy_loss import STATS, _surrogate, is_weights
 
     dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
@@ -99,3 +109,96 @@ def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
             sums[STATS.index("is_weight")] = sums[0]
         sums = torch.stack(sums).float()
     return loss, sums, tokens.detach().float()
+
+
+FAST_ALGOS = ("ppo", "grpo")
+
+
+def fast_path_applies(x, cfg) -> bool:
+    """The common RL step (PPO / GRPO clip, no dual clip, no sampler weights, k3 or no KL) on the host."""
+    return (x.logp.device.type == "cpu" and cfg.algo in FAST_ALGOS and cfg.dual_clip is None
+            and x.sampler is None and x.sel is None
+            and (cfg.beta == 0 or (cfg.kl_kind == "k3" and cfg.kl_clamp is None and cfg.kl_value_clamp is None)))
+
+
+class _Presolved(torch.autograd.Function):
+    """loss = value, with d loss / d logp = g_logp and d loss / d entropy = g_ent given (per token)."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, value, g_logp, g_ent):
+        ctx.save_for_backward(g_logp, g_ent)
+        ctx.shapes = (logp.shape, logp.dtype, None if entropy is None else (entropy.shape, entropy.dtype))
+        return value.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        g_logp, g_ent = ctx.saved_tensors
+        (shape, dtype), ent = ctx.shapes[:2], ctx.shapes[2]
+        d_logp = (g_logp * grad).to(dtype).view(shape) if ctx.needs_input_grad[0] else None
+        d_ent = None
+        if ent is not None and g_ent is not None and ctx.needs_input_grad[1]:
+            d_ent = (g_ent * grad).to(ent[1]).view(ent[0])
+        return d_logp, d_ent, None, None, None
+
+
+def _token_counts(m: torch.Tensor, layout: Layout, dtype) -> torch.Tensor:
+    """Masked tokens per sequence (B,) from an int32 prefix sum at the boundaries (exact, no scatter)."""
+    csum = torch.zeros(m.numel() + 1, dtype=torch.int32, device=m.device)
+    torch.cumsum(m, 0, dtype=torch.int32, out=csum[1:])
+    cu = layout.cu_seqlens
+    return (csum.index_select(0, cu[1:]) - csum.index_select(0, cu[:-1])).to(dtype)
+
+
+def policy_loss_fast(x, layout: Layout, cfg, num_tokens: Optional[Number],
+                     num_seqs: Optional[Number]):
+    """`policy_loss_general` for `fast_path_applies` in fewer passes and no graph: values and the
+    per-token gradients in one sweep under no_grad, one `_Presolved` node.
+
+    pg_t = -min(r A, clip(r) A) has d pg_t / d logp_t = -r A off the clip and 0 on it (the clip
+    flag of the metric); k3 and its gradient come from one expm1. Masked inputs are zeroed by a
+    multiply; a non-finite result (garbage under the mask, or a real inf) returns None and the
+    caller runs the general path, which keeps padding out with where().
+    """
+    dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        m = x.mask
+        mf = m.to(dtype)
+        logp = x.logp.detach().to(dtype) * mf
+        adv = x.adv.to(dtype) * mf
+        d = logp - x.old.to(dtype) * mf
+        ratio = torch.exp(d)
+        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+        t1 = ratio * adv
+        pg = torch.minimum(t1, ratio.clamp(lo, hi).mul_(adv)).neg_()
+        clipped = ((adv > 0) & (ratio > hi)).logical_or_((adv < 0) & (ratio < lo))
+        g_pg = t1.masked_fill_(clipped, 0).neg_()  # -r A off the clip
+        tokens = _token_counts(m, layout, dtype)
+        cache: Dict[str, torch.Tensor] = {}
+        coef = _coefficients(cfg.aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+        loss = torch.dot(pg, coef)
+        g_logp = g_pg.mul_(coef)
+        kl_ref = None
+        if x.ref is not None:
+            d_ref = logp - x.ref.to(dtype) * mf
+            if cfg.beta == 0:  # the metric only: the configured estimator
+                kl_ref = kl_from_delta(d_ref, cfg.kl_kind, cfg.kl_clamp, cfg.kl_value_clamp)
+            else:
+                kl_ref, g_kl = k3_and_grad(d_ref)
+                c_kl = _coefficients(cfg.kl_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+                loss = loss + cfg.beta * torch.dot(kl_ref, c_kl)
+                g_logp.add_(g_kl.mul_(c_kl), alpha=cfg.beta)
+        ent = None if x.entropy is None else x.entropy.detach().to(dtype) * mf
+        g_ent = None
+        if cfg.c_ent > 0:
+            c_e = _coefficients(cfg.entropy_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+            loss = loss - cfg.c_ent * torch.dot(ent, c_e)
+            g_ent = c_e * -cfg.c_ent
+        zero = torch.zeros((), dtype=dtype, device=d.device)
+        sums = [tokens.sum(), clipped.sum().to(dtype), torch.dot(ratio, mf), d.sum().neg(),
+                zero if kl_ref is None else kl_ref.sum(), zero if ent is None else ent.sum(), tokens.sum(),
+                k3_and_grad(d, need_grad=False)[0].sum(), zero]
+        sums = torch.stack(sums)
+        if not bool(torch.isfinite(torch.cat([sums, loss.view(1)])).all()):
+            return None
+    loss = _Presolved.apply(x.logp, x.entropy, loss, g_logp, g_ent)
+    return loss, sums.float(), tokens.float()
