@@ -163,30 +163,35 @@ def policy_loss_fast(x, layout: Layout, cfg, num_tokens: Optional[Number],
     with torch.no_grad():
         m = x.mask
         mf = m.to(dtype)
-        logp = x.logp.detach().to(dtype) * mf
+        logp = x.logp.detach().to(dtype)
         adv = x.adv.to(dtype) * mf
-        d = logp - x.old.to(dtype) * mf
+        d = torch.sub(logp, x.old.to(dtype)).mul_(mf)  # (logp - old) m: 0 under the mask
         ratio = torch.exp(d)
         lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        t1 = ratio * adv
-        pg = torch.minimum(t1, ratio.clamp(lo, hi).mul_(adv)).neg_()
+        g_logp = ratio * adv  # r A, then -r A off the clip, times the coefficient
+        pg = ratio.clamp(lo, hi).mul_(adv)
+        pg = torch.minimum(g_logp, pg, out=pg).neg_()
         clipped = ((adv > 0) & (ratio > hi)).logical_or_((adv < 0) & (ratio < lo))
-        g_pg = t1.masked_fill_(clipped, 0).neg_()  # -r A off the clip
+        del adv
+        g_logp.masked_fill_(clipped, 0).neg_()
         tokens = _token_counts(m, layout, dtype)
         cache: Dict[str, torch.Tensor] = {}
         coef = _coefficients(cfg.aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
         loss = torch.dot(pg, coef)
-        g_logp = g_pg.mul_(coef)
+        del pg
+        g_logp.mul_(coef)
         kl_ref = None
         if x.ref is not None:
-            d_ref = logp - x.ref.to(dtype) * mf
+            d_ref = torch.sub(logp, x.ref.to(dtype)).mul_(mf)
             if cfg.beta == 0:  # the metric only: the configured estimator
                 kl_ref = kl_from_delta(d_ref, cfg.kl_kind, cfg.kl_clamp, cfg.kl_value_clamp)
             else:
                 kl_ref, g_kl = k3_and_grad(d_ref)
+                del d_ref
                 c_kl = _coefficients(cfg.kl_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
                 loss = loss + cfg.beta * torch.dot(kl_ref, c_kl)
                 g_logp.add_(g_kl.mul_(c_kl), alpha=cfg.beta)
+                del g_kl
         ent = None if x.entropy is None else x.entropy.detach().to(dtype) * mf
         g_ent = None
         if cfg.c_ent > 0:
