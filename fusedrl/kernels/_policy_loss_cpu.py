@@ -149,60 +149,72 @@ def _token_counts(m: torch.Tensor, layout: Layout, dtype) -> torch.Tensor:
     return (csum.index_select(0, cu[1:]) - csum.index_select(0, cu[:-1])).to(dtype)
 
 
+def _clipped_surrogate(x, mf, dtype, cfg):
+    """(pg, g = d pg / d logp, [clipped, ratio, ppo_kl, approx_kl] token totals) of PPO / GRPO, no graph.
+
+    pg_t = -min(r A, clip(r) A); its gradient is -r A off the clip and 0 on it (the clip flag of
+    the metric). Temporaries are dropped as soon as their metric is summed (peak memory).
+    """
+    logp = x.logp.detach().to(dtype)
+    adv = x.adv.to(dtype) * mf
+    d = torch.sub(logp, x.old.to(dtype)).mul_(mf)  # (logp - old) m: 0 under the mask
+    ratio = torch.exp(d)
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    g = ratio * adv  # r A, then -r A off the clip
+    pg = ratio.clamp(lo, hi).mul_(adv)
+    pg = torch.minimum(g, pg, out=pg).neg_()
+    clipped = ((adv > 0) & (ratio > hi)).logical_or_((adv < 0) & (ratio < lo))
+    del adv
+    g.masked_fill_(clipped, 0).neg_()
+    stats = [clipped.sum().to(dtype), torch.dot(ratio, mf), d.sum().neg()]
+    del ratio, clipped
+    stats.append(k3_and_grad(d, need_grad=False)[0].sum())
+    return pg, g, stats
+
+
 def policy_loss_fast(x, layout: Layout, cfg, num_tokens: Optional[Number],
                      num_seqs: Optional[Number]):
     """`policy_loss_general` for `fast_path_applies` in fewer passes and no graph: values and the
     per-token gradients in one sweep under no_grad, one `_Presolved` node.
 
-    pg_t = -min(r A, clip(r) A) has d pg_t / d logp_t = -r A off the clip and 0 on it (the clip
-    flag of the metric); k3 and its gradient come from one expm1. Masked inputs are zeroed by a
-    multiply; a non-finite result (garbage under the mask, or a real inf) returns None and the
-    caller runs the general path, which keeps padding out with where().
+    The surrogate's gradient comes from `_clipped_surrogate`, k3 and its gradient from one expm1,
+    each times its term's coefficient. Masked inputs are zeroed by a multiply; a non-finite result
+    (garbage under the mask, or a real inf) returns None and the caller runs the general path,
+    which keeps padding out with where().
     """
     dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
     with torch.no_grad():
-        m = x.mask
-        mf = m.to(dtype)
-        logp = x.logp.detach().to(dtype)
-        adv = x.adv.to(dtype) * mf
-        d = torch.sub(logp, x.old.to(dtype)).mul_(mf)  # (logp - old) m: 0 under the mask
-        ratio = torch.exp(d)
-        lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
-        g_logp = ratio * adv  # r A, then -r A off the clip, times the coefficient
-        pg = ratio.clamp(lo, hi).mul_(adv)
-        pg = torch.minimum(g_logp, pg, out=pg).neg_()
-        clipped = ((adv > 0) & (ratio > hi)).logical_or_((adv < 0) & (ratio < lo))
-        del adv
-        g_logp.masked_fill_(clipped, 0).neg_()
-        tokens = _token_counts(m, layout, dtype)
+        mf = x.mask.to(dtype)
+        pg, g_logp, (clipped, ratio, ppo_kl, approx_kl) = _clipped_surrogate(x, mf, dtype, cfg)
+        tokens = _token_counts(x.mask, layout, dtype)
         cache: Dict[str, torch.Tensor] = {}
         coef = _coefficients(cfg.aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
         loss = torch.dot(pg, coef)
         del pg
         g_logp.mul_(coef)
-        kl_ref = None
+        zero = torch.zeros((), dtype=dtype, device=mf.device)
+        kl_sum = zero
         if x.ref is not None:
-            d_ref = torch.sub(logp, x.ref.to(dtype)).mul_(mf)
+            d_ref = torch.sub(x.logp.detach().to(dtype), x.ref.to(dtype)).mul_(mf)
             if cfg.beta == 0:  # the metric only: the configured estimator
-                kl_ref = kl_from_delta(d_ref, cfg.kl_kind, cfg.kl_clamp, cfg.kl_value_clamp)
+                kl_sum = kl_from_delta(d_ref, cfg.kl_kind, cfg.kl_clamp, cfg.kl_value_clamp).sum()
             else:
                 kl_ref, g_kl = k3_and_grad(d_ref)
                 del d_ref
                 c_kl = _coefficients(cfg.kl_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
                 loss = loss + cfg.beta * torch.dot(kl_ref, c_kl)
                 g_logp.add_(g_kl.mul_(c_kl), alpha=cfg.beta)
-                del g_kl
+                kl_sum = kl_ref.sum()
+                del g_kl, kl_ref
         ent = None if x.entropy is None else x.entropy.detach().to(dtype) * mf
         g_ent = None
         if cfg.c_ent > 0:
             c_e = _coefficients(cfg.entropy_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
             loss = loss - cfg.c_ent * torch.dot(ent, c_e)
             g_ent = c_e * -cfg.c_ent
-        zero = torch.zeros((), dtype=dtype, device=d.device)
-        sums = [tokens.sum(), clipped.sum().to(dtype), torch.dot(ratio, mf), d.sum().neg(),
-                zero if kl_ref is None else kl_ref.sum(), zero if ent is None else ent.sum(), tokens.sum(),
-                k3_and_grad(d, need_grad=False)[0].sum(), zero]
-        sums = torch.stack(sums)
+        count = tokens.sum()
+        sums = torch.stack([count, clipped, ratio, ppo_kl, kl_sum, zero if ent is None else ent.sum(), count,
+                            approx_kl, zero])
         if not bool(torch.isfinite(torch.cat([sums, loss.view(1)])).all()):
             return None
     loss = _Presolved.apply(x.logp, x.entropy, loss, g_logp, g_ent)
