@@ -98,15 +98,14 @@ def _estimate(delta: torch.Tensor, kind: str) -> torch.Tensor:
         return delta
     if kind == "abs":
         return delta.abs()
+    if kind == "k3":
+        return k3_value(delta)
     k2 = 0.5 * delta * delta
     if kind == "k2":
         return k2
     if kind == "k1+":
         return k2 + (delta - k2).detach()
-    k3 = k3_value(delta)
-    if kind == "k3":
-        return k3
-    return k2 + (k3 - k2).detach()  # k3+
+    return k2 + (k3_value(delta) - k2).detach()  # k3+
 
 
 K3_SERIES_BELOW = 0.1
