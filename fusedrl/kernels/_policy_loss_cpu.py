@@ -21,6 +21,7 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._rl_layout import Layout, Number, segment_sum
 from .kl import k3_and_grad, k3_value, kl_from_delta
@@ -131,6 +132,7 @@ class _Presolved(torch.autograd.Function):
         return value.clone()
 
     @staticmethod
+    @once_differentiable  # first order only: the given gradients are constants
     def backward(ctx, grad):
         g_logp, g_ent = ctx.saved_tensors
         (shape, dtype), ent = ctx.shapes[:2], ctx.shapes[2]

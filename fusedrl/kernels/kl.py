@@ -29,6 +29,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -130,6 +131,7 @@ class _K3(torch.autograd.Function):
         return value
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong, so it raises
     def backward(ctx, grad):
         (dk3,) = ctx.saved_tensors
         return dk3 * grad

@@ -151,3 +151,12 @@ def test_k3_node_matches_the_series_formula(dtype):
     assert_close(gb, exact, atol=1e-12, rtol=1e-5)
     with torch.no_grad():
         assert_close(k3_value(d), exact_value, atol=0, rtol=4 * torch.finfo(dtype).eps)
+
+
+def test_k3_second_derivative_raises_instead_of_lying():
+    # the k3 node saves its gradient as a constant: a double backward must fail loudly
+    logp = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(kl_penalty(logp, torch.zeros(5, dtype=torch.float64), "k3").sum(), logp,
+                               create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad(g.sum(), logp)
