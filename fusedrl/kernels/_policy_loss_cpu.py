@@ -21,9 +21,10 @@ from __future__ import annotations
 from typing import Dict, Optional, Tuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._rl_layout import Layout, Number, segment_sum
-from .kl import k3_value, kl_from_delta
+from .kl import k3_and_grad, k3_value, kl_from_delta
 
 
 def _coefficients(mode: str, mf, tokens, layout: Layout, cfg, num_tokens: Optional[Number],
@@ -47,6 +48,16 @@ def _coefficients(mode: str, mf, tokens, layout: Layout, cfg, num_tokens: Option
 def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
                     num_seqs: Optional[Number]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss (differentiable 0-d), sums (len(STATS),) float32 token totals, tokens (B,) float32)."""
+    if fast_path_applies(x, cfg):
+        out = policy_loss_fast(x, layout, cfg, num_tokens, num_seqs)
+        if out is not None:
+            return out
+    return policy_loss_general(x, layout, cfg, num_tokens, num_seqs)
+
+
+def policy_loss_general(x, layout: Layout, cfg, num_tokens: Optional[Number],
+                        num_seqs: Optional[Number]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every algo and option: per-token values under autograd, one dot product per aggregation mode."""
     from .policy_loss import STATS, _surrogate, is_weights
 
     dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
@@ -99,3 +110,114 @@ def policy_loss_cpu(x, layout: Layout, cfg, num_tokens: Optional[Number],
             sums[STATS.index("is_weight")] = sums[0]
         sums = torch.stack(sums).float()
     return loss, sums, tokens.detach().float()
+
+
+FAST_ALGOS = ("ppo", "grpo")
+
+
+def fast_path_applies(x, cfg) -> bool:
+    """The common RL step (PPO / GRPO clip, no dual clip, no sampler weights, k3 or no KL) on the host."""
+    return (x.logp.device.type == "cpu" and cfg.algo in FAST_ALGOS and cfg.dual_clip is None
+            and x.sampler is None and x.sel is None
+            and (cfg.beta == 0 or (cfg.kl_kind == "k3" and cfg.kl_clamp is None and cfg.kl_value_clamp is None)))
+
+
+class _Presolved(torch.autograd.Function):
+    """loss = value, with d loss / d logp = g_logp and d loss / d entropy = g_ent given (per token)."""
+
+    @staticmethod
+    def forward(ctx, logp, entropy, value, g_logp, g_ent):
+        ctx.save_for_backward(g_logp, g_ent)
+        ctx.shapes = (logp.shape, logp.dtype, None if entropy is None else (entropy.shape, entropy.dtype))
+        return value.clone()
+
+    @staticmethod
+    @once_differentiable  # first order only: the given gradients are constants
+    def backward(ctx, grad):
+        g_logp, g_ent = ctx.saved_tensors
+        (shape, dtype), ent = ctx.shapes[:2], ctx.shapes[2]
+        d_logp = (g_logp * grad).to(dtype).view(shape) if ctx.needs_input_grad[0] else None
+        d_ent = None
+        if ent is not None and g_ent is not None and ctx.needs_input_grad[1]:
+            d_ent = (g_ent * grad).to(ent[1]).view(ent[0])
+        return d_logp, d_ent, None, None, None
+
+
+def _token_counts(m: torch.Tensor, layout: Layout, dtype) -> torch.Tensor:
+    """Masked tokens per sequence (B,) from an int32 prefix sum at the boundaries (exact, no scatter)."""
+    csum = torch.zeros(m.numel() + 1, dtype=torch.int32, device=m.device)
+    torch.cumsum(m, 0, dtype=torch.int32, out=csum[1:])
+    cu = layout.cu_seqlens
+    return (csum.index_select(0, cu[1:]) - csum.index_select(0, cu[:-1])).to(dtype)
+
+
+def _clipped_surrogate(x, mf, dtype, cfg):
+    """(pg, g = d pg / d logp, [clipped, ratio, ppo_kl, approx_kl] token totals) of PPO / GRPO, no graph.
+
+    pg_t = -min(r A, clip(r) A); its gradient is -r A off the clip and 0 on it (the clip flag of
+    the metric). Temporaries are dropped as soon as their metric is summed (peak memory).
+    """
+    logp = x.logp.detach().to(dtype)
+    adv = x.adv.to(dtype) * mf
+    d = torch.sub(logp, x.old.to(dtype)).mul_(mf)  # (logp - old) m: 0 under the mask
+    ratio = torch.exp(d)
+    lo, hi = 1.0 - cfg.eps_low, 1.0 + cfg.eps_high
+    g = ratio * adv  # r A, then -r A off the clip
+    pg = ratio.clamp(lo, hi).mul_(adv)
+    pg = torch.minimum(g, pg, out=pg).neg_()
+    clipped = ((adv > 0) & (ratio > hi)).logical_or_((adv < 0) & (ratio < lo))
+    del adv
+    g.masked_fill_(clipped, 0).neg_()
+    stats = [clipped.sum().to(dtype), torch.dot(ratio, mf), d.sum().neg()]
+    del ratio, clipped
+    stats.append(k3_and_grad(d, need_grad=False)[0].sum())
+    return pg, g, stats
+
+
+def policy_loss_fast(x, layout: Layout, cfg, num_tokens: Optional[Number],
+                     num_seqs: Optional[Number]):
+    """`policy_loss_general` for `fast_path_applies` in fewer passes and no graph: values and the
+    per-token gradients in one sweep under no_grad, one `_Presolved` node.
+
+    The surrogate's gradient comes from `_clipped_surrogate`, k3 and its gradient from one expm1,
+    each times its term's coefficient. Masked inputs are zeroed by a multiply; a non-finite result
+    (garbage under the mask, or a real inf) returns None and the caller runs the general path,
+    which keeps padding out with where().
+    """
+    dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
+    with torch.no_grad():
+        mf = x.mask.to(dtype)
+        pg, g_logp, (clipped, ratio, ppo_kl, approx_kl) = _clipped_surrogate(x, mf, dtype, cfg)
+        tokens = _token_counts(x.mask, layout, dtype)
+        cache: Dict[str, torch.Tensor] = {}
+        coef = _coefficients(cfg.aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+        loss = torch.dot(pg, coef)
+        del pg
+        g_logp.mul_(coef)
+        zero = torch.zeros((), dtype=dtype, device=mf.device)
+        kl_sum = zero
+        if x.ref is not None:
+            d_ref = torch.sub(x.logp.detach().to(dtype), x.ref.to(dtype)).mul_(mf)
+            if cfg.beta == 0:  # the metric only: the configured estimator
+                kl_sum = kl_from_delta(d_ref, cfg.kl_kind, cfg.kl_clamp, cfg.kl_value_clamp).sum()
+            else:
+                kl_ref, g_kl = k3_and_grad(d_ref)
+                del d_ref
+                c_kl = _coefficients(cfg.kl_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+                loss = loss + cfg.beta * torch.dot(kl_ref, c_kl)
+                g_logp.add_(g_kl.mul_(c_kl), alpha=cfg.beta)
+                kl_sum = kl_ref.sum()
+                del g_kl, kl_ref
+        ent = None if x.entropy is None else x.entropy.detach().to(dtype) * mf
+        g_ent = None
+        if cfg.c_ent > 0:
+            c_e = _coefficients(cfg.entropy_aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
+            loss = loss - cfg.c_ent * torch.dot(ent, c_e)
+            g_ent = c_e * -cfg.c_ent
+        count = tokens.sum()
+        sums = torch.stack([count, clipped, ratio, ppo_kl, kl_sum, zero if ent is None else ent.sum(), count,
+                            approx_kl, zero])
+        if not bool(torch.isfinite(torch.cat([sums, loss.view(1)])).all()):
+            return None
+    loss = _Presolved.apply(x.logp, x.entropy, loss, g_logp, g_ent)
+    return loss, sums.float(), tokens.float()

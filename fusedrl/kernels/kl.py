@@ -9,10 +9,13 @@ With delta = logp - ref_logp (samples drawn from the policy):
     abs = |delta|                       (verl "abs"; gradient sign(delta))
     k1+ = value of k1, gradient of k2   (verl "k1+": k2 + sg(k1 - k2))
 
-k3 is computed as expm1(-delta) + delta, and for |delta| < 0.1 as its Taylor
-series sum_{k=2..8} (-delta)^k / k! (truncation below 1e-12 relative, the
-gradient's below 1e-10): near delta = 0, exp(-delta) - 1 + delta loses
-every digit and even expm1(-delta) + delta cancels to float32 noise. Optionally delta is clamped to
+Near delta = 0, exp(-delta) - 1 + delta loses every digit and even
+expm1(-delta) + delta in the same precision cancels to noise. So float64 k3 is
+expm1(-delta) + delta, and for |delta| < 0.1 its Taylor series
+sum_{k=2..8} (-delta)^k / k! (truncation below 1e-12 relative); float32 (and
+lower) k3 is expm1(-delta) + delta evaluated in float64 and rounded, as precise
+as float32 allows for |delta| >= 1e-8 (`k3_and_grad`). The gradient is
+-expm1(-delta) in the input's precision. Optionally delta is clamped to
 [-clamp, clamp] before the estimator, and the estimate itself to
 [-value_clamp, value_clamp] after it (verl's low_var_kl: delta clamped to
 +-20, k3 to +-10); each clamp stops the gradient outside its range, as
@@ -26,6 +29,7 @@ import math
 from typing import Optional
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ._validate import FLOAT_DTYPES, check_tensor
 
@@ -95,15 +99,14 @@ def _estimate(delta: torch.Tensor, kind: str) -> torch.Tensor:
         return delta
     if kind == "abs":
         return delta.abs()
+    if kind == "k3":
+        return k3_value(delta)
     k2 = 0.5 * delta * delta
     if kind == "k2":
         return k2
     if kind == "k1+":
         return k2 + (delta - k2).detach()
-    k3 = k3_value(delta)
-    if kind == "k3":
-        return k3
-    return k2 + (k3 - k2).detach()  # k3+
+    return k2 + (k3_value(delta) - k2).detach()  # k3+
 
 
 K3_SERIES_BELOW = 0.1
@@ -112,24 +115,43 @@ K3_SERIES_BELOW = 0.1
 def k3_value(delta: torch.Tensor) -> torch.Tensor:
     """exp(-delta) - 1 + delta, precise near 0 (module docstring); differentiable.
 
-    One autograd node: the value without a graph (`_k3_nograd`) and the gradient
-    1 - exp(-delta) = -expm1(-delta), precise everywhere, from the saved delta.
+    One autograd node: the value and the gradient 1 - exp(-delta) = -expm1(-delta)
+    from one pass without a graph (`k3_and_grad`); backward is one multiply.
     """
     if delta.requires_grad and torch.is_grad_enabled():
         return _K3.apply(delta)
-    return _k3_nograd(delta)
+    return k3_and_grad(delta, need_grad=False)[0]
 
 
 class _K3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, delta):
-        ctx.save_for_backward(delta)
-        return _k3_nograd(delta)
+        value, grad = k3_and_grad(delta)
+        ctx.save_for_backward(grad)
+        return value
 
     @staticmethod
+    @once_differentiable  # the saved gradient is a constant: a second derivative would be wrong, so it raises
     def backward(ctx, grad):
-        (delta,) = ctx.saved_tensors
-        return torch.expm1(-delta).mul_(grad).neg_()
+        (dk3,) = ctx.saved_tensors
+        return dk3 * grad
+
+
+def k3_and_grad(delta: torch.Tensor, need_grad: bool = True):
+    """(k3(delta), d k3 / d delta = -expm1(-delta) or None), no graph, in delta's dtype.
+
+    Below float64, in float64: e = expm1(-delta) has a relative error of 1e-16, so
+    e + delta keeps ~16 - log10(2 / |delta|) digits, float32's (and more) for every
+    |delta| above 1e-8 (a float32 difference of log-probs near -1 is 0 or >= 6e-8);
+    one expm1 gives the value and the gradient (5 passes instead of the series'
+    ~25, see bench/NOTES.md). float64 keeps the series (`_k3_nograd`).
+    """
+    with torch.no_grad():
+        if delta.dtype == torch.float64:
+            return _k3_nograd(delta), (torch.neg(delta).expm1_().neg_() if need_grad else None)
+        e = delta.double().neg_().expm1_()
+        grad = e.to(delta.dtype).neg_() if need_grad else None
+        return e.add_(delta).to(delta.dtype), grad
 
 
 def _k3_nograd(delta: torch.Tensor) -> torch.Tensor:

@@ -62,3 +62,64 @@ def test_cpu_path_matches_the_per_sequence_sums(options, normalise):
         assert_close(g, w, rtol=1e-10, atol=1e-14)
     assert_close(sums, stats.sum(dim=1), rtol=1e-6, atol=1e-7)
     assert_close(tokens, stats[0])
+
+
+FAST_CONFIGS = [
+    dict(algo="grpo", beta=0.04),
+    dict(algo="ppo", beta=0.1, c_ent=0.01, aggregation="seq_mean", kl_aggregation="token_mean",
+         entropy_aggregation="seq_sum"),
+    dict(algo="grpo", eps_high=0.28, aggregation="seq_mean_fixed_len", max_len=9, c_ent=0.05),
+    dict(algo="ppo", beta=0.0, kl_kind="k2"),  # ref given for the kl_ref metric only
+]
+
+
+@pytest.mark.parametrize("options", FAST_CONFIGS, ids=[str(i) for i in range(len(FAST_CONFIGS))])
+@pytest.mark.parametrize("garbage", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_fast_path_matches_the_general_path(options, garbage, dtype):
+    # PPO / GRPO without sampler weights: values and per-token gradients in one no-grad sweep (`policy_loss_fast`);
+    # garbage under the mask makes it hand over to the general path (the same numbers either way)
+    from fusedrl.kernels import _policy_loss_cpu as cpu
+
+    gen = torch.Generator().manual_seed(11)
+    t, mask, cu = _inputs(gen)
+    t = {k: v.detach().to(dtype) for k, v in t.items()}
+    if not garbage:
+        for v in t.values():
+            v[~mask] = 0.5  # finite padding
+    t["logp"].requires_grad_()
+    t["entropy"].requires_grad_()
+    cfg = pl.PolicyLossConfig(**options)
+    layout = pl.make_layout(t["logp"], cu)
+    x = pl.FlatInputs(logp=t["logp"], old=t["old"], adv=t["adv"], mask=mask, ref=t["ref"], entropy=t["entropy"],
+                      sampler=None)
+    assert cpu.fast_path_applies(x, cfg)
+    assert (cpu.policy_loss_fast(x, layout, cfg, None, None) is None) == garbage
+    loss, sums, tokens = policy_loss_cpu(x, layout, cfg, None, None)
+    want_loss, want_sums, want_tokens = cpu.policy_loss_general(x, layout, cfg, None, None)
+    rtol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert_close(loss, want_loss, rtol=rtol, atol=rtol)
+    up = torch.randn((), generator=gen, dtype=dtype)
+    got = torch.autograd.grad(loss, (t["logp"], t["entropy"]), up, allow_unused=True)
+    want = torch.autograd.grad(want_loss, (t["logp"], t["entropy"]), up, allow_unused=True)
+    for g, w in zip(got, want):
+        g = torch.zeros_like(t["logp"]) if g is None else g
+        w = torch.zeros_like(t["logp"]) if w is None else w
+        assert g.dtype == dtype and torch.isfinite(g).all()
+        assert_close(g, w, rtol=rtol, atol=rtol * 1e-2)
+    assert_close(sums, want_sums, rtol=2e-6, atol=1e-7)
+    assert_close(tokens, want_tokens)
+
+
+def test_fast_path_scope():
+    from fusedrl.kernels._policy_loss_cpu import fast_path_applies
+
+    t, mask, cu = _inputs(torch.Generator().manual_seed(1))
+    x = pl.FlatInputs(logp=t["logp"], old=t["old"], adv=t["adv"], mask=mask, ref=t["ref"], entropy=None,
+                      sampler=None)
+    assert fast_path_applies(x, pl.PolicyLossConfig(algo="grpo", beta=0.04))
+    for options in (dict(algo="gspo"), dict(algo="grpo", dual_clip=True), dict(algo="grpo", beta=0.1, kl_kind="k2"),
+                    dict(algo="grpo", beta=0.1, kl_clamp=10.0)):
+        assert not fast_path_applies(x, pl.PolicyLossConfig(**options))
+    x.sampler = t["sampler"]
+    assert not fast_path_applies(x, pl.PolicyLossConfig(algo="grpo"))
