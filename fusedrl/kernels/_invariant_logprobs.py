@@ -1,12 +1,12 @@
 """`linear_logprobs` in invariant mode: the LM head, log-softmax and entropy over fixed row tiles.
 
-    z = (h @ W^T + b) / tau      one (ROW_TILE, V) tile at a time, the whole vocabulary per tile
+    z = (h @ W^T + b) / tau      one (LM_ROW_TILE, V) tile at a time, the whole vocabulary per tile
     logp = z[label] - logsumexp(z),   entropy = logsumexp(z) - sum_v p_v z_v
     dz = g_logp (onehot - p) - g_ent p (z - sum_v p_v z_v);   dh = (dz / tau) @ W   per tile
 
 Every matmul and row reduction has the same shape in every call, so a token's log-prob, entropy
 and d(loss)/d(hidden) row are bitwise the same wherever the token sits (see `invariant.py`).
-Memory: one (ROW_TILE, V) float32 tile (19 MiB at V = 152k). Math in float32 (float64 for float64
+Memory: a few (LM_ROW_TILE, V) float32 tiles (78 MiB each at V = 152k). Math in float32 (float64 for float64
 inputs). The Triton path is the fused kernel of `_logprobs_triton` with pinned tiles.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .invariant import ROW_TILE, _padded_rows
+from .invariant import LM_ROW_TILE as ROW_TILE, _padded_rows
 
 
 def _cast(t, dtype):

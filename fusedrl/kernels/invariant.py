@@ -14,7 +14,8 @@ numbers go through:
 - rows in fixed tiles: every matmul over tokens runs as calls of exactly `ROW_TILE` rows (the last
   tile padded with zero rows) on a fresh, contiguous buffer -- the same (M, N, K) and alignment for
   every call, so the same kernel and the same per-row reduction order (`invariant_linear`,
-  `invariant_rms_norm`, and the LM head of `linear_logprobs`, whole vocabulary per row tile);
+  `invariant_rms_norm`; the LM head of `linear_logprobs` in `LM_ROW_TILE`-row tiles, whole
+  vocabulary per tile);
 - attention per sequence (`attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -35,8 +36,9 @@ import torch
 import torch.nn.functional as F
 
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
-Q_TILE = 16  # query rows per attention tile, aligned to absolute positions
-KV_BLOCK = 32  # keys per attention block, from position 0
+LM_ROW_TILE = 128  # rows per LM-head tile (log-probs): fewer, larger GEMMs over the vocabulary
+Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
+KV_BLOCK = 64  # keys per attention block, from position 0
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
