@@ -46,7 +46,7 @@ CASES = {
     "ROLLOUT-CPU": ("rollout", "cpu", torch.float32, dict(model=TINY, prompts=8, length=32, new=32)),
     "STEP-CPU": ("step", "cpu", torch.float32, dict(model=TINY, seqs=8, low=32, high=128)),
 }
-GPU_CASES = ("LP-7B", "ATTN-RL", "ROLLOUT-0.5B", "STEP-0.5B")
+GPU_CASES = ("LP-7B", "STEP-0.5B", "ATTN-RL", "ROLLOUT-0.5B")  # the slowest (invariant rollout) last
 CPU_CASES = ("LP-CPU", "ATTN-CPU", "ROLLOUT-CPU", "STEP-CPU")
 SMOKE = {"lp": dict(n=70, h=24, v=301), "attn": dict(total=96, heads=2, kv=1, dim=8, median=12, low=2, high=40),
          "rollout": dict(model=SMOKE_MODEL, prompts=3, length=5, new=4),
@@ -233,6 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--cases", default="", help=f"comma-separated subset of {tuple(CASES)}")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--results-dir", default=None, help="where to write JSON (default bench/results)")
+    parser.add_argument("--modes", default="full", help="accepted for run_all's shared flags; always fwd+bwd")
     args = parser.parse_args(argv)
     on_gpu = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available() and not args.smoke)
     cases = [c.strip() for c in args.cases.split(",") if c.strip()] or list(GPU_CASES if on_gpu else CPU_CASES)
@@ -242,7 +243,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.smoke and any(CASES[c][1] == "cuda" for c in cases) and not torch.cuda.is_available():
         print("bench_invariant: the GPU cases need CUDA; use --device cpu or --smoke")
         return 0
-    rows = [run_case(c, args.smoke, 1 if args.smoke else args.repeats) for c in cases]
+    rows = []
+    for case_id in cases:  # one line per case as it finishes: a time limit still leaves the earlier rows
+        rows.append(run_case(case_id, args.smoke, 1 if args.smoke else args.repeats))
+        print("bench_invariant:", rows[-1], flush=True)
     print(format_rows(rows))
     if not args.smoke or args.results_dir:
         directory = {"directory": args.results_dir} if args.results_dir else {}
