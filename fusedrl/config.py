@@ -11,6 +11,7 @@ A run file is TOML with one table per component:
     [checkpoint] how often to save, how many to keep
     [logging]    console, progress bar, plots, TensorBoard / W&B sinks
     [sft]        options of the SFT stage (later stages add their own table)
+    [numerics]   invariant mode (bitwise layout- and sampler/trainer-invariant log-probs)
 
 Every field is documented by the string literal right under it; `describe_config`
 turns those into the reference in docs/engine.md. Command-line overrides are
@@ -183,6 +184,15 @@ class SFTConfig:
 
 
 @dataclass
+class NumericsConfig:
+    invariant: bool = False
+    """Invariant mode: every reduction a token's numbers go through (matmuls, RMSNorm, attention, the
+    LM-head log-softmax) runs in fixed tiles, so a token's log-prob, entropy and hidden-state gradient
+    are bitwise the same in any pack layout or micro-batch split, and the native rollout engine's
+    log-probs equal the trainer's (ratio_ne_1_frac = 0). Slower; see docs/numerics.md."""
+
+
+@dataclass
 class TrainConfig:
     """A whole run: one field per component table."""
 
@@ -195,6 +205,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
+    numerics: NumericsConfig = field(default_factory=NumericsConfig)
 
 
 # Allowed values of string fields, and lower bounds of numeric ones, by "section.field".

@@ -20,6 +20,7 @@ from .linear_policy_loss import linear_policy_loss
 from .losses import (apo_down_loss, apo_zero_loss, bradley_terry_loss, cdpo_loss, dpo_loss, ipo_loss, kto_loss,
                      orpo_loss, outcome_rm_loss, plackett_luce_loss, rpo_loss, simpo_loss, value_loss)
 from .distill import DistillConfig, linear_distill_loss
+from .invariant import invariant, invariant_linear, invariant_rms_norm, is_invariant, set_invariant
 
 __all__ = [
     "HAS_FLASH_ATTN",
@@ -83,4 +84,9 @@ __all__ = [
     "linear_policy_loss",
     "DistillConfig",
     "linear_distill_loss",
+    "invariant",
+    "invariant_linear",
+    "invariant_rms_norm",
+    "is_invariant",
+    "set_invariant",
 ]

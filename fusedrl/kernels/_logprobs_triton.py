@@ -321,6 +321,16 @@ _ACC, _ACC_META = _tuned(_matmul_accumulate_kernel, [
 ], ["K_CHUNK", "K2"], dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=32, GROUP_N=2),
     smem_prune("a_ptr", "BLOCK_M", "BLOCK_N", "BLOCK_K"), restore_value=["acc_ptr"])
 _COMBINE_META = dict(BLOCK_R=16, BLOCK_P=16) if TRITON_INTERPRET else dict(BLOCK_R=32, BLOCK_P=128, num_warps=4)
+# Invariant mode (fusedrl.kernels.invariant): pinned tiles, no autotuning, a fixed backward V chunk,
+# so a row's reduction order never depends on how many rows share the launch.
+_PIN = dict(num_warps=4, num_stages=3)
+_FWD_INV = (_FWD, _FWD_META) if TRITON_INTERPRET else (
+    _linear_logprobs_fwd_kernel, dict(BLOCK_N=64, BLOCK_H=64, GROUP_N=8, **_PIN))
+_BWD_INV = (_BWD, _BWD_META) if TRITON_INTERPRET else (
+    _linear_logprobs_bwd_kernel, dict(BLOCK_N=64, BLOCK_V=128, BLOCK_H=64, GROUP_N=8, **_PIN))
+_ACC_INV = (_ACC, _ACC_META) if TRITON_INTERPRET else (
+    _matmul_accumulate_kernel, dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, GROUP_N=8, **_PIN))
+_VC_INV = 8 * _VC_ALIGN
 
 
 # ---- host launchers ----------------------------------------------------------------------
@@ -330,7 +340,8 @@ def _promote(hidden, weight):
     return hidden.to(dtype), weight.to(dtype)
 
 
-def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, stats=False):
+def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index, entropy, stats=False,
+                        invariant=False):
     """hidden (N, H), weight (V, H) one dtype, bias (V,)|None, labels (N,) ->
     (logp, entropy|None, lse, pz|None), float32 (N,) each; with `stats` also
     (mean_logits float32 (N,), is_top1 bool (N,))."""
@@ -351,14 +362,15 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
     zl = torch.empty(rows, **f32)
     b = bias if bias is not None else lse  # dummy pointer, never read
     dot = dict(DOT_PRECISION=_dot_precision(hidden.dtype), UPCAST=_upcast(hidden.dtype))
+    fwd, fwd_meta = _FWD_INV if invariant else (_FWD, _FWD_META)
     for s in range(0, n, step):
         e = min(n, s + step)
         m, h = e - s, hidden[s:e]
         zl.zero_()
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_N"]) * num_vb,)  # noqa: E731
-        _FWD[grid](h, weight, b, labels[s:e], lse_part, pz_part, zl, stats_part, m, vocab, hdim, h.stride(0),
+        fwd[grid](h, weight, b, labels[s:e], lse_part, pz_part, zl, stats_part, m, vocab, hdim, h.stride(0),
                    h.stride(1), weight.stride(0), weight.stride(1), 1.0 / temperature, HAS_BIAS=bias is not None,
-                   ENTROPY=entropy, **dot, BLOCK_V=FWD_BLOCK_V, STATS=stats, **_FWD_META)
+                   ENTROPY=entropy, **dot, BLOCK_V=FWD_BLOCK_V, STATS=stats, **fwd_meta)
         cgrid = (triton.cdiv(m, _COMBINE_META["BLOCK_R"]),)
         _lse_combine_kernel[cgrid](lse_part, pz_part, zl, labels[s:e], logp[s:e], ent[s:e] if entropy else logp,
                                    lse[s:e], pz[s:e] if entropy else lse, stats_part, mean[s:e],
@@ -370,7 +382,7 @@ def linear_logprobs_fwd(hidden, weight, bias, labels, temperature, ignore_index,
 
 
 def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, temperature, ignore_index,
-                        need_h, need_w, need_b):
+                        need_h, need_w, need_b, invariant=False):
     """Exact (dh float32 (N, H) | None, dW (V, H) in weight's dtype | None, db float32 (V,) | None)."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -387,7 +399,9 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, te
     elem = hidden.element_size()
     # a power-of-two multiple of _VC_ALIGN (or V itself): few distinct K_CHUNK specialisations
     vc = _VC_ALIGN << max(0, (DZ_BYTES // (n * elem * _VC_ALIGN)).bit_length() - 1)
-    vc = min(vocab, vc)
+    vc = min(vocab, _VC_INV if invariant else vc)
+    bwd, bwd_meta = _BWD_INV if invariant else (_BWD, _BWD_META)
+    acc, acc_meta = _ACC_INV if invariant else (_ACC, _ACC_META)
     dz = torch.empty(n, vc, dtype=hidden.dtype, device=dev)
     g_logp = g_logp.float().contiguous()
     g_ent = g_ent.float().contiguous() if entropy else g_logp
@@ -397,9 +411,9 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, te
         w, d = weight[v0:v1], dz.view(-1)[: n * (v1 - v0)].view(n, v1 - v0)  # contiguous (N, width)
         b = bias[v0:v1] if bias is not None else lse
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(v1 - v0, meta["BLOCK_V"]),)  # noqa: E731
-        _BWD[grid](hidden, w, b, labels, lse, pz if entropy else lse, g_logp, g_ent, d, n, v1 - v0, v0, hdim,
+        bwd[grid](hidden, w, b, labels, lse, pz if entropy else lse, g_logp, g_ent, d, n, v1 - v0, v0, hdim,
                    hidden.stride(0), hidden.stride(1), w.stride(0), w.stride(1), 1.0 / temperature, ignore_index,
-                   HAS_BIAS=bias is not None, ENTROPY=entropy, **dot, **_BWD_META)
+                   HAS_BIAS=bias is not None, ENTROPY=entropy, **dot, **bwd_meta)
         if need_w:
             torch.mm(d.t(), hidden, out=dw[v0:v1])  # cuBLAS: float32 accumulation over all N
         if need_b:
@@ -407,8 +421,8 @@ def linear_logprobs_bwd(hidden, weight, bias, labels, lse, pz, g_logp, g_ent, te
         if need_h:
             agrid = lambda meta: (triton.cdiv(n, meta["BLOCK_M"]) * triton.cdiv(hdim, meta["BLOCK_N"]),)  # noqa: E731
             k_chunk = triton.cdiv(v1 - v0, _VC_ALIGN) * _VC_ALIGN  # the last, narrower chunk loops less
-            _ACC[agrid](dh, d, w, n, v1 - v0, hdim, w.stride(0), w.stride(1), K_CHUNK=k_chunk, **dot,
-                        **_ACC_META)
+            acc[agrid](dh, d, w, n, v1 - v0, hdim, w.stride(0), w.stride(1), K_CHUNK=k_chunk, **dot,
+                       **acc_meta)
     return dh, dw, db
 
 
@@ -416,12 +430,14 @@ class LinearLogprobsTriton(torch.autograd.Function):
     """Fused Triton op on 2-D hidden (N, H), weight (V, H), bias (V,)|None, labels (N,)."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, return_stats=False):
+    def forward(ctx, hidden, weight, bias, labels, temperature, ignore_index, return_entropy, return_stats=False,
+                invariant=False):
         h, w = _promote(hidden, weight)
-        out = linear_logprobs_fwd(h, w, bias, labels, temperature, ignore_index, return_entropy, return_stats)
+        out = linear_logprobs_fwd(h, w, bias, labels, temperature, ignore_index, return_entropy, return_stats,
+                                  invariant)
         logp, ent, lse, pz = out[:4]
         ctx.save_for_backward(hidden, weight, bias, labels, lse, pz)
-        ctx.temperature, ctx.ignore_index = temperature, ignore_index
+        ctx.temperature, ctx.ignore_index, ctx.invariant = temperature, ignore_index, invariant
         if return_stats:  # statistics of the logits: no gradient
             ctx.mark_non_differentiable(*out[4:])
             return ((logp, ent) if return_entropy else (logp,)) + tuple(out[4:])
@@ -434,6 +450,6 @@ class LinearLogprobsTriton(torch.autograd.Function):
         hidden, weight, bias, labels, lse, pz = ctx.saved_tensors
         h, w = _promote(hidden, weight)
         dh, dw, db = linear_logprobs_bwd(h, w, bias, labels, lse, pz, g_logp, g_ent, ctx.temperature,
-                                         ctx.ignore_index, *ctx.needs_input_grad[:3])
+                                         ctx.ignore_index, *ctx.needs_input_grad[:3], invariant=ctx.invariant)
         return (None if dh is None else dh.to(hidden.dtype), None if dw is None else dw.to(weight.dtype),
-                None if db is None else db.to(bias.dtype), None, None, None, None, None)
+                None if db is None else db.to(bias.dtype), None, None, None, None, None, None)

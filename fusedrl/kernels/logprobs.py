@@ -6,7 +6,9 @@
 Public ops: `linear_logprobs`, `logprobs_from_logits`. On CUDA tensors with Triton
 importable (or under `force_backend("triton")` with TRITON_INTERPRET=1) they run the
 fused Triton kernels of `_logprobs_triton`; otherwise the exact, token-chunked PyTorch
-reference of `_logprobs_ref`. float64 inputs always take the reference.
+reference of `_logprobs_ref`. float64 inputs always take the reference. Under
+`fusedrl.kernels.invariant()` `linear_logprobs` runs the fixed-tile path of
+`_invariant_logprobs` (Triton with pinned tiles where Triton would run).
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import torch
 
 from . import _dispatch
 from ._autocast import autocast_aware
+from ._invariant_logprobs import invariant_linear_logprobs
+from .invariant import is_invariant
 from ._logprobs_ref import (
     LinearLogprobsRef,
     LogitsLogprobsRef,
@@ -81,6 +85,9 @@ def linear_logprobs(
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     labels1d = labels.reshape(-1).contiguous()  # the kernels index labels densely
     args = (hidden2d, weight, bias, labels1d, float(temperature), ignore_index, bool(return_entropy))
+    if is_invariant() and not return_logit_stats:  # fixed tiles: bitwise the same in any layout
+        out = invariant_linear_logprobs(*args, use_triton=_triton_ok(hidden, weight, bias, labels))
+        return unflatten_outputs(out, lead, return_entropy)
     if _triton_ok(hidden, weight, bias, labels):
         from ._logprobs_triton import LinearLogprobsTriton
 

@@ -33,6 +33,7 @@ from typing import Optional, Tuple
 import torch
 
 from fusedrl.kernels import varlen_attention
+from fusedrl.kernels.invariant import is_invariant
 
 ATTN_IMPLEMENTATION = "fusedrl_varlen"
 
@@ -275,6 +276,10 @@ def packed_forward(
     attn_kwargs = packed_attention_kwargs(cu_seqlens, max_seqlen)
     if cu_seqlens.numel() < 2:
         raise ValueError(f"cu_seqlens must hold at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    if is_invariant():  # fixed-tile forward shared with the native rollout engine (models/invariant_decoder.py)
+        from fusedrl.models.invariant_decoder import invariant_packed_hidden
+
+        return invariant_packed_hidden(model, input_ids[0], position_ids[0], cu_seqlens, max_seqlen)
     name = register_varlen_attention()
     if model.config._attn_implementation != name:
         model.set_attn_implementation(name)

@@ -69,6 +69,7 @@ from fusedrl.stages.groups import sequence_sums
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
                              linear_policy_loss, rloo_advantages, whiten)
 from fusedrl.models.causal_lm import hidden_states, lm_head, load_reference, token_logprobs
+from fusedrl.kernels import linear_logprobs
 
 logger = logging.getLogger("fusedrl")
 
@@ -143,6 +144,7 @@ class PolicyGradientStage(BaseStage):
         self._update_tokens = sum(b.num_tokens for b in batches)
         self._host.update(self._timing_metrics(timer))
         self._host["rollout_phase"] = float(phase)
+        self._first_pass = phase == 0  # the policy still has the sampler's weights: report ratio_ne_1_frac
         self._batches_ready_at = time.perf_counter()
         return batches
 
@@ -285,8 +287,9 @@ class PolicyGradientStage(BaseStage):
         ex = batch.extras
         token_mean = self.opt.aggregation == "token_mean"
         weight, bias = lm_head(model)  # (V, H), (V,) or None
+        hidden = hidden_states(model, batch)  # (total, H)
         loss, metrics = linear_policy_loss(
-            hidden_states(model, batch), weight, batch.labels, ex.get("old_logp"), ex["advantages"], bias=bias,
+            hidden, weight, batch.labels, ex.get("old_logp"), ex["advantages"], bias=bias,
             temperature=self.rollout.temperature, compute_entropy=True,
             cu_seqlens=batch.cu_seqlens, algo=self.opt.loss_algo,
             eps_low=self.opt.eps_low, eps_high=self.opt.eps_high, dual_clip=self.opt.dual_clip,
@@ -298,7 +301,19 @@ class PolicyGradientStage(BaseStage):
             num_tokens=totals.tokens if token_mean else None, num_seqs=None if token_mean else totals.sequences)
         share = batch.num_tokens / totals.tokens  # token means over this micro-batch -> additive
         out = {k: v * share for k, v in metrics.items() if k != "response_len"}
+        if getattr(self, "_first_pass", False) and ex.get("sampler_logp") is not None:
+            out["ratio_ne_1_frac"] = self._ratio_ne_1(hidden, weight, bias, batch, ex["sampler_logp"], totals)
         return loss, out
+
+    def _ratio_ne_1(self, hidden, weight, bias, batch: PackedBatch, sampler_logp, totals: StepTotals):
+        """This micro-batch's share of the fraction of trained tokens whose sampler-vs-trainer ratio
+        exp(logp - sampler_logp) is not exactly 1 (0 in invariant mode, see docs/numerics.md)."""
+        with torch.no_grad():
+            logp = linear_logprobs(hidden.detach(), weight, batch.labels, bias=bias,
+                                   temperature=self.rollout.temperature)
+            trained = batch.labels != -100
+            differ = (logp != sampler_logp.to(logp.dtype)) & trained
+            return differ.sum().float() / totals.tokens
 
     def loss(self, model, batch: PackedBatch, totals: StepTotals):
         return self._policy_terms(model, batch, totals)

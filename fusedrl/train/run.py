@@ -155,6 +155,8 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     seed_everything(cfg.run.seed)
     if cfg.run.num_threads:
         torch.set_num_threads(cfg.run.num_threads)
+    from fusedrl.kernels.invariant import set_invariant
+    set_invariant(bool(getattr(getattr(cfg, "numerics", None), "invariant", False)))  # [numerics]
     tokenizer = tokenizer if tokenizer is not None else build_tokenizer(cfg.model)
     if model is None:
         build = STAGE_MODELS.get(cfg.run.stage)

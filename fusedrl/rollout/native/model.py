@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ...kernels import varlen_attention
 from ...kernels.decode_attention import paged_decode_attention
+from ...kernels.invariant import attend_sequence, is_invariant, paged_sequence_keys
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -198,6 +199,8 @@ class NativeCausalLM:
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, attn: AttentionInputs, kv_caches) -> torch.Tensor:
         """Final-norm hidden states (N, H) of the packed tokens; writes their K/V into `kv_caches`."""
+        if is_invariant():
+            return self._forward_invariant(input_ids, positions, attn, kv_caches)
         x = F.embedding(input_ids, self.decoder.embed_tokens.weight)
         cos, sin = self._rope(positions, x.dtype)
         for layer, (k_cache, v_cache) in zip(self.decoder.layers, kv_caches):
@@ -210,6 +213,49 @@ class NativeCausalLM:
             x = x + F.linear(F.silu(gate, inplace=True).mul_(up), mlp.down_proj.weight, mlp.down_proj.bias)
         norm = self.decoder.norm
         return rms_norm(x, norm.weight, norm.variance_epsilon)
+
+    def _forward_invariant(self, input_ids, positions, attn: AttentionInputs, kv_caches) -> torch.Tensor:
+        """Invariant mode: the trainer's fixed-tile layers (`models.invariant_decoder.run_layers`), attention
+        per sequence over the paged cache with the trainer's tile order."""
+        from ...models.invariant_decoder import decoder_spec, run_layers
+
+        spec = decoder_spec(self.config)
+        nd = attn.num_decode
+        tables = attn.block_tables.tolist() if nd else []
+        lens = attn.context_lens.tolist() if nd else []
+        cu_q = attn.cu_seqlens_q.tolist() if attn.cu_seqlens_q is not None else [0]
+        cu_k = attn.cu_seqlens_k.tolist() if attn.context_slots is not None else None
+
+        def attend(index, q, k, v):
+            k_cache, v_cache = kv_caches[index]
+            flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
+            flat_k.index_copy_(0, attn.slot_mapping, k.to(k_cache.dtype))
+            flat_v.index_copy_(0, attn.slot_mapping, v.to(v_cache.dtype))
+            outs = [attend_sequence(q[i:i + 1], paged_sequence_keys(k_cache, tables[i], lens[i]),
+                                    paged_sequence_keys(v_cache, tables[i], lens[i]), lens[i] - 1, spec.scale)
+                    for i in range(nd)]
+            for c, (a, b) in enumerate(zip(cu_q[:-1], cu_q[1:])):
+                qc = q[nd + a:nd + b]
+                if cu_k is None:  # a whole prompt: its own keys
+                    outs.append(attend_sequence(qc, k[nd + a:nd + b], v[nd + a:nd + b], 0, spec.scale))
+                    continue
+                slots = attn.context_slots[cu_k[c]:cu_k[c + 1]]
+                keys, values = flat_k.index_select(0, slots), flat_v.index_select(0, slots)
+                outs.append(attend_sequence(qc, keys, values, keys.shape[0] - (b - a), spec.scale))
+            return torch.cat(outs)
+
+        return run_layers(spec, self.decoder, input_ids, positions, attend)
+
+    @torch.no_grad()
+    def sampled_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+        """(R,) float32 log-probs of `tokens` given hidden rows (R, H): the trainer's `linear_logprobs`
+        (in invariant mode its fixed-tile path, so the value is the trainer's to the bit)."""
+        from ...kernels import linear_logprobs
+
+        head = self.hf.get_output_embeddings()
+        return linear_logprobs(hidden, head.weight, tokens, bias=getattr(head, "bias", None),
+                               temperature=temperature).float()
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

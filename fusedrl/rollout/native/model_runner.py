@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ...kernels.invariant import is_invariant
 from .model import AttentionInputs, NativeCausalLM
 from .sampler import TokenSampler, as_int64
 from .scheduler import Batch
@@ -131,6 +132,9 @@ class ModelRunner:
         streams = torch.tensor([as_int64(s.stream) for s in owners], dtype=torch.int64, device=self.device)
         steps = torch.tensor([s.num_completion for s in owners], dtype=torch.int64, device=self.device)
         tokens, logps, top = sampler(logits, streams, steps)
+        if is_invariant():  # report the trainer's log-prob of the sampled token, bit for bit
+            logps = self.model.sampled_logprobs(hidden[torch.tensor(rows, device=self.device)], tokens,
+                                                sampler.temperature)
         triples = _to_host(tokens[:, None], logps[:, None], None if top is None else (top[0][:, None], top[1][:, None]))
         decode_out = [triples[i] for i in range(nd)]
         prefill_out, r = [], nd
@@ -146,6 +150,15 @@ class ModelRunner:
         attn = AttentionInputs(slot_mapping=slot, num_decode=ids.shape[0], block_tables=tables,
                                context_lens=(pos + 1).to(torch.int32))
         return self.model.logits(self.model.forward(ids, pos, attn, self.kv))
+
+    def _invariant_decode_step(self, ids, pos, tables, sampler, streams, steps):
+        bs = self.block_size
+        slot = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
+        attn = AttentionInputs(slot_mapping=slot, num_decode=ids.shape[0], block_tables=tables,
+                               context_lens=(pos + 1).to(torch.int32))
+        hidden = self.model.forward(ids, pos, attn, self.kv)
+        tok, _, top = sampler(self.model.logits(hidden), streams, steps)
+        return tok, self.model.sampled_logprobs(hidden, tok, sampler.temperature), top
 
     def _graph_for(self, batch: int, width: int) -> Optional["_DecodeGraph"]:
         if not self.use_graphs or batch > self.graph_max_batch:
@@ -173,9 +186,15 @@ class ModelRunner:
         alive = torch.ones(len(seqs), dtype=torch.bool, device=dev)
         graph = self._graph_for(len(seqs), tables.shape[1])
         out_tok, out_lp, out_top = [], [], []
+        invariant = is_invariant()
+        if invariant:  # host-side tiling: no graph capture
+            graph = None
         for _ in range(steps_total):
-            logits = graph.run(ids, pos, tables) if graph is not None else self._decode_logits(ids, pos, tables)
-            tok, lp, top = sampler(logits, streams, base + count)
+            if invariant:
+                tok, lp, top = self._invariant_decode_step(ids, pos, tables, sampler, streams, base + count)
+            else:
+                logits = graph.run(ids, pos, tables) if graph is not None else self._decode_logits(ids, pos, tables)
+                tok, lp, top = sampler(logits, streams, base + count)
             out_tok.append(tok), out_lp.append(lp), out_top.append(top)
             count = count + alive.long()
             alive = alive & ~torch.isin(tok, stops) & (count < limit)
