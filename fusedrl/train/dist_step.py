@@ -1,0 +1,131 @@
+"""What the loop does differently under a process group (torchrun): the step's data, checkpoints, resume.
+
+One process never reaches this module's collectives: `world() == 1` keeps today's
+path (and today's checkpoint format) unchanged.
+
+- `step_batches`: every rank builds the step's *global* micro-batches. A stage that
+  samples (it has a `rollout` table: the GRPO family, PPO, on-policy distillation) does
+  it with the gathered (unsharded) policy, and rank 0's batches are broadcast so that
+  every rank splits the very same list (generation on GPUs is not bitwise reproducible
+  across devices); the memory the gathered copy costs is logged once. The list is then
+  split across ranks (`fusedrl.train.dp_split.rank_share`).
+- `save_checkpoint_dist` / `resume_dist`: DCP checkpoints (sharded model and optimizer,
+  the loop's counters, per-rank RNG). The stage's state (data position, rollout buffer,
+  sampling RNG) is the same on every rank, because every rank walks the global stream,
+  so it is saved once (rank 0, `shared.pt`) and restored at any world size.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from fusedrl.data.batch import PackedBatch
+from fusedrl.stages.base import POLICY, StepTotals
+from fusedrl.train.dp_split import RankShare, rank_share
+
+logger = logging.getLogger("fusedrl")
+
+
+def world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def rank() -> int:
+    return dist.get_rank() if world() > 1 else 0
+
+
+def samples(stage) -> bool:
+    """Whether the stage generates with the policy in `micro_batches` (it has a [rollout] table)."""
+    return getattr(stage, "rollout", None) is not None
+
+
+def token_budget(stage, cfg) -> int:
+    """The per-rank micro-batch cap: the rollout's token_budget for sampling stages, else data.token_budget."""
+    rollout = getattr(stage, "rollout", None)
+    return int(getattr(rollout, "token_budget", 0) or cfg.data.token_budget)
+
+
+def gathered(model: torch.nn.Module):
+    """`gathered_params(model)` on an FSDP2 model (full weights: generation, evaluation), else a no-op."""
+    from fusedrl.train.parallel import gathered_params, is_sharded
+
+    return gathered_params(model) if world() > 1 and is_sharded(model) else nullcontext(None)
+
+
+_logged_gather = [False]
+
+
+def step_batches(stage, model: torch.nn.Module, step: int) -> List[PackedBatch]:
+    """The step's global micro-batches, identical on every rank."""
+    if not samples(stage):
+        return stage.micro_batches(model, step)
+    with gathered(model) as report:
+        if report is not None and not _logged_gather[0]:
+            _logged_gather[0] = True
+            measured = "" if report.device_delta_bytes is None else \
+                f" (measured on the device: {report.device_delta_bytes / 2**20:.1f} MiB)"
+            logger.info("rollout on the gathered policy: %.1f MiB of full weights next to the %.1f MiB shard per "
+                        "rank%s", report.extra_bytes / 2**20, report.sharded_bytes / 2**20, measured)
+        batches = stage.micro_batches(model, step)
+    if world() > 1:
+        box = [batches if rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        batches = box[0]
+    return batches
+
+
+def split_step(stage, cfg, batches: List[PackedBatch]) -> Tuple[RankShare, StepTotals]:
+    """This rank's share of the global step and the loss normaliser (global counts / world size)."""
+    w = world()
+    counts = [float(sum(b.num_tokens for b in batches)), float(sum(b.num_seqs for b in batches)),
+              float(sum(b.groups for b in batches))]
+    totals = StepTotals(*(max(c, 1.0) / w for c in counts))
+    return rank_share(batches, rank(), w, token_budget(stage, cfg)), totals
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint_dist(run_dir: Path, step: int, trained: Dict, stage, state, keep: int) -> Optional[Path]:
+    """A DCP checkpoint of the policy and its optimizer (a collective: every rank calls it)."""
+    from fusedrl.train.dist_checkpoint import save_dist_checkpoint
+
+    others = sorted(name for name in trained if name != POLICY)
+    if others:
+        if rank() == 0:
+            logger.warning("no checkpoint at step %d: under torch.distributed checkpoints hold the policy only and "
+                           "this stage also trains %s (PPO's critic)", step, others)
+        return None
+    policy = trained[POLICY]
+    shared = {"scheduler": policy.scheduler.state_dict(), "stage": stage.state_dict() if rank() == 0 else {}}
+    return save_dist_checkpoint(run_dir / "checkpoints", step, model=policy.module, optimizer=policy.optimizer,
+                                trainer_state=asdict(state), shared_state=shared, keep=keep)
+
+
+def resume_dist(run_dir: Path, trained: Dict, stage) -> Optional[Tuple[dict, Path]]:
+    """Load the newest valid DCP checkpoint into the policy, optimizer, scheduler and stage (every rank)."""
+    from fusedrl.train.dist_checkpoint import latest_dist_checkpoint, load_dist_checkpoint
+
+    _check_single_trainable(trained)
+    root = run_dir / "checkpoints"
+    path = latest_dist_checkpoint(root) if root.is_dir() else None
+    if path is None:
+        return None
+    policy = trained[POLICY]
+    restored = load_dist_checkpoint(path, model=policy.module, optimizer=policy.optimizer)
+    policy.scheduler.load_state_dict(restored["shared"]["scheduler"])
+    stage.load_state_dict(restored["shared"]["stage"])
+    return restored["trainer"], path
+
+
+def _check_single_trainable(trained: Dict) -> None:
+    others = sorted(name for name in trained if name != POLICY)
+    if others:
+        raise NotImplementedError(f"checkpoints under torch.distributed hold the policy only; this stage also "
+                                  f"trains {others} (PPO's critic): run it in one process, or set "
+                                  "checkpoint.every = 0 and checkpoint.save_final = true")
