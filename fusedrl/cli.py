@@ -100,10 +100,12 @@ def _user_errors() -> tuple:
     from fusedrl.config import ConfigError
     from fusedrl.data.validate import DataError
     from fusedrl.train.checkpoint import CheckpointError
+    from fusedrl.train.fail_fast import RankFailure
     from fusedrl.train.loop import NonFiniteError
     from fusedrl.train.run_dir import RunDirError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError)
+    # RankFailure: under torchrun another rank failed; its message names the rank
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError, RankFailure)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

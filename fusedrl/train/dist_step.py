@@ -91,6 +91,11 @@ def split_step(stage, cfg, batches: List[PackedBatch]) -> Tuple[RankShare, StepT
 
 # ----------------------------------------------------------------------------- checkpoints
 
+def has_dist_checkpoint(run_dir: Path) -> bool:
+    """Whether run_dir/checkpoints holds a DCP checkpoint (a step folder with dcp/)."""
+    return any(p.is_dir() for p in (Path(run_dir) / "checkpoints").glob("step_*/dcp"))
+
+
 def save_checkpoint_dist(run_dir: Path, step: int, trained: Dict, stage, state, keep: int) -> Optional[Path]:
     """A DCP checkpoint of the policy and its optimizer (a collective: every rank calls it)."""
     from fusedrl.train.dist_checkpoint import save_dist_checkpoint

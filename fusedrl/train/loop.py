@@ -232,7 +232,8 @@ def train(
     device = next(model.parameters()).device
     total = cfg.loop.max_steps
     trained = build_trained(model, stage, cfg)
-    distributed = dist_step.world() > 1
+    # DCP checkpoints under a process group, and for a run resumed from one (e.g. written at 2 ranks, now at 1)
+    distributed = dist_step.world() > 1 or (resume and dist_step.has_dist_checkpoint(run_dir))
     state = (_resume_dist if distributed else _resume)(run_dir, trained, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
