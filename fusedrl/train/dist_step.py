@@ -89,6 +89,26 @@ def split_step(stage, cfg, batches: List[PackedBatch]) -> Tuple[RankShare, StepT
     return rank_share(batches, rank(), w, token_budget(stage, cfg)), totals
 
 
+def average_replicated_grads(module: torch.nn.Module, params: List[torch.nn.Parameter]) -> None:
+    """Average the gradients of a module kept whole on every rank (PPO's critic) over ranks, in place.
+
+    One flat all-reduce; a parameter without a gradient counts as zeros, so every rank
+    reduces the same buffer. Its losses are divided by the global count / world size, like the
+    policy's, so the average is the one-process gradient.
+    """
+    from fusedrl.train.parallel import is_sharded
+
+    if is_sharded(module) or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 def has_dist_checkpoint(run_dir: Path) -> bool:
@@ -100,14 +120,9 @@ def save_checkpoint_dist(run_dir: Path, step: int, trained: Dict, stage, state, 
     """A DCP checkpoint of the policy and its optimizer (a collective: every rank calls it)."""
     from fusedrl.train.dist_checkpoint import save_dist_checkpoint
 
-    others = sorted(name for name in trained if name != POLICY)
-    if others:
-        if rank() == 0:
-            logger.warning("no checkpoint at step %d: under torch.distributed checkpoints hold the policy only and "
-                           "this stage also trains %s (PPO's critic)", step, others)
-        return None
     policy = trained[POLICY]
-    shared = {"scheduler": policy.scheduler.state_dict(), "stage": stage.state_dict() if rank() == 0 else {}}
+    shared = {"scheduler": policy.scheduler.state_dict(), "stage": stage.state_dict() if rank() == 0 else {},
+              "others": _replicated_state(trained) if rank() == 0 else {}}
     return save_dist_checkpoint(run_dir / "checkpoints", step, model=policy.module, optimizer=policy.optimizer,
                                 trainer_state=asdict(state), shared_state=shared, keep=keep)
 
@@ -116,7 +131,6 @@ def resume_dist(run_dir: Path, trained: Dict, stage) -> Optional[Tuple[dict, Pat
     """Load the newest valid DCP checkpoint into the policy, optimizer, scheduler and stage (every rank)."""
     from fusedrl.train.dist_checkpoint import latest_dist_checkpoint, load_dist_checkpoint
 
-    _check_single_trainable(trained)
     root = run_dir / "checkpoints"
     path = latest_dist_checkpoint(root) if root.is_dir() else None
     if path is None:
@@ -124,13 +138,26 @@ def resume_dist(run_dir: Path, trained: Dict, stage) -> Optional[Tuple[dict, Pat
     policy = trained[POLICY]
     restored = load_dist_checkpoint(path, model=policy.module, optimizer=policy.optimizer)
     policy.scheduler.load_state_dict(restored["shared"]["scheduler"])
+    _load_replicated_state(trained, restored["shared"].get("others", {}))
     stage.load_state_dict(restored["shared"]["stage"])
     return restored["trainer"], path
 
 
-def _check_single_trainable(trained: Dict) -> None:
+def _replicated_state(trained: Dict) -> Dict[str, dict]:
+    """Model, optimizer and schedule of every trained module besides the policy (kept whole on every rank,
+    so rank 0's copy is everyone's): saved in the checkpoint's shared state."""
+    return {name: {"model": entry.module.state_dict(), "optimizer": entry.optimizer.state_dict(),
+                   "scheduler": entry.scheduler.state_dict()}
+            for name, entry in trained.items() if name != POLICY}
+
+
+def _load_replicated_state(trained: Dict, saved: Dict[str, dict]) -> None:
     others = sorted(name for name in trained if name != POLICY)
-    if others:
-        raise NotImplementedError(f"checkpoints under torch.distributed hold the policy only; this stage also "
-                                  f"trains {others} (PPO's critic): run it in one process, or set "
-                                  "checkpoint.every = 0 and checkpoint.save_final = true")
+    if sorted(saved) != others:
+        raise ValueError(f"checkpoint: holds trained modules {sorted(saved)} besides the policy, this stage trains "
+                         f"{others}; resume with the same stage")
+    for name in others:
+        entry = trained[name]
+        entry.module.load_state_dict(saved[name]["model"])
+        entry.optimizer.load_state_dict(saved[name]["optimizer"])
+        entry.scheduler.load_state_dict(saved[name]["scheduler"])

@@ -130,6 +130,8 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     stats: Dict[str, torch.Tensor] = {"loss": loss_sum}  # named: one vector, one host sync
     for name, entry in trained.items():
         params = [p for group in entry.optimizer.param_groups for p in group["params"]]
+        if name != POLICY and dist_step.world() > 1:
+            dist_step.average_replicated_grads(entry.module, params)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"), foreach=None)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor on a sharded model
         stats["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm.to(device, torch.float32)

@@ -131,8 +131,9 @@ def build_mesh(cfg: ParallelConfig, device_type: str):
 # ----------------------------------------------------------------------------- FSDP2
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The decoder layers of an HF model: modules whose class is in `model._no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    """The decoder layers of an HF model: modules whose class is in `_no_split_modules` (of the model or of
+    any submodule, so a wrapper around an HF backbone, e.g. a ScalarHeadModel, is found too)."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"model: found no decoder layers in {type(model).__name__} (its _no_split_modules "

@@ -94,6 +94,9 @@ token_budget = 48
 beta = 0.0
 """,
 }
+# PPO: the GRPO run with a critic (kept whole on every rank, its gradients averaged) and old log-probs
+STAGES["ppo"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "ppo"').replace("[pg]\nbeta = 0.0\n", "")
+
 
 
 def _config(tmp: Path, stage: str) -> Path:
@@ -176,8 +179,8 @@ def test_sft_world_size_2_matches_one_process(sft_runs):
     assert log.count("step 4/4") == 1  # rank 0 logs, rank 1 does not
 
 
-@pytest.mark.parametrize("stage", ["dpo", "grpo"])
-def test_dpo_and_grpo_world_size_2_match_one_process(tmp_path, stage):
+@pytest.mark.parametrize("stage", ["dpo", "grpo", pytest.param("ppo", marks=pytest.mark.slow)])
+def test_dpo_grpo_ppo_world_size_2_match_one_process(tmp_path, stage):
     config = _config(tmp_path, stage)
     _one_process(config, tmp_path / "one")
     _torchrun(config, tmp_path / "two")
@@ -185,7 +188,7 @@ def test_dpo_and_grpo_world_size_2_match_one_process(tmp_path, stage):
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
     records = read_metrics(tmp_path / "one" / "metrics.jsonl")
     assert any(abs(r.get("grad_norm", 0.0)) > 1e-4 for r in records)  # the steps did train something
-    if stage == "grpo":  # the same samples at both world sizes
+    if stage != "dpo":  # the same samples at both world sizes
         for key in ("reward_mean", "generated_tokens"):
             a = [r[key] for r in records if r["kind"] == "train"]
             b = [r[key] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
