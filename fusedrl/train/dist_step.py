@@ -17,7 +17,7 @@ path (and today's checkpoint format) unchanged.
 from __future__ import annotations
 
 import logging
-from contextlib import nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -58,6 +58,32 @@ def gathered(model: torch.nn.Module):
     return gathered_params(model) if world() > 1 and is_sharded(model) else nullcontext(None)
 
 
+def frozen_models(stage) -> List[torch.nn.Module]:
+    """The frozen models a sampling stage calls only while it samples: the RL reference model
+    (`stage.ref_model`, beta > 0) and the reward model of its reward source (`stage.rewards.reward_model`).
+
+    They are sharded like the policy and gathered with it for the rollout. Others (a distillation
+    teacher, whose head the loss reads) stay whole on every rank.
+    """
+    found = [getattr(stage, "ref_model", None), getattr(getattr(stage, "rewards", None), "reward_model", None)]
+    out: List[torch.nn.Module] = []
+    for module in found:
+        if isinstance(module, torch.nn.Module) and not any(module is m for m in out) \
+                and not any(p.requires_grad for p in module.parameters()):
+            out.append(module)
+    return out
+
+
+@contextmanager
+def gathered_all(model: torch.nn.Module, stage):
+    """The policy and the stage's sharded frozen models gathered together; yields the policy's report."""
+    with ExitStack() as stack:
+        report = stack.enter_context(gathered(model))
+        for frozen in frozen_models(stage) if samples(stage) else []:
+            stack.enter_context(gathered(frozen))
+        yield report
+
+
 _logged_gather = [False]
 
 
@@ -65,7 +91,7 @@ def step_batches(stage, model: torch.nn.Module, step: int) -> List[PackedBatch]:
     """The step's global micro-batches, identical on every rank."""
     if not samples(stage):
         return stage.micro_batches(model, step)
-    with gathered(model) as report:
+    with gathered_all(model, stage) as report:
         if report is not None and not _logged_gather[0]:
             _logged_gather[0] = True
             measured = "" if report.device_delta_bytes is None else \

@@ -194,7 +194,7 @@ def _evaluate(stage, model, extra_eval=None) -> Dict[str, float]:
     model.eval()
     result: Dict[str, float] = {}
     try:
-        with torch.no_grad(), dist_step.gathered(model):  # full weights on every rank (FSDP2)
+        with torch.no_grad(), dist_step.gathered_all(model, stage):  # full weights on every rank (FSDP2)
             for hook in hooks:
                 result.update(hook(model) or {})
     finally:

@@ -151,22 +151,26 @@ def _fail_together(cfg: TrainConfig):
 
 
 def shard_models(cfg: TrainConfig, model: torch.nn.Module, stage) -> None:
-    """FSDP2 on the policy, before the optimizers are built (one process: nothing).
+    """FSDP2 on the policy and the RL frozen models, before the optimizers are built (one process: nothing).
 
     Other trained modules (PPO's critic) stay whole on every rank: the stages call them inside the
     policy's forward, and FSDP2 cannot nest one root's forward in another's; the loop averages their
-    gradients over ranks instead (DDP-style, `fusedrl.train.loop.train_step`). Frozen models (reference,
-    reward, teacher) stay whole too: the stages call them outside the policy's forward.
+    gradients over ranks instead (DDP-style, `fusedrl.train.loop.train_step`). The RL reference and
+    reward models are sharded too and gathered with the policy for the rollout
+    (`fusedrl.train.dist_step.frozen_models`); a distillation teacher stays whole.
     """
     from fusedrl.train.parallel import apply_fsdp, world_size
 
     if world_size() > 1:
         from torch.distributed.fsdp import fully_shard
 
-        apply_fsdp(model, cfg.parallel)
-        # Make the policy the FSDP root now: a rollout may call its backbone (packed log-probs) before any
-        # root forward, which would otherwise make each decoder layer a root of its own.
-        fully_shard.state(model)._lazy_init()
+        from fusedrl.train.dist_step import frozen_models
+
+        for module in [model, *frozen_models(stage)]:
+            apply_fsdp(module, cfg.parallel)
+            # Make the model the FSDP root now: a rollout may call its backbone (packed log-probs) before
+            # any root forward, which would otherwise make each decoder layer a root of its own.
+            fully_shard.state(module)._lazy_init()
 
 
 def _finite_everywhere(model: torch.nn.Module, result: TrainResult) -> None:
