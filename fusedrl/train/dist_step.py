@@ -32,12 +32,17 @@ from fusedrl.train.dp_split import RankShare, rank_share
 logger = logging.getLogger("fusedrl")
 
 
+def active() -> bool:
+    """Whether a process group exists (torchrun, also at world size 1: FSDP2 on one GPU)."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return dist.get_world_size() if active() else 1
 
 
 def rank() -> int:
-    return dist.get_rank() if world() > 1 else 0
+    return dist.get_rank() if active() else 0
 
 
 def samples(stage) -> bool:
@@ -55,7 +60,7 @@ def gathered(model: torch.nn.Module):
     """`gathered_params(model)` on an FSDP2 model (full weights: generation, evaluation), else a no-op."""
     from fusedrl.train.parallel import gathered_params, is_sharded
 
-    return gathered_params(model) if world() > 1 and is_sharded(model) else nullcontext(None)
+    return gathered_params(model) if active() and is_sharded(model) else nullcontext(None)
 
 
 def frozen_models(stage) -> List[torch.nn.Module]:

@@ -130,7 +130,7 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     stats: Dict[str, torch.Tensor] = {"loss": loss_sum}  # named: one vector, one host sync
     for name, entry in trained.items():
         params = [p for group in entry.optimizer.param_groups for p in group["params"]]
-        if name != POLICY and dist_step.world() > 1:
+        if name != POLICY and dist_step.active():
             dist_step.average_replicated_grads(entry.module, params)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"), foreach=None)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor on a sharded model
@@ -235,7 +235,7 @@ def train(
     total = cfg.loop.max_steps
     trained = build_trained(model, stage, cfg)
     # DCP checkpoints under a process group, and for a run resumed from one (e.g. written at 2 ranks, now at 1)
-    distributed = dist_step.world() > 1 or (resume and dist_step.has_dist_checkpoint(run_dir))
+    distributed = dist_step.active() or (resume and dist_step.has_dist_checkpoint(run_dir))
     state = (_resume_dist if distributed else _resume)(run_dir, trained, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
@@ -313,7 +313,7 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
     if not batches:
         raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
     extra: Dict[str, float] = {}
-    if dist_step.world() > 1:
+    if dist_step.active():
         share, totals = dist_step.split_step(stage, cfg, batches)
         record = train_step(stage, share.batches, trained, cfg.optim.max_grad_norm, device, totals=totals,
                             padding=[share.pad_batch] * share.padding)

@@ -128,11 +128,12 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
 
 
 def start_distributed(cfg: TrainConfig, device: torch.device) -> torch.device:
-    """Under torchrun (WORLD_SIZE > 1): the process group (NCCL on CUDA, gloo on CPU) and this rank's device.
+    """Under torchrun (WORLD_SIZE set): the process group (NCCL on CUDA, gloo on CPU) and this rank's device.
 
-    One process (no WORLD_SIZE) creates nothing and keeps `device`.
+    Also at world size 1 (`torchrun --nproc-per-node 1`: FSDP2 on one GPU). A plain process (no
+    WORLD_SIZE) creates nothing and keeps `device`.
     """
-    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+    if "WORLD_SIZE" not in os.environ:
         return device
     from fusedrl.train.parallel import init_distributed
 
@@ -159,9 +160,9 @@ def shard_models(cfg: TrainConfig, model: torch.nn.Module, stage) -> None:
     reward models are sharded too and gathered with the policy for the rollout
     (`fusedrl.train.dist_step.frozen_models`); a distillation teacher stays whole.
     """
-    from fusedrl.train.parallel import apply_fsdp, world_size
+    from fusedrl.train.parallel import apply_fsdp, is_distributed
 
-    if world_size() > 1:
+    if is_distributed():
         from torch.distributed.fsdp import fully_shard
 
         from fusedrl.train.dist_step import frozen_models
@@ -225,9 +226,9 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     shard_models(cfg, model, stage)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)
-    from fusedrl.train.parallel import is_sharded, world_size
+    from fusedrl.train.parallel import is_distributed, is_sharded
 
-    if world_size() > 1 and is_sharded(model):
+    if is_distributed() and is_sharded(model):
         if not result.interrupted:
             _finite_everywhere(model, result)
             if cfg.checkpoint.save_final:
