@@ -176,7 +176,9 @@ class ParallelConfig:
     """Gather and compute in `param_dtype` (bf16), reduce gradients in `reduce_dtype` (fp32); the sharded
     master weights and the optimizer state stay in the model's dtype (fp32)."""
     param_dtype: str = "bfloat16"
+    """With mixed_precision: the dtype weights are gathered and computed in (bfloat16, float16, float32)."""
     reduce_dtype: str = "float32"
+    """With mixed_precision: the dtype gradients are reduced in (bfloat16, float16, float32)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward (non-reentrant), keeping only layer inputs."""
     compile: bool = False
