@@ -224,6 +224,7 @@ def _launch_plain(config: Path, out: Path, *args: str):
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(2)]
 
 
+@pytest.mark.slow
 def test_sigkill_of_a_rank_stops_the_other_and_resume_is_bit_identical(sft_runs, tmp_path):
     tmp, config, _ = sft_runs
     run = tmp_path / "killed"
