@@ -107,6 +107,23 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
   note "$(printf '%-22s skipped: no CUDA device' "fsdp2 smoke")"
 fi
+# 3d. `fusedrl train` under torchrun on one GPU (issue 16): a world-size-1 NCCL group, the policy (and the
+#     RL reference / reward models) sharded with FSDP2, 2 steps of every stage's tiny example, DCP
+#     checkpoints, the final model gathered; the SFT run first (its final model is the distill teacher)
+if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+  TRAIN_OUT=$(mktemp -d "${TMPDIR:-/tmp}/fusedrl-train.XXXXXX")
+  for st in sft reward_model prm rejection dpo grpo ppo distill; do
+    extra=()
+    [ "$st" = sft ] && extra=(--run.out_dir=runs/sft-tiny --overwrite --checkpoint.every=1)
+    [ "$st" = distill ] && extra=(--distill.teacher=runs/sft-tiny/final)
+    stage "train 1-gpu $st" "${TRAIN_EACH_S:-40}" "$PY" -m torch.distributed.run --standalone --nproc-per-node 1 \
+      -m fusedrl train "examples/${st}_tiny.toml" --run.device=cuda --loop.max_steps=2 --loop.eval_every=0 \
+      --logging.progress=false --logging.plots=false "--run.out_dir=$TRAIN_OUT/$st" ${extra[@]+"${extra[@]}"}
+    # (the extras come last: for sft, run.out_dir=runs/sft-tiny wins)
+  done
+else
+  note "$(printf '%-22s skipped: no CUDA device' "train 1-gpu")"
+fi
 
 # 4. benchmarks, one process each; each gets a fair share of the time left (capped)
 if [ -n "${BENCHES:-}" ]; then

@@ -1,6 +1,7 @@
 """The `fusedrl` command.
 
     fusedrl train CONFIG.toml [--resume] [--section.field=value ...]   run one stage from a TOML config
+    torchrun --nproc-per-node N -m fusedrl train CONFIG.toml           the same on N processes (FSDP2, [parallel])
     fusedrl demo [--out DIR] [--quick] [--config TOML]                 the CPU demo (no download)
     fusedrl bench [ARGS ...]                                           kernel benchmarks (fusedrl.bench.run_all)
     fusedrl config [--reference]                                       print the default config / its reference
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import List, Optional
 
@@ -46,7 +48,7 @@ def setup_logging(level: int = logging.INFO) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:  # pragma: no cover
         pass
-    if not is_rank0():  # other ranks stay quiet except for errors
+    if not is_rank0() or os.environ.get("RANK", "0") != "0":  # other ranks (torchrun) log errors only
         root.addHandler(logging.NullHandler())
         root.setLevel(logging.ERROR)
         return
@@ -110,16 +112,27 @@ def _bench(argv: List[str]) -> int:
     return int(run_all.main(argv) or 0)
 
 
+def _end_distributed() -> None:
+    """torchrun: destroy the process group `fusedrl train` created (nothing in one process)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _user_errors() -> tuple:
     """Errors that name a user's input (config, data, run folder, checkpoint) or a diverged run."""
     from fusedrl.config import ConfigError
     from fusedrl.data.validate import DataError
     from fusedrl.train.checkpoint import CheckpointError
+    from fusedrl.train.fail_fast import RankFailure
     from fusedrl.train.loop import NonFiniteError
     from fusedrl.train.run_dir import RunDirError
     from fusedrl.train.starter import StarterError
 
-    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError, StarterError)
+    # RankFailure: under torchrun another rank failed; its message names the rank
+    return (ConfigError, DataError, CheckpointError, RunDirError, NonFiniteError, FileNotFoundError, StarterError,
+            RankFailure)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -142,7 +155,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "train":
             from fusedrl.train.run import load_run_config, run_training
             cfg = load_run_config(args.config, overrides)
-            result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+            try:
+                result = run_training(cfg, resume=args.resume, overwrite=args.overwrite)
+            finally:
+                _end_distributed()
             return 130 if result.interrupted else 0
         if args.command == "demo":
             from fusedrl.demo.pipeline import run_demo

@@ -183,6 +183,50 @@ class SFTConfig:
     """Micro-batches of data.eval used for the evaluation loss (0: the whole file)."""
 
 
+PARALLEL_DTYPES = ("bfloat16", "float16", "float32")
+
+
+@dataclass
+class ParallelConfig:
+    """The `[parallel]` table: how a model is sharded and what is traded for memory."""
+
+    dp_shard: int = -1
+    """Ranks one model copy is sharded over; -1 = all ranks (plain FSDP). With dp_replicate > 1 (HSDP)
+    typically the GPUs of one node."""
+    dp_replicate: int = 1
+    """HSDP: number of model replicas (typically nodes); dp_replicate * dp_shard must equal the world size."""
+    mixed_precision: bool = False
+    """Gather and compute in `param_dtype` (bf16), reduce gradients in `reduce_dtype` (fp32); the sharded
+    master weights and the optimizer state stay in the model's dtype (fp32)."""
+    param_dtype: str = "bfloat16"
+    """With mixed_precision: the dtype weights are gathered and computed in (bfloat16, float16, float32)."""
+    reduce_dtype: str = "float32"
+    """With mixed_precision: the dtype gradients are reduced in (bfloat16, float16, float32)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward (non-reentrant), keeping only layer inputs."""
+    compile: bool = False
+    """torch.compile each decoder layer (in place: parameter names are unchanged)."""
+    cpu_offload: bool = False
+    """Keep sharded parameters, gradients and the optimizer state on CPU (the step runs on CPU)."""
+    reshard_after_forward: bool = True
+    """Free gathered layer weights after forward (ZeRO-3); False keeps them to backward (ZeRO-2-like)."""
+    timeout_s: float = 600.0
+    """Collective timeout: a rank waiting longer for its peers raises instead of hanging."""
+
+    def __post_init__(self):
+        for name in ("dp_shard", "dp_replicate"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
+                raise ValueError(f"parallel.{name} must be an integer >= 1 (or -1 for dp_shard), got {value!r}")
+        if self.dp_replicate == -1:
+            raise ValueError("parallel.dp_replicate must be >= 1, got -1")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self, name) not in PARALLEL_DTYPES:
+                raise ValueError(f"parallel.{name} must be one of {sorted(PARALLEL_DTYPES)}, got {getattr(self, name)!r}")
+        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
+            raise ValueError(f"parallel.timeout_s must be a number > 0, got {self.timeout_s!r}")
+
+
 @dataclass
 class NumericsConfig:
     invariant: bool = False
@@ -206,6 +250,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     sft: SFTConfig = field(default_factory=SFTConfig)
     numerics: NumericsConfig = field(default_factory=NumericsConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
 
 # Allowed values of string fields, and lower bounds of numeric ones, by "section.field".
@@ -252,6 +297,18 @@ def validate(cfg: Any, prefix: str = "") -> None:
         check_data_columns(cfg.data.columns)
     if not prefix and isinstance(getattr(getattr(cfg, "model", None), "lora", None), dict):
         check_lora_table(cfg.model.lora)
+    if not prefix and isinstance(getattr(cfg, "parallel", None), ParallelConfig):
+        check_parallel(cfg.parallel)
+
+
+def check_parallel(cfg: ParallelConfig) -> None:
+    """The [parallel] table's checks at load time (ConfigError naming parallel.FIELD)."""
+    try:
+        cfg.__post_init__()
+    except ValueError as err:
+        text = str(err)
+        key = text.split(" ", 1)[0] if text.startswith("parallel.") else "parallel"
+        raise ConfigError.message(key, text) from None
 
 
 def load_config(

@@ -45,7 +45,7 @@ Run it (docs/rl_stages.md has a full config):
 
     fusedrl train grpo.toml                              # [run] stage = "grpo", [rollout], [pg]
     fusedrl train grpo.toml --run.stage=dapo --pg.beta=0.01
-    torchrun --nproc-per-node 8 -m fusedrl.cli train grpo.toml   # each rank samples its own prompts
+    torchrun --nproc-per-node 8 -m fusedrl train grpo.toml   # the same prompts and samples as one process
 """
 from __future__ import annotations
 
@@ -72,13 +72,6 @@ from fusedrl.models.causal_lm import hidden_states, lm_head, load_reference, tok
 from fusedrl.kernels import linear_logprobs
 
 logger = logging.getLogger("fusedrl")
-
-
-def _rank_and_world():
-    """(rank, world size) under torch.distributed, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 class PolicyGradientStage(BaseStage):
@@ -204,10 +197,9 @@ class PolicyGradientStage(BaseStage):
         rounds = 1 + (self.opt.resample_rounds if self.opt.dynamic_sampling else 0)
         for _ in range(rounds):
             with timer("generate"):
-                rank, world = _rank_and_world()
-                # Every rank walks the same prompt stream and samples its own slice of it.
-                indices = self.prompts.next(r.prompts_per_rollout * world)[rank * r.prompts_per_rollout:
-                                                                           (rank + 1) * r.prompts_per_rollout]
+                # prompts_per_rollout is global: under torch.distributed every rank walks the same stream
+                # (the loop samples on rank 0's gathered policy and splits the step across ranks)
+                indices = self.prompts.next(r.prompts_per_rollout)
                 sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
                 params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                         max_new_tokens=r.max_new_tokens, seed=self.seed)
@@ -241,7 +233,7 @@ class PolicyGradientStage(BaseStage):
         """The sampler's random stream, on the policy's device (multinomial needs them to match)."""
         device = next(model.parameters()).device
         if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed + 7919 * _rank_and_world()[0])
+            self.generator = torch.Generator(device=device).manual_seed(self.seed)
             if self._generator_state is not None:
                 self.generator.set_state(self._generator_state)
                 self._generator_state = None

@@ -261,6 +261,17 @@ def save_final_hf(model: torch.nn.Module, out_dir: str | Path, *, tokenizer=None
         _barrier()
         return None
     out_dir = Path(out_dir)
+    import inspect
+
+    if "state_dict" not in inspect.signature(model.save_pretrained).parameters:
+        # fusedrl's own models (ScalarHeadModel) write self.state_dict(): hand them the gathered one
+        model.state_dict = lambda *args, **kwargs: full
+        try:
+            model.save_pretrained(out_dir, tokenizer=tokenizer)
+        finally:
+            del model.state_dict
+        _barrier()
+        return out_dir
     model.save_pretrained(out_dir, state_dict=full)
     # An FSDP2 module's class is FSDP<cls>: record the model's own class for AutoModel.
     config_path = out_dir / "config.json"

@@ -35,6 +35,7 @@ from fusedrl.train.metrics import MetricsLogger, is_rank0
 from fusedrl.stages.base import POLICY, StepTotals
 from fusedrl.train.optim import Trained, build_trained
 from fusedrl.train.resume import apply_optim_config
+from fusedrl.train import dist_step
 
 logger = logging.getLogger("fusedrl")
 
@@ -91,21 +92,36 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # Linux reports KiB
 
 
+def _stage_loss(model, stage, batch, totals):
+    return stage.loss(model, batch, totals)
+
+
 def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], max_grad_norm: Optional[float],
-               device: torch.device) -> Dict[str, float]:
+               device: torch.device, *, totals: Optional[StepTotals] = None,
+               padding: Sequence[PackedBatch] = ()) -> Dict[str, float]:
     """Forward/backward over the micro-batches, clip each module, and (if finite) step; returns host floats.
 
     Every optimizer steps only when the summed loss and every gradient norm are
     finite; `record["nonfinite"]` says whether the step was skipped. The policy's
     norm is "grad_norm", another module's "<name>_grad_norm". This function syncs
     with the host exactly once.
+
+    Data parallel (see `fusedrl.train.dp_split`): `totals` are the step's global counts
+    over the world size, and `padding` micro-batches run with their loss multiplied by 0
+    (every rank runs as many forwards/backwards as the busiest one). Each loss runs
+    through `run_forward`, so on an FSDP2 model the root's weights (the LM head the fused
+    ops read) are gathered for it.
     """
+    from fusedrl.train.parallel import run_forward
+
     model = trained[POLICY].module
-    totals = step_totals(batches, device)
+    totals = totals if totals is not None else step_totals(batches, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: Dict[str, torch.Tensor] = {}
-    for batch in batches:
-        loss, metrics = stage.loss(model, batch.to(device), totals)
+    for weight, batch in [(1.0, b) for b in batches] + [(0.0, b) for b in padding]:
+        loss, metrics = run_forward(model, _stage_loss, stage, batch.to(device), totals)
+        if weight != 1.0:
+            loss, metrics = loss * weight, {k: torch.as_tensor(v) * weight for k, v in metrics.items()}
         loss.backward()
         loss_sum += loss.detach().float()
         for name, value in metrics.items():
@@ -114,7 +130,10 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     stats: Dict[str, torch.Tensor] = {"loss": loss_sum}  # named: one vector, one host sync
     for name, entry in trained.items():
         params = [p for group in entry.optimizer.param_groups for p in group["params"]]
+        if name != POLICY and dist_step.active():
+            dist_step.average_replicated_grads(entry.module, params)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"), foreach=None)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor on a sharded model
         stats["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm.to(device, torch.float32)
     checked = list(stats)  # the loss and every gradient norm must be finite for the update
     stats.update(metric_sums)
@@ -175,7 +194,7 @@ def _evaluate(stage, model, extra_eval=None) -> Dict[str, float]:
     model.eval()
     result: Dict[str, float] = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), dist_step.gathered_all(model, stage):  # full weights on every rank (FSDP2)
             for hook in hooks:
                 result.update(hook(model) or {})
     finally:
@@ -215,12 +234,16 @@ def train(
     device = next(model.parameters()).device
     total = cfg.loop.max_steps
     trained = build_trained(model, stage, cfg)
-    state = _resume(run_dir, trained, stage, cfg) if resume else TrainState()
+    # DCP checkpoints under a process group, and for a run resumed from one (e.g. written at 2 ranks, now at 1)
+    distributed = dist_step.active() or (resume and dist_step.has_dist_checkpoint(run_dir))
+    state = (_resume_dist if distributed else _resume)(run_dir, trained, stage, cfg) if resume else TrainState()
     result = TrainResult(state=state)
     metrics = MetricsLogger(run_dir, total_steps=total, start_step=state.step,
                             progress=cfg.logging.progress, console_every=cfg.logging.console_every, config=cfg)
 
     def checkpoint() -> Optional[Path]:
+        if distributed:  # DCP: sharded, every rank writes its part
+            return dist_step.save_checkpoint_dist(run_dir, state.step, trained, stage, state, cfg.checkpoint.keep)
         if not is_rank0():  # full state dicts, one writer
             return None
         policy = trained[POLICY]
@@ -286,10 +309,17 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
         torch.cuda.reset_peak_memory_stats(device)
     model = trained[POLICY].module
     lr = trained[POLICY].scheduler.get_last_lr()[0]
-    batches = stage.micro_batches(model, state.step)
+    batches = dist_step.step_batches(stage, model, state.step)  # the global step, the same on every rank
     if not batches:
         raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
-    record = train_step(stage, batches, trained, cfg.optim.max_grad_norm, device)
+    extra: Dict[str, float] = {}
+    if dist_step.active():
+        share, totals = dist_step.split_step(stage, cfg, batches)
+        record = train_step(stage, share.batches, trained, cfg.optim.max_grad_norm, device, totals=totals,
+                            padding=[share.pad_batch] * share.padding)
+        extra = {"dp_load_imbalance": share.imbalance, "micro_batches": len(share.batches) + share.padding}
+    else:
+        record = train_step(stage, batches, trained, cfg.optim.max_grad_norm, device)
     for entry in trained.values():
         entry.scheduler.step()  # skipped steps advance the schedule too: it follows the step count
     state.step += 1
@@ -308,7 +338,20 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
     elapsed = time.perf_counter() - start
     record.update(lr=lr, tokens_per_s=tokens / max(elapsed, 1e-9), memory_gb=peak_memory_gb(device),
                   skipped_steps=state.skipped_steps, micro_batches=len(batches))
+    record.update(extra)
     return record
+
+
+def _resume_dist(run_dir: Path, trained: Dict[str, Trained], stage, cfg: TrainConfig) -> TrainState:
+    found = dist_step.resume_dist(run_dir, trained, stage)
+    if found is None:
+        logger.warning("--resume: no valid checkpoint in %s; starting from step 0", run_dir / "checkpoints")
+        return TrainState()
+    counters, path = found
+    apply_optim_config(trained[POLICY].optimizer, trained[POLICY].scheduler, cfg)
+    state = TrainState(**{k: v for k, v in counters.items() if k in TrainState.__dataclass_fields__})
+    logger.info("resumed from %s at step %d", path, state.step)
+    return state
 
 
 def _resume(run_dir: Path, trained: Dict[str, Trained], stage, cfg: TrainConfig) -> TrainState:

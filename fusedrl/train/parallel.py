@@ -32,6 +32,8 @@ from typing import Callable, Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from fusedrl.config import ParallelConfig  # noqa: F401  (the [parallel] table; re-exported here)
+
 _CALL = "_fusedrl_sharded_call"
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -50,45 +52,6 @@ class DistInfo:
     @property
     def is_rank0(self) -> bool:
         return self.rank == 0
-
-
-@dataclass
-class ParallelConfig:
-    """The `[parallel]` table: how a model is sharded and what is traded for memory."""
-
-    dp_shard: int = -1
-    """Ranks one model copy is sharded over; -1 = all ranks (plain FSDP). With dp_replicate > 1 (HSDP)
-    typically the GPUs of one node."""
-    dp_replicate: int = 1
-    """HSDP: number of model replicas (typically nodes); dp_replicate * dp_shard must equal the world size."""
-    mixed_precision: bool = False
-    """Gather and compute in `param_dtype` (bf16), reduce gradients in `reduce_dtype` (fp32); the sharded
-    master weights and the optimizer state stay in the model's dtype (fp32)."""
-    param_dtype: str = "bfloat16"
-    reduce_dtype: str = "float32"
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward (non-reentrant), keeping only layer inputs."""
-    compile: bool = False
-    """torch.compile each decoder layer (in place: parameter names are unchanged)."""
-    cpu_offload: bool = False
-    """Keep sharded parameters, gradients and the optimizer state on CPU (the step runs on CPU)."""
-    reshard_after_forward: bool = True
-    """Free gathered layer weights after forward (ZeRO-3); False keeps them to backward (ZeRO-2-like)."""
-    timeout_s: float = 600.0
-    """Collective timeout: a rank waiting longer for its peers raises instead of hanging."""
-
-    def __post_init__(self):
-        for name in ("dp_shard", "dp_replicate"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or (value < 1 and value != -1):
-                raise ValueError(f"parallel.{name} must be an integer >= 1 (or -1 for dp_shard), got {value!r}")
-        if self.dp_replicate == -1:
-            raise ValueError("parallel.dp_replicate must be >= 1, got -1")
-        for name in ("param_dtype", "reduce_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"parallel.{name} must be one of {sorted(DTYPES)}, got {getattr(self, name)!r}")
-        if not (isinstance(self.timeout_s, (int, float)) and self.timeout_s > 0):
-            raise ValueError(f"parallel.timeout_s must be a number > 0, got {self.timeout_s!r}")
 
 
 # ----------------------------------------------------------------------------- process group
@@ -168,8 +131,9 @@ def build_mesh(cfg: ParallelConfig, device_type: str):
 # ----------------------------------------------------------------------------- FSDP2
 
 def decoder_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
-    """The decoder layers of an HF model: modules whose class is in `model._no_split_modules`."""
-    names = set(getattr(model, "_no_split_modules", None) or ())
+    """The decoder layers of an HF model: modules whose class is in `_no_split_modules` (of the model or of
+    any submodule, so a wrapper around an HF backbone, e.g. a ScalarHeadModel, is found too)."""
+    names = {n for m in model.modules() for n in (getattr(m, "_no_split_modules", None) or ())}
     layers = [m for m in model.modules() if type(m).__name__ in names]
     if not layers:
         raise ValueError(f"model: found no decoder layers in {type(model).__name__} (its _no_split_modules "

@@ -119,7 +119,8 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
     device = resolve_device(cfg.run.device)
     check_data_paths(cfg)
     rl_prompt_limit(cfg)
-    with open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
+    device = start_distributed(cfg, device)
+    with _fail_together(cfg), open_run_dir(cfg, resume=resume, overwrite=overwrite, write=is_rank0()) as folder:
         try:  # (open_run_dir wrote config.toml: the values in force, resume changes applied)
             with using_bad_record_policy(cfg.data.on_bad_record), using_data_options(cfg.data):
                 return _run(cfg, folder.path, device, resume, model, tokenizer, on_step_end, extra_eval)
@@ -128,6 +129,67 @@ def run_training(cfg: TrainConfig, *, resume: bool = False, overwrite: bool = Fa
             if message is None:
                 raise
             raise RunDirError(message) from err
+
+
+def start_distributed(cfg: TrainConfig, device: torch.device) -> torch.device:
+    """Under torchrun (WORLD_SIZE set): the process group (NCCL on CUDA, gloo on CPU) and this rank's device.
+
+    Also at world size 1 (`torchrun --nproc-per-node 1`: FSDP2 on one GPU). A plain process (no
+    WORLD_SIZE) creates nothing and keeps `device`.
+    """
+    if "WORLD_SIZE" not in os.environ:
+        return device
+    from fusedrl.train.parallel import init_distributed
+
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    info = init_distributed(backend=backend, timeout_s=cfg.parallel.timeout_s)
+    if info.is_rank0:
+        logger.info("torch.distributed: %d ranks (%s), this rank on %s", info.world_size, info.backend, info.device)
+    return info.device if device.type == "cuda" else device
+
+
+def _fail_together(cfg: TrainConfig):
+    """Any rank's failure stops every rank with that rank's message (a no-op in one process)."""
+    from fusedrl.train.fail_fast import fail_together
+
+    return fail_together(timeout_s=cfg.parallel.timeout_s, poll_s=min(0.5, cfg.parallel.timeout_s))
+
+
+def shard_models(cfg: TrainConfig, model: torch.nn.Module, stage) -> None:
+    """FSDP2 on the policy and the RL frozen models, before the optimizers are built (one process: nothing).
+
+    Other trained modules (PPO's critic) stay whole on every rank: the stages call them inside the
+    policy's forward, and FSDP2 cannot nest one root's forward in another's; the loop averages their
+    gradients over ranks instead (DDP-style, `fusedrl.train.loop.train_step`). The RL reference and
+    reward models are sharded too and gathered with the policy for the rollout
+    (`fusedrl.train.dist_step.frozen_models`); a distillation teacher stays whole.
+    """
+    from fusedrl.train.parallel import apply_fsdp, is_distributed
+
+    if is_distributed():
+        from torch.distributed.fsdp import fully_shard
+
+        from fusedrl.train.dist_step import frozen_models
+
+        for module in [model, *frozen_models(stage)]:
+            apply_fsdp(module, cfg.parallel)
+            # Make the model the FSDP root now: a rollout may call its backbone (packed log-probs) before
+            # any root forward, which would otherwise make each decoder layer a root of its own.
+            fully_shard.state(module)._lazy_init()
+
+
+def _finite_everywhere(model: torch.nn.Module, result: TrainResult) -> None:
+    """check_finite_outcome on a sharded model: each rank checks its shards, the verdict is all-reduced."""
+    import torch.distributed as dist
+
+    bad = [name for name, p in model.named_parameters()
+           if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())]
+    count = torch.tensor([len(bad)], dtype=torch.int64, device=next(model.parameters()).device)
+    dist.all_reduce(count)
+    if int(count.item()):
+        raise NonFiniteError(f"the final weights are not finite ({int(count.item())} tensor shards); "
+                             "final/ was not written. Lower optim.lr or check the data")
+    check_finite_outcome(torch.nn.Linear(1, 1), result)  # the evaluation part
 
 
 def _disk_error(err: OSError, run_dir: Path) -> Optional[str]:
@@ -170,8 +232,22 @@ def _run(cfg: TrainConfig, run_dir: Path, device: torch.device, resume: bool, mo
     with using_prompt_limit(tokenizer, rl_prompt_limit(cfg), "data.max_len - rollout.max_new_tokens"):
         stage = STAGES[cfg.run.stage](cfg, model, tokenizer)
     _log_overlong(counts_before, overlong_counts(), cfg)
+    shard_models(cfg, model, stage)
     result = train(model, stage, cfg, run_dir=run_dir, resume=resume, on_step_end=on_step_end,
                    extra_eval=extra_eval)
+    from fusedrl.train.parallel import is_distributed, is_sharded
+
+    if is_distributed() and is_sharded(model):
+        if not result.interrupted:
+            _finite_everywhere(model, result)
+            if cfg.checkpoint.save_final:
+                from fusedrl.train.dist_checkpoint import save_final_hf
+                save_final_hf(model, run_dir / "final", tokenizer=tokenizer)  # collective; rank 0 writes
+        if is_rank0() and not result.interrupted:
+            if cfg.logging.plots:
+                write_plots(read_metrics(run_dir / "metrics.jsonl"), run_dir / "plots")
+            write_report(run_dir, title=f"fusedrl run: {cfg.run.stage} ({run_dir.name})")
+        return result
     if is_rank0() and not result.interrupted:
         check_finite_outcome(model, result)
         if cfg.checkpoint.save_final:

@@ -196,12 +196,17 @@ def check_checkpoints(folder: Path, run_id: Optional[str]) -> None:
     if not found:
         raise RunDirError(f"--resume: {folder} holds no checkpoint to resume from; start over with "
                           "--overwrite (the old contents are moved aside) or choose another run.out_dir")
+    from fusedrl.train.dist_checkpoint import DistCheckpointError, verify_dist_checkpoint
+
     problems = []
     for path in found:
         try:
-            verify_checkpoint(path, run_id=run_id)
+            if (path / "dcp").is_dir():  # written under torch.distributed (DCP, any world size resumes it)
+                verify_dist_checkpoint(path)
+            else:
+                verify_checkpoint(path, run_id=run_id)
             return
-        except CheckpointError as err:
+        except (CheckpointError, DistCheckpointError) as err:
             problems.append(str(err))
     raise RunDirError(f"--resume: no valid checkpoint in {folder / 'checkpoints'}: " + "; ".join(problems))
 
