@@ -5,6 +5,7 @@ sampling, scoring and reuse schedule), with t over completion tokens:
 
     V_t      value model (a backbone with a scalar head) at rollout time   -> old_values
     r_t      = -beta * KL_t(old || ref) + R on the last token               (fold_kl_into_rewards)
+               + prm_weight * (s_k - prm_baseline) at the token ending step k   (rollout.process_reward_model)
     A_t, G_t = GAE(r, V; gamma, lambda) per sequence on the packed layout    (kernels.gae, cu_seqlens)
     A_t      whitened over the batch (option)
     loss     = policy_loss(ppo clip, eps) + vf_coef * value_loss(V, old_values, G, eps_v)
@@ -108,6 +109,8 @@ class PPOStage(PolicyGradientStage):
                                        kind=self.opt.kl_kind)  # (T,)
         if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
             rewards = rewards - self.distill_coef * exp.completion_view("distill_kl")
+        if "dense_rewards" in exp.tok:  # a process reward model: prm_weight * (s_k - baseline) at step ends
+            rewards = rewards + exp.completion_view("dense_rewards")
         advantages, returns = gae(rewards, values, cu_seqlens=cu_seqlens, gamma=self.ppo.gamma, lam=self.ppo.lam)
         if self.opt.whiten:
             advantages = whiten(advantages)
@@ -153,6 +156,6 @@ def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
 
     return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
                     records=records, tokenizer=tokenizer,
-                    rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device),
+                    rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device, tokenizer=tokenizer, prm_dense=True),
                     eval_records=eval_records, ref_model=ref, seed=cfg.run.seed,
                     distill_teacher=reward_teacher(cfg.ppo, cfg.model, model), distill_coef=cfg.ppo.distill_coef)
