@@ -110,7 +110,9 @@ class PPOStage(PolicyGradientStage):
         if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
             rewards = rewards - self.distill_coef * exp.completion_view("distill_kl")
         if "dense_rewards" in exp.tok:  # a process reward model: prm_weight * (s_k - baseline) at step ends
-            rewards = rewards + exp.completion_view("dense_rewards")
+            dense = exp.completion_view("dense_rewards")
+            rewards = rewards + dense
+            self._host["dense_reward"] = dense.sum().item() / len(exp)  # per completion
         advantages, returns = gae(rewards, values, cu_seqlens=cu_seqlens, gamma=self.ppo.gamma, lam=self.ppo.lam)
         if self.opt.whiten:
             advantages = whiten(advantages)

@@ -182,3 +182,31 @@ def test_bad_prm_keys_raise_config_errors_naming_them(tok, prm_folder, tmp_path)
         build_reward_source(_rollout_cfg(prm_folder), "cpu", tokenizer=build_char_tokenizer("abcdefgh\n"))
     with pytest.raises(ValueError, match="prm_aggregation"):
         RewardSource(verifier=T.REWARD, prm_aggregation="mean")
+
+
+@pytest.mark.parametrize("stage", ["grpo", "ppo"])
+def test_fusedrl_train_with_a_prm_reward_from_the_config(tmp_path, caplog, stage):
+    """`fusedrl train examples/{grpo,ppo}_tiny.toml` rewarded by a saved PRM named in [rollout] (no verifier)."""
+    from fusedrl.cli import main
+    from fusedrl.data.tokenizer import build_tokenizer
+
+    example = ROOT / "examples" / f"{stage}_tiny.toml"
+    tok = build_tokenizer(load_config(example, cls=STAGE_CONFIGS[stage]).model)  # the policy's tokenizer
+    folder = fixed_prm(tok, {t: 1.0 for t in tok.get_vocab()}, tmp_path / "prm")  # every step scores sigmoid(1)
+    out = tmp_path / "run"
+    argv = ["train", str(example), f"--run.out_dir={out}", "--logging.progress=false", "--logging.plots=false",
+            "--run.num_threads=1", f"--data.train={ROOT / 'examples/data/prompts_train.jsonl'}",
+            f"--data.eval={ROOT / 'examples/data/prompts_eval.jsonl'}", "--loop.max_steps=2", "--loop.eval_every=0",
+            "--rollout.verifier=none", f"--rollout.process_reward_model={folder}", "--rollout.prm_weight=2.0"]
+    assert main([*argv, "--rollout.prm_aggregation=mean"]) == 2  # a bad key fails at load time, exit 2
+    assert "rollout.prm_aggregation" in caplog.text
+    assert main(argv) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2] and all(math.isfinite(r["loss"]) for r in train)
+    if stage == "grpo":  # one score per completion: 2 sigmoid(1) per completion with a step, 0 for an empty one
+        assert all(0.0 < r["reward_mean"] <= 2 * sig(1.0) + 1e-5 for r in train if "reward_mean" in r), train
+    else:  # PPO: the PRM is in the per-token rewards, not the sequence reward (0 without a verifier)
+        assert all(r["reward_mean"] == 0.0 for r in train if "reward_mean" in r), train
+        assert all(0.0 < r["dense_reward"] <= 2 * sig(1.0) * 8 + 1e-5 for r in train if "reward_mean" in r), train
+    assert any("reward_mean" in r for r in train)
