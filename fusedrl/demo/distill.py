@@ -1,12 +1,15 @@
 """The demo's distillation step: a smaller student distilled from the demo's policy (the teacher).
 
-    distill  a fresh Qwen2 student, half the policy's hidden size and one layer, trained by GKD
-             (`distill.mode = "mixed"`): each step, with probability lam, on its own samples,
-             else on the training data's completions, the per-token reverse KL to the frozen
-             policy is the loss (`fusedrl.stages.distill`). Reports the student's task score
-             (greedy exact match on the held-out prompts, as for every other step), its size,
-             and the mean divergence of the first and last steps. The policy itself is unchanged,
-             so the pipeline's score after this step is the teacher's.
+    distill  a student with the first half of the policy's layers (a copy of its embeddings, first
+             layer(s), final norm and head: DistilBERT's initialisation; `student = "small"` in
+             `distill_step` is a fresh Qwen2 with half the hidden size and one layer instead),
+             trained by GKD (`distill.mode = "mixed"`): each step, with probability lam, on its own
+             samples, else on the training data's completions, the per-token reverse KL to the
+             frozen policy is the loss (`fusedrl.stages.distill`). Reports the student's task score
+             (greedy exact match on the held-out prompts, as for every other step) before and after,
+             its size, and the divergence of the first and last steps. The policy itself is
+             unchanged, so the pipeline's score after this step is the teacher's, and the step runs
+             last, so no other step's score depends on it.
 
 Step length scales with the demo's ``loop.max_steps`` (``--quick`` shortens it); ``[demo]
 stage_overrides`` (e.g. ``{distill = {"loop.max_steps" = 100, "distill.lam" = 1.0}}``) override
