@@ -107,6 +107,7 @@ class PPOStage(PolicyGradientStage):
             beta = 0.0
         rewards = fold_kl_into_rewards(exp.seq["rewards"], old, ref, cu_seqlens=cu_seqlens, beta=beta,
                                        kind=self.opt.kl_kind)  # (T,)
+        kl_sum = exp.seq["rewards"].sum() - rewards.sum()  # beta * summed KL (before any dense reward)
         if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
             rewards = rewards - self.distill_coef * exp.completion_view("distill_kl")
         if "dense_rewards" in exp.tok:  # a process reward model: prm_weight * (s_k - baseline) at step ends
@@ -120,7 +121,7 @@ class PPOStage(PolicyGradientStage):
         exp.set_from_completion_view("returns", returns)
         self._host["value_rollout_mean"] = values.mean().item() if values.numel() else 0.0
         if beta > 0:
-            self._host["kl_reward"] = (-(rewards.sum() - exp.seq["rewards"].sum()) / beta / len(exp)).item()
+            self._host["kl_reward"] = (kl_sum / beta / len(exp)).item()
 
     # ------------------------------------------------------------------ the loss
 
@@ -158,6 +159,7 @@ def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
 
     return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
                     records=records, tokenizer=tokenizer,
-                    rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device, tokenizer=tokenizer, prm_dense=True),
+                    rollout=cfg.rollout, options=options,
+                    rewards=build_reward_source(cfg.rollout, device, tokenizer=tokenizer, prm_dense=True),
                     eval_records=eval_records, ref_model=ref, seed=cfg.run.seed,
                     distill_teacher=reward_teacher(cfg.ppo, cfg.model, model), distill_coef=cfg.ppo.distill_coef)
