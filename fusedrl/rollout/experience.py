@@ -95,6 +95,7 @@ class Rollout:
     group_size: int
     rewards: Optional[torch.Tensor] = None  # (N,) float32, after shaping
     accuracy: Optional[torch.Tensor] = None  # (N,) float32 task accuracy when the records carry answers
+    token_rewards: Optional[List[torch.Tensor]] = None  # N (completion length,) dense rewards (a PRM under PPO)
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -110,7 +111,8 @@ class Rollout:
         pick = lambda xs: [xs[i] for i in idx]  # noqa: E731
         sel = lambda t: None if t is None else t[torch.tensor(idx, dtype=torch.long)]  # noqa: E731
         return Rollout(pick(self.prompt_ids), pick(self.completion_ids), pick(self.sampler_logp), pick(self.finished),
-                       pick(self.record_index), pick(self.completions), g, sel(self.rewards), sel(self.accuracy))
+                       pick(self.record_index), pick(self.completions), g, sel(self.rewards), sel(self.accuracy),
+                       None if self.token_rewards is None else pick(self.token_rewards))
 
     @staticmethod
     def concat(parts: Sequence["Rollout"]) -> "Rollout":
@@ -118,15 +120,22 @@ class Rollout:
         cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
         tcat = lambda name: (None if getattr(first, name) is None  # noqa: E731
                              else torch.cat([getattr(p, name) for p in parts]))
+        dense = None if any(p.token_rewards is None for p in parts) else cat("token_rewards")
         return Rollout(cat("prompt_ids"), cat("completion_ids"), cat("sampler_logp"), cat("finished"),
-                       cat("record_index"), cat("completions"), first.group_size, tcat("rewards"), tcat("accuracy"))
+                       cat("record_index"), cat("completions"), first.group_size, tcat("rewards"), tcat("accuracy"),
+                       dense)
 
 
 # ----------------------------------------------------------------------------- rewards
 
 
 class RewardSource:
-    """Scores completions: a verifier `module:function` or a scalar-head reward model.
+    """Scores completions: a verifier `module:function` or a scalar-head reward model, plus optional terms.
+
+    reward = (verifier or reward model, 0 without either) + format_weight * format verifier
+             + prm_weight * PRM score (GRPO family: the prm_aggregation of the step scores)
+    With `prm_dense` (PPO) the PRM term is not in the sequence reward: `token_rewards(rollout)` gives
+    prm_weight * (s_k - prm_baseline) at the token ending step k instead (fusedrl.rollout.prm_reward).
 
     Args:
         verifier: "module:function" (see `fusedrl.rollout.rewards`), or None.
@@ -134,13 +143,18 @@ class RewardSource:
         token_budget: tokens per packed micro-batch for the reward model's forwards.
         format_verifier, format_weight: optional format check added as weight * score.
         accuracy_verifier: "module:function" giving the task accuracy when records carry `answer`.
+        process_scorer: a `ProcessRewardScorer` (frozen PRM + the step separator), or None.
+        prm_aggregation: "min", "prod" ("product") or "last"; prm_weight, prm_baseline: see above.
+        prm_dense: per-token PRM rewards (PPO) instead of one score per completion.
     """
 
     def __init__(self, *, verifier: Optional[str] = None, reward_model=None, token_budget: int = 4096,
                  format_verifier: Optional[str] = None, format_weight: float = 1.0,
-                 accuracy_verifier: Optional[str] = None):
-        if verifier is None and reward_model is None:
-            raise ValueError("rewards: need a verifier ('module:function') or a reward model, got neither")
+                 accuracy_verifier: Optional[str] = None, process_scorer=None, prm_aggregation: str = "min",
+                 prm_weight: float = 1.0, prm_baseline: float = 0.0, prm_dense: bool = False):
+        if verifier is None and reward_model is None and process_scorer is None:
+            raise ValueError("rewards: need a verifier ('module:function'), a reward model or a process reward "
+                             "model, got none")
         self.verifier = load_verifier(verifier, what="rollout.verifier") if verifier is not None else None
         self.reward_model = reward_model if verifier is None else None
         self.token_budget = token_budget
@@ -149,6 +163,11 @@ class RewardSource:
         self.format_weight = float(format_weight)
         self.accuracy_verifier = (load_verifier(accuracy_verifier, what="rollout.accuracy_verifier")
                                   if accuracy_verifier is not None else None)
+        how = "prod" if prm_aggregation == "product" else prm_aggregation
+        if how not in ("min", "prod", "last"):
+            raise ValueError(f"prm_aggregation: expected 'min', 'prod' ('product') or 'last', got {prm_aggregation!r}")
+        self.process_scorer, self.prm_aggregation = process_scorer, how
+        self.prm_weight, self.prm_baseline, self.prm_dense = float(prm_weight), float(prm_baseline), bool(prm_dense)
 
     def __call__(self, rollout: Rollout, records: Sequence[dict]) -> torch.Tensor:
         """(N,) float32 rewards (before overlong shaping), on the host."""
@@ -156,12 +175,22 @@ class RewardSource:
         prompts = [str(r.get("prompt", "")) for r in recs]
         if self.verifier is not None:
             rewards = score_completions(self.verifier, prompts, rollout.completions, recs, name="rollout.verifier")
-        else:
+        elif self.reward_model is not None:
             rewards = reward_model_scores(self.reward_model, rollout_examples(rollout), self.token_budget)
+        else:
+            rewards = torch.zeros(len(rollout), dtype=torch.float32)
         if self.format_verifier is not None:
             rewards = rewards + self.format_weight * score_completions(
                 self.format_verifier, prompts, rollout.completions, recs, name="rollout.format_verifier")
+        if self.process_scorer is not None and not self.prm_dense:
+            rewards = rewards + self.prm_weight * self.process_scorer.outcome(rollout, how=self.prm_aggregation)
         return rewards
+
+    def token_rewards(self, rollout: Rollout) -> Optional[List[torch.Tensor]]:
+        """With a dense PRM: N (completion length,) float32 tensors, prm_weight * (s_k - baseline) at step ends."""
+        if self.process_scorer is None or not self.prm_dense:
+            return None
+        return [self.prm_weight * r for r in self.process_scorer.token_rewards(rollout, baseline=self.prm_baseline)]
 
     def accuracy(self, rollout: Rollout, records: Sequence[dict]) -> Optional[torch.Tensor]:
         """(N,) task accuracy per sample when every record carries an `answer`, else None."""
@@ -224,6 +253,9 @@ class Experience:
         exp.tok["sampler_logp"] = [torch.tensor([0.0] * len(p) + list(lp), dtype=torch.float32)
                                    for p, lp in zip(rollout.prompt_ids, rollout.sampler_logp)]
         exp.seq["rewards"] = rollout.rewards.float()
+        if rollout.token_rewards is not None:
+            exp.tok["dense_rewards"] = [torch.cat([torch.zeros(len(p)), r.float().cpu()])
+                                        for p, r in zip(rollout.prompt_ids, rollout.token_rewards)]
         return exp
 
     def completion_lengths(self) -> List[int]:
@@ -329,14 +361,28 @@ def rollout_metrics(rollout: Rollout, kept_groups: int, dropped_groups: int) -> 
     return out
 
 
-def build_reward_source(cfg, device) -> RewardSource:
-    """The [rollout] table's reward: its verifier, else its reward model loaded as a frozen scorer."""
+def build_reward_source(cfg, device, *, tokenizer=None, prm_dense: bool = False) -> RewardSource:
+    """The [rollout] table's reward: its verifier, else its reward model, plus its process reward model (frozen).
+
+    Args:
+        tokenizer: the policy's tokenizer (needed with rollout.process_reward_model, to find the steps).
+        prm_dense: PPO: the PRM gives per-token rewards at step ends instead of one score per completion.
+    """
     reward_model = None
     if cfg.verifier is None and cfg.reward_model is not None:
         from fusedrl.models.scalar_head import ScalarHeadModel
 
         reward_model = ScalarHeadModel.from_pretrained(cfg.reward_model, device=device)
         reward_model.eval().requires_grad_(False)
+    scorer = None
+    if getattr(cfg, "process_reward_model", None) is not None:
+        from fusedrl.rollout.prm_reward import load_process_scorer
+
+        scorer = load_process_scorer(cfg, device, tokenizer)
     return RewardSource(verifier=cfg.verifier, reward_model=reward_model, token_budget=cfg.token_budget,
                         format_verifier=cfg.format_verifier, format_weight=cfg.format_weight,
-                        accuracy_verifier=cfg.accuracy_verifier)
+                        accuracy_verifier=cfg.accuracy_verifier, process_scorer=scorer,
+                        prm_aggregation=getattr(cfg, "prm_aggregation", "min"),
+                        prm_weight=getattr(cfg, "prm_weight", 1.0), prm_baseline=getattr(cfg, "prm_baseline", 0.0),
+                        prm_dense=prm_dense)
+

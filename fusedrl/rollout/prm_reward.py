@@ -13,6 +13,9 @@ Then, with the math of `fusedrl.kernels.prm`:
     scorer = ProcessRewardScorer(ProcessRewardModel.from_pretrained(folder), tokenizer, separator="\\n")
     rewards = scorer.outcome(rollout, how="min")        # (N,)
     dense = scorer.token_rewards(rollout)              # N tensors, one value per completion token
+
+From a config (`[rollout] process_reward_model`, `prm_step_separator`): `load_process_scorer(cfg.rollout,
+device, tokenizer)`; `fusedrl.rollout.experience.RewardSource` adds its scores to the reward.
 """
 from __future__ import annotations
 
@@ -95,6 +98,22 @@ class ProcessRewardScorer:
             dense[ends], mask[ends] = scores, True
             out.append(token_rewards(dense, mask, baseline=baseline).float())
         return out
+
+
+def load_process_scorer(cfg, device, tokenizer):
+    """A `ProcessRewardScorer` of rollout.process_reward_model (frozen, eval) with rollout.prm_step_separator."""
+    from fusedrl.config_io import ConfigError
+    from fusedrl.models.process_head import ProcessRewardModel
+
+    if tokenizer is None:
+        raise ValueError("tokenizer: rollout.process_reward_model needs the policy's tokenizer to find the steps")
+    prm = ProcessRewardModel.from_pretrained(cfg.process_reward_model, device=device)
+    prm.eval().requires_grad_(False)
+    if len(tokenizer) > prm.config.vocab_size:
+        raise ConfigError.message("rollout.process_reward_model", f"rollout.process_reward_model: "
+                                  f"{cfg.process_reward_model!r} has a vocabulary of {prm.config.vocab_size} tokens, "
+                                  f"the policy's tokenizer {len(tokenizer)}; the PRM must share the policy's tokenizer")
+    return ProcessRewardScorer(prm, tokenizer, separator=cfg.prm_step_separator, token_budget=cfg.token_budget)
 
 
 def _flat_steps(per):

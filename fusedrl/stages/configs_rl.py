@@ -65,6 +65,18 @@ class RolloutConfig:
     batching; Llama/Qwen2/Qwen3/Mistral, other models fall back to "hf" with a notice) or "hf"
     (transformers with a KV cache, the correctness oracle); both read the trainer's model in place.
     "vllm" is reserved (a clear error until it lands)."""
+    process_reward_model: Optional[str] = None
+    """Reward from a saved process reward model (folder of a `reward_model` run with kind = "process"; the policy's
+    tokenizer), added to the verifier / reward model (if any) times prm_weight. GRPO family: one score per
+    completion (prm_aggregation of its step scores); PPO: per-token rewards at step ends (s_k - prm_baseline)."""
+    prm_aggregation: str = "min"
+    """GRPO family: the completion's PRM score from its step scores s_k: "min", "prod" (or "product") or "last"."""
+    prm_step_separator: str = "\n"
+    """Text that ends a step in a completion (the separator the PRM was trained with)."""
+    prm_weight: float = 1.0
+    """Weight of the PRM reward in the sum with the verifier / reward model and the format verifier."""
+    prm_baseline: float = 0.0
+    """PPO: the dense reward at the token ending step k is prm_weight * (s_k - prm_baseline)."""
 
 
 @dataclass
@@ -198,9 +210,39 @@ def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
         raise ConfigError("rollout.backend", cfg.backend, list(AVAILABLE_BACKENDS),
                           f"rollout.backend: {cfg.backend!r} is not available in this build; expected one of "
                           f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
-    if require_reward and cfg.verifier is None and cfg.reward_model is None:
+    check_process_reward(cfg)
+    if require_reward and cfg.verifier is None and cfg.reward_model is None and cfg.process_reward_model is None:
         raise ConfigError("rollout.verifier", None, "a 'module:function' verifier or rollout.reward_model",
-                          "rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
+                          "rollout: set rollout.verifier ('module:function'), rollout.reward_model (a folder) or "
+                          "rollout.process_reward_model (a folder)")
+
+
+PRM_AGGREGATIONS = ("min", "prod", "product", "last")
+
+
+def check_process_reward(cfg: RolloutConfig) -> None:
+    """Validate the [rollout] prm_* keys (and that process_reward_model is a PRM folder); ConfigError naming the key."""
+    import math
+    from pathlib import Path
+
+    if cfg.prm_aggregation not in PRM_AGGREGATIONS:
+        raise ConfigError("rollout.prm_aggregation", cfg.prm_aggregation, f"one of {list(PRM_AGGREGATIONS)}")
+    if not isinstance(cfg.prm_step_separator, str) or not cfg.prm_step_separator:
+        raise ConfigError("rollout.prm_step_separator", cfg.prm_step_separator, "a non-empty string")
+    for key in ("prm_weight", "prm_baseline"):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"rollout.{key}", value, "a finite number")
+    path = cfg.process_reward_model
+    if path is None:
+        return
+    if not isinstance(path, str) or not path:
+        raise ConfigError("rollout.process_reward_model", path, "None or a folder")
+    config = Path(path) / "config.json"
+    if not config.is_file() or '"fusedrl_prm"' not in config.read_text():
+        raise ConfigError.message("rollout.process_reward_model", f"rollout.process_reward_model: {path!r} is not a "
+                                  "process reward model folder (a config.json with a 'fusedrl_prm' entry, written by "
+                                  "a reward_model run with kind = \"process\")")
 
 
 def check_policy_options(prefix: str, cfg) -> None:

@@ -210,6 +210,7 @@ class PolicyGradientStage(BaseStage):
                                              max_new_tokens=r.max_new_tokens,
                                              overlong_cache_len=self.opt.overlong_cache_len).float()
                 part.accuracy = self.rewards.accuracy(part, self.records)
+                part.token_rewards = self.rewards.token_rewards(part)  # a dense PRM (PPO), else None
             parts.append(part)
             if not self.opt.dynamic_sampling:
                 kept_parts.append(part)
@@ -400,7 +401,8 @@ def build_policy_gradient_stage(cfg, model, tokenizer, *, algo: Optional[str] = 
     from fusedrl.rollout.teacher import reward_teacher
 
     return PolicyGradientStage(records=records, tokenizer=tokenizer, rollout=cfg.rollout, options=options,
-                               rewards=build_reward_source(cfg.rollout, device), eval_records=eval_records,
+                               rewards=build_reward_source(cfg.rollout, device, tokenizer=tokenizer),
+                               eval_records=eval_records,
                                ref_model=ref, seed=cfg.run.seed, baseline_decay=pg.baseline_decay, name=pg.algo,
                                distill_teacher=reward_teacher(pg, cfg.model, model), distill_coef=pg.distill_coef)
 

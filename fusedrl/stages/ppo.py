@@ -5,6 +5,7 @@ sampling, scoring and reuse schedule), with t over completion tokens:
 
     V_t      value model (a backbone with a scalar head) at rollout time   -> old_values
     r_t      = -beta * KL_t(old || ref) + R on the last token               (fold_kl_into_rewards)
+               + prm_weight * (s_k - prm_baseline) at the token ending step k   (rollout.process_reward_model)
     A_t, G_t = GAE(r, V; gamma, lambda) per sequence on the packed layout    (kernels.gae, cu_seqlens)
     A_t      whitened over the batch (option)
     loss     = policy_loss(ppo clip, eps) + vf_coef * value_loss(V, old_values, G, eps_v)
@@ -107,8 +108,13 @@ class PPOStage(PolicyGradientStage):
             beta = 0.0
         rewards = fold_kl_into_rewards(exp.seq["rewards"], old, ref, cu_seqlens=cu_seqlens, beta=beta,
                                        kind=self.opt.kl_kind)  # (T,)
+        kl_sum = exp.seq["rewards"].sum() - rewards.sum()  # beta * summed KL (before any dense reward)
         if self.distill_teacher is not None:  # dense on-policy distillation reward, per token
             rewards = rewards - self.distill_coef * exp.completion_view("distill_kl")
+        if "dense_rewards" in exp.tok:  # a process reward model: prm_weight * (s_k - baseline) at step ends
+            dense = exp.completion_view("dense_rewards")
+            rewards = rewards + dense
+            self._host["dense_reward"] = dense.sum().item() / len(exp)  # per completion
         advantages, returns = gae(rewards, values, cu_seqlens=cu_seqlens, gamma=self.ppo.gamma, lam=self.ppo.lam)
         if self.opt.whiten:
             advantages = whiten(advantages)
@@ -116,7 +122,7 @@ class PPOStage(PolicyGradientStage):
         exp.set_from_completion_view("returns", returns)
         self._host["value_rollout_mean"] = values.mean().item() if values.numel() else 0.0
         if beta > 0:
-            self._host["kl_reward"] = (-(rewards.sum() - exp.seq["rewards"].sum()) / beta / len(exp)).item()
+            self._host["kl_reward"] = (kl_sum / beta / len(exp)).item()
 
     # ------------------------------------------------------------------ the loss
 
@@ -155,6 +161,7 @@ def build_ppo_stage(cfg, model, tokenizer) -> PPOStage:
 
     return PPOStage(value_model=build_value_model(cfg, model, device), ppo=dataclasses.replace(cfg.ppo),
                     records=records, tokenizer=tokenizer,
-                    rollout=cfg.rollout, options=options, rewards=build_reward_source(cfg.rollout, device),
+                    rollout=cfg.rollout, options=options,
+                    rewards=build_reward_source(cfg.rollout, device, tokenizer=tokenizer, prm_dense=True),
                     eval_records=eval_records, ref_model=ref, seed=cfg.run.seed,
                     distill_teacher=reward_teacher(cfg.ppo, cfg.model, model), distill_coef=cfg.ppo.distill_coef)

@@ -1,5 +1,6 @@
 """`fusedrl demo --quick`: a run folder with a report, plots and metrics, and the task score rises."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,12 @@ def test_demo_quick_runs_the_pipeline_and_raises_the_task_score(tmp_path):
 
     report = (out / "report.md").read_text()
     assert "## Task score by stage" in report
+    # the distill step (last): a student with half the final policy's layers scores higher after distillation
+    row = next(line for line in report.splitlines() if line.startswith("| distill |"))
+    numbers = dict(re.findall(r"(student before|student score) ([0-9.]+)", row))
+    assert float(numbers["student score"]) > float(numbers["student before"]) + 0.04, row
+    assert f"| distill | {scores[-1]['task_score']:.3f} |" in report and scores[-1] == {**scores[-2], "step": 7,
+                                                                                            "stage": "distill"}
     assert f"| sft | {scores[1]['task_score']:.3f} |" in report
     assert f"| init (untrained) | {scores[0]['task_score']:.3f} |" in report
     for image in ("plots/task_score.png", "sft/plots/loss.png", "sft/plots/eval_task_score.png"):
