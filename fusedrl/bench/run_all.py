@@ -78,6 +78,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"--only: unknown bench {unknown}, expected names from {list(benches)}")
     bench_argv = (["--smoke"] if args.smoke else []) + list(passthrough)
+    from fusedrl.bench.peers import format_peer_versions
+    print(format_peer_versions(), flush=True)  # which peers (and versions) the tables compare against
     summary = []
     for name in names:
         print(f"\n=== bench {name} {' '.join(bench_argv)}".rstrip(), flush=True)

@@ -28,6 +28,7 @@ from ._gae import gae, gae_reference
 from ._group_advantages import (group_advantages, maxrl_advantages, opo_advantages, passk_advantages,
                                 remax_advantages, rloo_group_advantages)
 from .kl import check_kl_kind, kl_from_delta
+from ._ranges import op_range
 
 __all__ = [
     "grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "reinforce_advantages",
@@ -40,6 +41,7 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+@op_range("grpo_advantages")
 def grpo_advantages(rewards, group_size: Optional[int] = None, *, eps: float = 1e-4, group_ids=None,
                     std: str = "group", eps_mode: str = "std", unbiased: bool = True,
                     singleton: str = "zero") -> torch.Tensor:

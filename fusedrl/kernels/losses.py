@@ -27,6 +27,7 @@ from .preference import (apo_down_loss, apo_zero_loss, cdpo_loss, dpo_loss, ipo_
 from .preference_pairs import (alphapo_loss, aot_loss, bco_pair_loss, cpo_loss, discopop_loss, dpo_norm_loss,
                                exo_pair_loss, hinge_loss, nca_pair_loss, robust_dpo_loss, sequence_logprobs,
                                sppo_hard_loss, wpo_loss, wpo_weights)
+from ._ranges import op_range
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -50,6 +51,7 @@ def _same_shape(name: str, value, like: torch.Tensor, like_name: str) -> torch.T
     return value
 
 
+@op_range("value_loss")
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,

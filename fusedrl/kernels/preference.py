@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser
 from ._validate import FLOAT_DTYPES, check_tensor
+from ._ranges import op_range
 
 Metrics = Dict[str, torch.Tensor]
 Result = Tuple[torch.Tensor, Metrics]
@@ -85,6 +86,7 @@ def _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp):
     return c - rc, r - rr
 
 
+@op_range("dpo_loss")
 @autocast_aware("keep")
 def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              num_pairs: Optional[Number] = None) -> Result:

@@ -38,6 +38,7 @@ from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser, make_layout, segment_sum
 from ._validate import check_tensor
 from .preference import Result, _coef, _inputs, _logratios, _metrics, _per_token, nll_term
+from ._ranges import op_range
 
 
 def _smoothed(z, e):
@@ -229,6 +230,7 @@ def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: 
     return batch_mean(_smoothed(z, label_smoothing), num_pairs), _metrics(beta * avg_c, beta * avg_r)
 
 
+@op_range("sequence_logprobs")
 def sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, bias=None, temperature: float = 1.0,
                       ignore_index: int = -100):
     """Per-sequence log-prob sums and token counts from hidden states, never building (N, V) logits.

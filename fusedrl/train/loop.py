@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fusedrl.data.batch import PackedBatch
+from fusedrl.kernels._ranges import phase_range
 from fusedrl.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from fusedrl.config import TrainConfig
 from fusedrl.train.metrics import MetricsLogger, is_rank0
@@ -105,8 +106,9 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: Dict[str, torch.Tensor] = {}
     for batch in batches:
-        loss, metrics = stage.loss(model, batch.to(device), totals)
-        loss.backward()
+        with phase_range("forward_backward"):
+            loss, metrics = stage.loss(model, batch.to(device), totals)
+            loss.backward()
         loss_sum += loss.detach().float()
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=device).detach().float().reshape(())
@@ -123,10 +125,11 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
         torch.distributed.all_reduce(vector, op=torch.distributed.ReduceOp.AVG)
     record = dict(zip(stats, vector.tolist()))  # the one host sync of the step
     finite = all(math.isfinite(record[name]) for name in checked)
-    for entry in trained.values():
-        if finite:
-            entry.optimizer.step()
-        entry.optimizer.zero_grad(set_to_none=True)
+    with phase_range("optimizer"):
+        for entry in trained.values():
+            if finite:
+                entry.optimizer.step()
+            entry.optimizer.zero_grad(set_to_none=True)
     record["nonfinite"] = not finite
     return record
 
@@ -239,7 +242,8 @@ def train(
             if cfg.loop.eval_at_start and state.step == 0:
                 evaluate_now()
             while state.step < total:
-                record = _run_step(stage, trained, cfg, state, device)
+                with phase_range("step"):
+                    record = _run_step(stage, trained, cfg, state, device)
                 metrics.log_step(state.step, record)
                 result.last_metrics = record
                 if on_step_end is not None:
@@ -286,7 +290,8 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
         torch.cuda.reset_peak_memory_stats(device)
     model = trained[POLICY].module
     lr = trained[POLICY].scheduler.get_last_lr()[0]
-    batches = stage.micro_batches(model, state.step)
+    with phase_range("batches"):  # an RL stage's rollout: its generate / score / logprobs phases nest here
+        batches = stage.micro_batches(model, state.step)
     if not batches:
         raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
     record = train_step(stage, batches, trained, cfg.optim.max_grad_norm, device)
