@@ -38,8 +38,7 @@ _profiler_enabled = torch._C._autograd._profiler_enabled
 _SYNC_PHASES = False  # `fusedrl profile run`: synchronise CUDA at phase edges so host times are device times
 
 
-def _compiling() -> bool:
-    return torch.compiler.is_compiling()
+_compiling = torch.compiler.is_compiling  # first in every check: dynamo folds it to True (no graph break)
 
 
 def _nvtx_on() -> bool:
@@ -69,7 +68,7 @@ def _sync() -> None:
 
 def active() -> bool:
     """True when a range would be recorded now (a torch profiler is on, or fusedrl's NVTX is)."""
-    return (_profiler_enabled() or _nvtx_on()) and not _compiling()
+    return not _compiling() and (_profiler_enabled() or _nvtx_on())
 
 
 @contextlib.contextmanager
@@ -105,7 +104,7 @@ def op_range(name: str) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         @functools.wraps(fn)
         def wrapper(*args, **kwargs):
-            if not (_profiler_enabled() or _NVTX_ENV) or _compiling():
+            if _compiling() or not (_profiler_enabled() or _NVTX_ENV):
                 return fn(*args, **kwargs)
             with _recorded(label):
                 return fn(*args, **kwargs)
@@ -120,7 +119,7 @@ def op_range(name: str) -> Callable[[Callable], Callable]:
 def phase_range(phase: str) -> Iterator[None]:
     """Context manager: a `fusedrl.phase.<phase>` range (generate, score, logprobs, forward_backward, ...)."""
     label = PHASE_PREFIX + _check_name(phase)
-    if not (_profiler_enabled() or _NVTX_ENV) or _compiling():
+    if _compiling() or not (_profiler_enabled() or _NVTX_ENV):
         yield
         return
     _sync()
