@@ -149,6 +149,7 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Metrics:
         }
 
 
+@op_range("bradley_terry_loss")
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -175,6 +176,7 @@ def bradley_terry_loss(
     return loss, _pair_metrics(chosen_rewards.to(dtype), rejected_rewards.to(dtype))
 
 
+@op_range("plackett_luce_loss")
 def plackett_luce_loss(
     scores: torch.Tensor,
     ranking: Optional[torch.Tensor] = None,
@@ -212,6 +214,7 @@ def plackett_luce_loss(
     return batch_mean(per_prompt, num_rankings), metrics
 
 
+@op_range("outcome_rm_loss")
 def outcome_rm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,
