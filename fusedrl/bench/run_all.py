@@ -6,7 +6,8 @@
     python -m fusedrl.bench.run_all --list                 # names, one per line
     python -m fusedrl.bench.run_all --only packing --cases k8 --n 4096   # other flags go to each bench
 
-`fusedrl bench ARGS` calls `main(ARGS)`.
+`fusedrl bench ARGS` calls `main(ARGS)`. It first prints the peers' installed versions (`peers: trl 1.16.0,
+liger-kernel absent, ...`, fusedrl/bench/peers.py).
 
 Convention for a bench module fusedrl/bench/bench_<name>.py:
 - it defines `main(argv: list[str] | None = None) -> int`, parsing its own flags with
