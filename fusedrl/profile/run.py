@@ -12,7 +12,8 @@ OUT/profile/: phases.json, kernels.txt):
 
 - time per loop phase, from the `fusedrl.phase.*` ranges: step, batches (the stage's
   micro-batches; an RL stage's rollout nests generate / score / logprobs (old and reference
-  log-probs) / advantages in it), forward_backward, optimizer; in ms per step and % of the
+  log-probs) / advantages in it), forward_backward, optimizer, and "other" (the rest of the
+  step: gradient clipping, the step's one host sync, metrics); in ms per step and % of the
   step. On CUDA the phases synchronise the device at their edges while profiling (unless
   --no-sync), so host times are device times;
 - the fused ops called (`fusedrl.<op>` ranges): calls and time;
@@ -34,6 +35,7 @@ from fusedrl.kernels import _ranges
 
 PHASE_ORDER = ("step", "batches", "generate", "score", "logprobs", "teacher", "advantages", "forward_backward",
                "optimizer")
+TOP_LEVEL = ("batches", "forward_backward", "optimizer")  # the phases directly inside "step"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +84,10 @@ def phase_table(events, steps: int) -> List[dict]:
         total = _ms(found[phase], "cpu_time_total")
         rows.append({"phase": phase, "calls": int(found[phase].count), "total_ms": total,
                      "ms_per_step": total / steps, "pct_of_step": 100.0 * total / step_ms if step_ms else None})
+    if step_ms:  # the step outside its top-level phases: gradient clipping, the one host sync, metrics
+        rest = step_ms - sum(r["total_ms"] for r in rows if r["phase"] in TOP_LEVEL)
+        rows.append({"phase": "other", "calls": int(found["step"].count), "total_ms": rest,
+                     "ms_per_step": rest / steps, "pct_of_step": 100.0 * rest / step_ms})
     return rows
 
 

@@ -30,6 +30,8 @@ def test_profile_run_grpo_reports_phases_ops_and_kernels(tmp_path, capsys):
         assert name in phases and name in printed, name
     assert phases["step"]["calls"] == 2 and phases["optimizer"]["calls"] == 2  # the warm-up step is not counted
     assert phases["step"]["pct_of_step"] == pytest.approx(100.0)
+    top = sum(phases[p]["ms_per_step"] for p in ("batches", "forward_backward", "optimizer", "other"))
+    assert top == pytest.approx(phases["step"]["ms_per_step"]) and phases["other"]["ms_per_step"] >= 0
     assert phases["generate"]["ms_per_step"] <= phases["batches"]["ms_per_step"] <= phases["step"]["ms_per_step"]
     ops = {r["op"] for r in report["ops"]}
     assert {"varlen_attention", "linear_logprobs"} <= ops and ({"linear_policy_loss", "policy_loss"} & ops)
