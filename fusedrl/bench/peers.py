@@ -66,21 +66,28 @@ def trl_chunk_size() -> int:
     return int(getattr(trl_utils, "_CHUNKED_LOGPROB_CHUNK_SIZE", TRL_CHUNK_DEFAULT))
 
 
-def trl_chunked_provider(name: str = "trl chunked head") -> Provider:
-    """TRL's chunked, logits-free log-prob head on inputs {"hidden" (N, H), "weight" (V, H), "labels" (N,)}."""
+def trl_chunked_logp():
+    """(fn(hidden (..., H), weight, labels (...)) -> log-probs (...), version) of TRL's head, or (None, reason)."""
     version = _distribution_version("trl", "trl")
     if version is None:
-        return Provider(name, None, reason="trl not installed")
+        return None, "trl not installed"
     try:
         from trl.kernels import ChunkedLogProbFunction
     except Exception as exc:  # a TRL without the chunked head (before 1.x) or a broken install
-        return Provider(name, None, reason=f"trl {version} has no trl.kernels.ChunkedLogProbFunction "
-                                           f"({type(exc).__name__})")
+        return None, f"trl {version} has no trl.kernels.ChunkedLogProbFunction ({type(exc).__name__})"
     chunk = trl_chunk_size()
 
-    def run(inputs):
-        out = ChunkedLogProbFunction.apply(inputs["hidden"], inputs["weight"], None, inputs["labels"], 1.0, chunk,
-                                           None, 1.0, ())
-        return out[0]
+    def logp(hidden, weight, labels):
+        flat = ChunkedLogProbFunction.apply(hidden.reshape(-1, hidden.shape[-1]), weight, None, labels.reshape(-1),
+                                            1.0, chunk, None, 1.0, ())[0]
+        return flat.view(labels.shape)
 
-    return Provider(f"{name} ({version})", run)
+    return logp, version
+
+
+def trl_chunked_provider(name: str = "trl chunked head") -> Provider:
+    """TRL's chunked, logits-free log-prob head on inputs {"hidden" (N, H), "weight" (V, H), "labels" (N,)}."""
+    logp, version = trl_chunked_logp()
+    if logp is None:
+        return Provider(name, None, reason=version)
+    return Provider(f"{name} ({version})", lambda i: logp(i["hidden"], i["weight"], i["labels"]))

@@ -6,7 +6,9 @@ the shape and dtype the user gives:
     linear_logprobs      N (tokens), H (hidden), V (vocab)         peers: eager (logits in the input
                          dtype; and fp32 logits), TRL's chunked head, Liger FLCE, CCE
     linear_policy_loss   B (sequences), T (tokens each), H, V      GRPO, k3 KL, token mean; peers:
-                         unfused eager (row-looped log-softmax), Liger FusedLinearGRPOLoss
+                                                                   unfused eager (row-looped log-
+                                                                   softmax), TRL's chunked head + the
+                                                                   loss in PyTorch, Liger GRPO loss
     linear_distill_loss  N, H, V                                   reverse KL; peers: eager, Liger JSD
     policy_loss          N (tokens), B (sequences)                 GRPO on per-token log-probs; eager
     kl                   N                                         k3; eager
@@ -67,7 +69,8 @@ def _linear_policy_loss(s: Shape, dtype: torch.dtype, device: str):
     b, t, h, v = s["B"], s["T"], s["H"], s["V"]
     case = Case(id="linear_policy_loss", make_inputs=bg.make_inputs_fn((b, t, h, v), dtype, device),
                 reference=bg.reference, flops=_matmul_flops(b * t, h, v), tol=max(_tol(dtype), 1e-3))
-    return case, [Provider("fusedrl", bg.ours), Provider("unfused eager", bg.eager), bg.liger_provider()]
+    return case, [Provider("fusedrl", bg.ours), Provider("unfused eager", bg.eager), bg.trl_provider(),
+                  bg.liger_provider()]
 
 
 def _linear_distill_loss(s: Shape, dtype: torch.dtype, device: str):

@@ -59,3 +59,14 @@ def test_logprobs_bench_lists_the_trl_head():
 
     names = [p.name for p in bench_logprobs.providers("cpu")] + [p.name for p in bench_logprobs.cpu_providers()]
     assert sum(name.startswith("trl chunked head") for name in names) == 2
+
+
+def test_grpo_bench_trl_path_matches_the_reference():
+    pytest.importorskip("trl")
+    from fusedrl.bench import bench_grpo
+    from fusedrl.bench.common import run_case
+
+    case = bench_grpo.make_case("toy", (2, 5, 8, 37), torch.float64, "cpu")
+    case.tol = 1e-5
+    rows = run_case(case, [bench_grpo.trl_provider()], modes=("full",))
+    assert rows[0]["status"] == "ok" and rows[0]["provider"].startswith("trl chunked head + eager loss"), rows
