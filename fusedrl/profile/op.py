@@ -57,19 +57,20 @@ def _annotate(rows: List[dict], tflops_ceiling: float, gbps_ceiling: float) -> N
 
 
 def format_rows(rows: Sequence[dict]) -> str:
-    header = (f"{'provider':<36} {'mode':<8} {'ms p50 [p20-p80]':<26} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>8} "
+    header = (f"{'provider':<40} {'mode':<8} {'ms p50 [p20-p80]':<26} {'TFLOP/s':>8} {'%mm':>5} {'GB/s':>8} "
               f"{'%copy':>5} {'peak MiB':>9} {'rel err':>8}  status")
     lines = [header, "-" * len(header)]
     for r in rows:
         if r.get("status") != "ok":
-            lines.append(f"{r['provider']:<36} {r.get('mode', '-'):<8} {'':<26} {'':>8} {'':>5} {'':>8} {'':>5} "
+            lines.append(f"{r['provider']:<40} {r.get('mode', '-'):<8} {'':<26} {'':>8} {'':>5} {'':>8} {'':>5} "
                          f"{'':>9} {'':>8}  {r['status']}")
             continue
         t = f"{r['ms_p50']:.3f} [{r['ms_p20']:.3f}-{r['ms_p80']:.3f}]"
         num = lambda key, fmt: format(r[key], fmt) if key in r else "-"  # noqa: E731
         mem = f"{r['peak_extra_bytes'] / 2**20:.1f}" if r.get("peak_extra_bytes") is not None else "-"
-        lines.append(f"{r['provider']:<36} {r['mode']:<8} {t:<26} {num('tflops', '.3g'):>8} {num('pct_matmul', '.0f'):>5} "
-                     f"{num('gbps', '.3g'):>8} {num('pct_copy', '.0f'):>5} {mem:>9} {r['max_rel_err']:>8.1e}  ok")
+        lines.append(f"{r['provider']:<40} {r['mode']:<8} {t:<26} {num('tflops', '.3g'):>8} "
+                     f"{num('pct_matmul', '.0f'):>5} {num('gbps', '.3g'):>8} {num('pct_copy', '.0f'):>5} {mem:>9} "
+                     f"{r['max_rel_err']:>8.1e}  ok")
     return "\n".join(lines)
 
 
@@ -102,7 +103,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default=None, help="bf16 / fp16 / fp32 / fp64 (default bf16 on CUDA, fp32 on CPU)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--backward", action="store_true", help="also time backward alone and forward+backward")
-    parser.add_argument("--trace", default=None, help="write a torch.profiler Chrome trace (chrome://tracing, Perfetto)")
+    parser.add_argument("--trace", default=None,
+                        help="write a torch.profiler Chrome trace (chrome://tracing, Perfetto)")
     parser.add_argument("--json", default=None, help="write the rows, ceilings and versions as JSON")
     parser.add_argument("--smoke", action="store_true", help="the op's tiny shape, small ceilings (CPU, seconds)")
     parser.add_argument("--list", action="store_true", help="print the ops, their shape keys and defaults")

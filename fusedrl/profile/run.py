@@ -149,7 +149,8 @@ def profile_run(cfg, *, steps: int, warmup: int, top: int, trace: Optional[str],
     """Train cfg (max_steps = warmup + steps) under torch.profiler; returns the report dict (also saved)."""
     from fusedrl.train.run import run_training
 
-    cuda = torch.cuda.is_available() and str(cfg.run.device) in ("auto", "cuda") or str(cfg.run.device).startswith("cuda")
+    device = str(cfg.run.device)
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     prof = torch.profiler.profile(activities=activities)
     window = _Window(prof, warmup, steps)
