@@ -12,7 +12,7 @@
 #                 more than 5, since few files come back from a device machine)
 #   PYTHON        interpreter (default python3)
 #   TOTAL_S       overall budget in seconds (default 285)
-#   INSTALL_S, TEST_S, ROLLOUT_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 60, 120)
+#   INSTALL_S, TEST_S, ROLLOUT_S, PROFILE_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 60, 60, 120)
 #   BENCHES       comma-separated bench names, in order (default: all, packing last)
 # Wheels in .whl/ (if any) are installed to /tmp/site and put on PYTHONPATH first.
 # The pure-Python peers travel that way (.whl/ is git-ignored; name it in the device
@@ -124,6 +124,13 @@ if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 else
   note "$(printf '%-22s skipped: no CUDA device' "train 1-gpu")"
 fi
+
+# 3d. profiling on the GPU (issue 17): CUDA traces with the fusedrl.* ranges, NVTX, measured ceilings,
+#     `fusedrl profile OP` and `fusedrl profile run` with synchronised phases
+stage "profile tests" "${PROFILE_S:-60}" "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} \
+  tests/profile/test_profile_cuda.py
+stage "profile logprobs" "${PROFILE_S:-60}" "$PY" -m fusedrl profile linear_logprobs --backward \
+  --shape N=16384,H=4096,V=151936 --json "$LOGDIR/profile_linear_logprobs.json"
 
 # 4. benchmarks, one process each; each gets a fair share of the time left (capped)
 if [ -n "${BENCHES:-}" ]; then

@@ -4,6 +4,7 @@
     torchrun --nproc-per-node N -m fusedrl train CONFIG.toml           the same on N processes (FSDP2, [parallel])
     fusedrl demo [--out DIR] [--quick] [--config TOML]                 the CPU demo (no download)
     fusedrl bench [ARGS ...]                                           kernel benchmarks (fusedrl.bench.run_all)
+    fusedrl profile OP [--shape ...] | profile run CONFIG.toml --steps N  profile one op / training steps
     fusedrl config [--reference]                                       print the default config / its reference
     fusedrl init STAGE [DIR] [--force]                                 a starter config and its data in DIR
     fusedrl --version                                                  the installed version
@@ -80,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="fewer steps and prompts (for tests, ~1 minute)")
     demo.add_argument("--config", default=None, help="a demo TOML (default: the built-in one, = examples/demo.toml)")
     sub.add_parser("bench", help="kernel benchmarks (forwards its arguments to fusedrl.bench.run_all)", add_help=False)
+    sub.add_parser("profile", help="profile one op (fusedrl profile OP --help) or N training steps "
+                   "(fusedrl profile run CONFIG.toml --steps N)", add_help=False)
     show = sub.add_parser("config", help="print the default config as TOML (or the field reference)")
     show.add_argument("--reference", action="store_true", help="markdown reference of every field")
     init = sub.add_parser("init", help="write a starter config and its small data (tiny model, CPU)",
@@ -118,6 +121,14 @@ def _end_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+def _profile(argv: List[str]) -> int:
+    from fusedrl import profile
+    setup_logging()
+    try:
+        return int(profile.main(argv) or 0)
+    except _user_errors() as err:  # as for train: one clear line, exit 2 (--debug is not parsed here)
+        logger.error("%s", err)
+        return 2
 
 
 def _user_errors() -> tuple:
@@ -139,6 +150,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "bench":
         return _bench(argv[1:])
+    if argv and argv[0] == "profile":
+        return _profile(argv[1:])
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
     setup_logging()

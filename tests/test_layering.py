@@ -1,4 +1,4 @@
-"""Imports go one way: kernels <- models/data <- rollout <- stages <- train <- cli; demo and bench on top.
+"""Imports go one way: kernels <- models/data <- rollout <- stages <- train <- cli; demo, bench, profile on top.
 
 Two checks: every `import` statement in fusedrl (function-level ones too) names only allowed
 layers, and each package imported alone in a fresh interpreter pulls in no forbidden fusedrl module.
@@ -30,7 +30,8 @@ ALLOWED = {
     "integrations": _BASE | set(_CORE),
     "bench": _BASE | {"data", "models", "rollout"},
     "demo": _BASE | set(_CORE),
-    "cli": _BASE | set(_CORE) | {"demo", "bench"},
+    "profile": _BASE | set(_CORE) | {"bench"},
+    "cli": _BASE | set(_CORE) | {"demo", "bench", "profile"},
 }
 # top-level modules that are not packages, and the layer each belongs to
 MODULE_LAYER = {"packing": "packing", "_packing_py": "packing", "_C": "packing", "config": "config",
@@ -104,7 +105,8 @@ def test_no_source_file_imports_a_higher_layer():
 
 
 PACKAGES = ["fusedrl.kernels", "fusedrl.packing", "fusedrl.config", "fusedrl.data", "fusedrl.models",
-            "fusedrl.rollout", "fusedrl.stages", "fusedrl.train", "fusedrl.bench", "fusedrl.demo", "fusedrl.cli"]
+            "fusedrl.rollout", "fusedrl.stages", "fusedrl.train", "fusedrl.bench", "fusedrl.demo", "fusedrl.cli",
+            "fusedrl.profile"]
 _PROBE = """
 import importlib, json, pkgutil, sys
 name = sys.argv[1]

@@ -9,6 +9,8 @@ Providers:
 - fusedrl `linear_policy_loss` (the LM head inside the log-prob kernel, no logits);
 - unfused eager: bf16 logits = h @ W.T, row-looped selective log-softmax (the TRL
   approach), k3, clipped ratio, masked mean, in PyTorch;
+- TRL 1.16's path: its chunked, logits-free log-prob head (`trl.kernels.ChunkedLogProbFunction`,
+  fusedrl/bench/peers.py), then the same objective in PyTorch;
 - Liger `LigerFusedLinearGRPOLoss(loss_type="bnpo")` (token mean), skipped with a
   message when liger-kernel is not importable.
 The reference: the same loss in float32 from float32 logits, computed in row
@@ -124,6 +126,21 @@ def liger_provider() -> Provider:
     return Provider("liger FusedLinearGRPOLoss", run)
 
 
+def trl_provider() -> Provider:
+    """TRL 1.16's path: its chunked, logits-free log-prob head, then the same GRPO objective in PyTorch."""
+    from fusedrl.bench.peers import trl_chunked_logp
+
+    logp, version = trl_chunked_logp()
+    name = "trl chunked head + eager loss"
+    if logp is None:
+        return Provider(name, None, reason=version)
+
+    def run(inp: Dict) -> torch.Tensor:
+        return _grpo_from_logp(logp(inp["hidden"], inp["weight"], inp["labels"]).float(), inp["old"], inp["ref"],
+                               inp["adv"], inp["mask"])
+    return Provider(f"{name} ({version})", run)
+
+
 def make_case(case_id: str, shape, dtype, device) -> Case:
     b, t, h, v = shape
     n = b * t
@@ -133,7 +150,7 @@ def make_case(case_id: str, shape, dtype, device) -> Case:
 
 def providers(device: str) -> List[Provider]:
     name = "fusedrl linear_policy_loss" + (" (triton)" if device == "cuda" else " (reference)")
-    return [Provider(name, ours), Provider("unfused eager (bf16 logits)", eager), liger_provider()]
+    return [Provider(name, ours), Provider("unfused eager (bf16 logits)", eager), trl_provider(), liger_provider()]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -11,8 +11,9 @@ upstream gradient random fp32 (fusedrl/bench/common.py). LP-7B: N=16384, H=4096,
 LP-0.5B: N=32768, H=896, V=151936.
 
 Providers: fusedrl `linear_logprobs`; eager with bf16 logits (log_softmax(h @ W.T).gather);
-eager with fp32 logits; a row-looped selective log-softmax (TRL's approach: log_softmax one
-sequence at a time, sequences of 1024 tokens); Liger-Kernel's fused linear cross-entropy
+eager with fp32 logits; a row-looped selective log-softmax (TRL's approach before 1.x: log_softmax one
+sequence at a time, sequences of 1024 tokens); TRL's current chunked, logits-free head
+(`trl.kernels.ChunkedLogProbFunction`, see fusedrl/bench/peers.py); Liger-Kernel's fused linear cross-entropy
 with reduction="none" (logp = -loss); Cut Cross-Entropy `linear_cross_entropy(...,
 reduction="none")` with its default gradient filter and with filter_eps=None (exact).
 Liger and CCE are skipped with the reason when not importable.
@@ -32,6 +33,7 @@ import torch
 
 from fusedrl.bench.common import (Case, Provider, bench_arg_parser, bench_device, finish, matmul_ceiling_tflops,
                           parse_bench_args, run_case)
+from fusedrl.bench.peers import trl_chunked_provider
 
 CASES = {"LP-7B": (16384, 4096, 151936), "LP-0.5B": (32768, 896, 151936)}
 SMOKE = {"LP-7B": (40, 24, 1000), "LP-0.5B": (48, 16, 257)}
@@ -133,7 +135,7 @@ def cce_torch_compile(inputs) -> torch.Tensor:
 
 def cpu_providers() -> List[Provider]:
     """fusedrl's exact CPU path vs eager fp32 and CCE's torch_compile path (where installed)."""
-    found = [Provider("fusedrl", ours), Provider("eager fp32", eager(None))]
+    found = [Provider("fusedrl", ours), Provider("eager fp32", eager(None)), trl_chunked_provider()]
     try:
         import cut_cross_entropy  # noqa: F401
 
@@ -164,6 +166,7 @@ def providers(device: str) -> List[Provider]:
         Provider("eager bf16 logits", eager(None)),
         Provider("eager fp32 logits", eager(torch.float32)),
         Provider("row-looped (TRL)", row_looped),
+        trl_chunked_provider(),
     ] + peers(device)
 
 

@@ -87,6 +87,8 @@ def device_info() -> Dict[str, str]:
         info["transformers"] = transformers.__version__
     except Exception:
         info["transformers"] = "absent"
+    from fusedrl.bench.peers import peer_versions
+    info["peers"] = peer_versions()
     return info
 
 

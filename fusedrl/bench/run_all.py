@@ -6,7 +6,8 @@
     python -m fusedrl.bench.run_all --list                 # names, one per line
     python -m fusedrl.bench.run_all --only packing --cases k8 --n 4096   # other flags go to each bench
 
-`fusedrl bench ARGS` calls `main(ARGS)`.
+`fusedrl bench ARGS` calls `main(ARGS)`. It first prints the peers' installed versions (`peers: trl 1.16.0,
+liger-kernel absent, ...`, fusedrl/bench/peers.py).
 
 Convention for a bench module fusedrl/bench/bench_<name>.py:
 - it defines `main(argv: list[str] | None = None) -> int`, parsing its own flags with
@@ -78,6 +79,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if unknown:
         parser.error(f"--only: unknown bench {unknown}, expected names from {list(benches)}")
     bench_argv = (["--smoke"] if args.smoke else []) + list(passthrough)
+    from fusedrl.bench.peers import format_peer_versions
+    print(format_peer_versions(), flush=True)  # which peers (and versions) the tables compare against
     summary = []
     for name in names:
         print(f"\n=== bench {name} {' '.join(bench_argv)}".rstrip(), flush=True)

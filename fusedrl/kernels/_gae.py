@@ -33,6 +33,7 @@ import torch
 from . import _dispatch
 from ._rl_layout import Layout, flat_mask, make_layout
 from ._validate import FLOAT_DTYPES, check_tensor
+from ._ranges import op_range
 
 try:
     import triton
@@ -103,6 +104,7 @@ def _scan(r, v, layout, gamma, lam, max_seqlen):
     return gae_reference(r, v, layout, gamma, lam, max_seqlen)
 
 
+@op_range("gae")
 def gae(
     rewards: torch.Tensor,
     values: torch.Tensor,

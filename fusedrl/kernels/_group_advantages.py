@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from ._validate import FLOAT_DTYPES, check_tensor
+from ._ranges import op_range
 
 SINGLETONS = ("zero", "reward")
 STD_MODES = ("group", "batch", "none")
@@ -149,6 +150,7 @@ def rloo_group_advantages(rewards, group_size=None, *, group_ids=None, singleton
     return _finish(adv, count, singleton, r, rewards)
 
 
+@op_range("opo_advantages")
 def opo_advantages(rewards, lengths, group_size=None, *, group_ids=None, singleton: str = "zero") -> torch.Tensor:
     """OPO: A = R - sum_g(len R) / sum_g(len) (length-weighted group baseline). lengths: rewards' shape."""
     idx = group_index(rewards, group_size, group_ids)
@@ -165,6 +167,7 @@ def opo_advantages(rewards, lengths, group_size=None, *, group_ids=None, singlet
     return _finish(adv, count, singleton, r, rewards)
 
 
+@op_range("maxrl_advantages")
 def maxrl_advantages(rewards, group_size=None, *, group_ids=None) -> torch.Tensor:
     """MaxRL: A = (R - mean_g) / mean_g, 0 where the group mean is 0 (binary rewards)."""
     idx = group_index(rewards, group_size, group_ids)
@@ -182,6 +185,7 @@ def _log_comb(n: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     return torch.where(ok, val, torch.full_like(val, -math.inf))
 
 
+@op_range("passk_advantages")
 def passk_advantages(rewards, k: int, group_size=None, *, group_ids=None) -> torch.Tensor:
     """Pass@k advantages of binary (0/1) rewards (module docstring); needs 1 <= k <= every group's size."""
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -203,6 +207,7 @@ def passk_advantages(rewards, k: int, group_size=None, *, group_ids=None) -> tor
     return adv.to(_compute(rewards).dtype).view(rewards.shape)
 
 
+@op_range("remax_advantages")
 def remax_advantages(rewards, greedy_rewards) -> torch.Tensor:
     """ReMax: A = R - R_greedy. greedy_rewards: rewards' shape, or (num_prompts,) for (num_prompts, G) rewards."""
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES)

@@ -28,6 +28,7 @@ from ._gae import gae, gae_reference
 from ._group_advantages import (group_advantages, maxrl_advantages, opo_advantages, passk_advantages,
                                 remax_advantages, rloo_group_advantages)
 from .kl import check_kl_kind, kl_from_delta
+from ._ranges import op_range
 
 __all__ = [
     "grpo_advantages", "dr_grpo_advantages", "rloo_advantages", "reinforce_advantages",
@@ -40,6 +41,7 @@ def _compute(t: torch.Tensor) -> torch.Tensor:
     return t.detach().to(torch.float64 if t.dtype == torch.float64 else torch.float32)
 
 
+@op_range("grpo_advantages")
 def grpo_advantages(rewards, group_size: Optional[int] = None, *, eps: float = 1e-4, group_ids=None,
                     std: str = "group", eps_mode: str = "std", unbiased: bool = True,
                     singleton: str = "zero") -> torch.Tensor:
@@ -61,18 +63,21 @@ def grpo_advantages(rewards, group_size: Optional[int] = None, *, eps: float = 1
                             unbiased=unbiased, singleton=singleton)
 
 
+@op_range("dr_grpo_advantages")
 def dr_grpo_advantages(rewards, group_size: Optional[int] = None, *, group_ids=None,
                        singleton: str = "zero") -> torch.Tensor:
     """Dr. GRPO: A_i = R_i - mean R over the group (no std). Shapes and groups as `grpo_advantages`."""
     return group_advantages(rewards, group_size, group_ids=group_ids, std="none", singleton=singleton)
 
 
+@op_range("rloo_advantages")
 def rloo_advantages(rewards, group_size: Optional[int] = None, *, group_ids=None,
                     singleton: str = "zero") -> torch.Tensor:
     """RLOO leave-one-out baseline: A_k = R_k - mean_{j != k} R_j. Shapes and groups as `grpo_advantages`."""
     return rloo_group_advantages(rewards, group_size, group_ids=group_ids, singleton=singleton)
 
 
+@op_range("reinforce_advantages")
 def reinforce_advantages(rewards, baseline=None) -> torch.Tensor:
     """A_i = R_i - b. rewards (N,) float; baseline None (0), a float, or a tensor broadcastable to rewards."""
     check_tensor("rewards", rewards, dtypes=FLOAT_DTYPES)
@@ -122,6 +127,7 @@ class RunningMeanBaseline:
             self.count = total
 
 
+@op_range("whiten")
 def whiten(values: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_mean: bool = True,
            eps: float = 1e-8, unbiased: bool = False, eps_mode: str = "sqrt", scale: bool = True) -> torch.Tensor:
     """(values - mean) / sqrt(var + eps) over the masked entries.
@@ -163,6 +169,7 @@ def whiten(values: torch.Tensor, mask: Optional[torch.Tensor] = None, *, shift_m
     return torch.where(m, out, torch.zeros_like(out))
 
 
+@op_range("overlong_reward_shaping")
 def overlong_reward_shaping(rewards, lengths, *, max_len: int, cache_len: int, factor: float = 1.0) -> torch.Tensor:
     """DAPO soft overlong punishment: r - factor * clip((len - (L_max - L_cache)) / L_cache, 0, 1).
 
@@ -189,6 +196,7 @@ def overlong_reward_shaping(rewards, lengths, *, max_len: int, cache_len: int, f
     return r - factor * over.clamp(0.0, 1.0)
 
 
+@op_range("fold_kl_into_rewards")
 def fold_kl_into_rewards(seq_rewards, logp, ref_logp, mask=None, *, cu_seqlens=None, beta: float,
                          kind: str = "k1", clamp: Optional[float] = None) -> torch.Tensor:
     """Per-token rewards r_t = -beta * KL_t, plus the sequence reward on the last masked token.

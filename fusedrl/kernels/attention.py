@@ -28,6 +28,7 @@ from ._autocast import autocast_aware
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
 from ._attention_cpu import varlen_attention_batched
+from ._ranges import op_range
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_TRITON_HEAD_DIM = 256
@@ -164,6 +165,7 @@ def _flash_attn(q, k, v, cu_seqlens, max_seqlen, causal, scale, window):
     )
 
 
+@op_range("varlen_attention")
 @autocast_aware("lower", cast=("q", "k", "v"))
 def varlen_attention(
     q: torch.Tensor,

@@ -27,6 +27,7 @@ import torch
 from . import _dispatch
 from ._dispatch import HAS_FLASH_ATTN, HAS_TRITON, TRITON_INTERPRET, use_triton
 from ._validate import check_same_device, check_tensor
+from ._ranges import op_range
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 BACKENDS = (None, "auto", "triton", "reference", "flash_attn")
@@ -132,6 +133,7 @@ def paged_decode_attention_reference(q, k_cache, v_cache, block_tables, context_
     return out.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
+@op_range("paged_decode_attention")
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,

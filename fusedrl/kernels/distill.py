@@ -34,6 +34,7 @@ from . import _dispatch
 from ._distill_ref import KINDS, compute_dtype, chunk_rows, divergence_mode, ref_step, run_chunks
 from ._rl_layout import Layout, Number, check_normaliser, flat_mask, make_layout, per_token_or_seq, segment_sum
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_positive, check_same_device, check_shape, check_tensor
+from ._ranges import op_range
 
 AGGREGATIONS = ("token_mean", "seq_mean", "seq_mean_fixed_len")
 
@@ -164,6 +165,7 @@ def token_coefficients(trained: torch.Tensor, weights: Optional[torch.Tensor], l
     return w / cfg.max_len / seqs
 
 
+@op_range("linear_distill_loss")
 def linear_distill_loss(
     student_hidden: torch.Tensor,
     student_weight: torch.Tensor,

@@ -32,6 +32,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._validate import FLOAT_DTYPES, check_tensor
+from ._ranges import op_range
 
 KL_KINDS = ("k1", "k2", "k3", "k3+", "abs", "k1+")
 
@@ -51,6 +52,7 @@ def check_clamp(clamp, name: str = "clamp") -> None:
         raise ValueError(f"{name} must be > 0, got {clamp}")
 
 
+@op_range("kl_penalty")
 def kl_penalty(
     logp: torch.Tensor,
     ref_logp: torch.Tensor,

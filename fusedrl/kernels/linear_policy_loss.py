@@ -18,8 +18,10 @@ from ._autocast import autocast_aware
 from ._validate import check_tensor
 from .logprobs import linear_logprobs
 from .policy_loss import policy_loss
+from ._ranges import op_range
 
 
+@op_range("linear_policy_loss")
 @autocast_aware("keep")
 def linear_policy_loss(
     hidden: torch.Tensor,

@@ -27,6 +27,7 @@ from ._logprobs_ref import (
     validate_linear,
     validate_logits,
 )
+from ._ranges import op_range
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -36,6 +37,7 @@ def _triton_ok(*tensors: Optional[torch.Tensor]) -> bool:
     return _dispatch.use_triton(*tensors) and all(t.dtype in _TRITON_DTYPES for t in floats)
 
 
+@op_range("linear_logprobs")
 @autocast_aware("keep")
 def linear_logprobs(
     hidden: torch.Tensor,
@@ -106,6 +108,7 @@ def linear_logprobs(
     return unflatten_outputs(out, lead, return_entropy)
 
 
+@op_range("logprobs_from_logits")
 @autocast_aware("keep")
 def logprobs_from_logits(
     logits: torch.Tensor,

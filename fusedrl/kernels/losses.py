@@ -27,6 +27,7 @@ from .preference import (apo_down_loss, apo_zero_loss, cdpo_loss, dpo_loss, ipo_
 from .preference_pairs import (alphapo_loss, aot_loss, bco_pair_loss, cpo_loss, discopop_loss, dpo_norm_loss,
                                exo_pair_loss, hinge_loss, nca_pair_loss, robust_dpo_loss, sequence_logprobs,
                                sppo_hard_loss, wpo_loss, wpo_weights)
+from ._ranges import op_range
 
 Metrics = Dict[str, torch.Tensor]
 
@@ -50,6 +51,7 @@ def _same_shape(name: str, value, like: torch.Tensor, like_name: str) -> torch.T
     return value
 
 
+@op_range("value_loss")
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -147,6 +149,7 @@ def _pair_metrics(chosen: torch.Tensor, rejected: torch.Tensor) -> Metrics:
         }
 
 
+@op_range("bradley_terry_loss")
 def bradley_terry_loss(
     chosen_rewards: torch.Tensor,
     rejected_rewards: torch.Tensor,
@@ -173,6 +176,7 @@ def bradley_terry_loss(
     return loss, _pair_metrics(chosen_rewards.to(dtype), rejected_rewards.to(dtype))
 
 
+@op_range("plackett_luce_loss")
 def plackett_luce_loss(
     scores: torch.Tensor,
     ranking: Optional[torch.Tensor] = None,
@@ -210,6 +214,7 @@ def plackett_luce_loss(
     return batch_mean(per_prompt, num_rankings), metrics
 
 
+@op_range("outcome_rm_loss")
 def outcome_rm_loss(
     logits: torch.Tensor,
     labels: torch.Tensor,

@@ -64,6 +64,7 @@ from ._rl_layout import (Layout, Number, check_normaliser, check_token_tensor, f
                          per_token_or_seq, segment_sum)
 from ._validate import FLOAT_DTYPES, check_tensor
 from .kl import k3_value, kl_from_delta
+from ._ranges import op_range
 
 __all__ = ["ALGOS", "AGGREGATIONS", "DUAL_CLIP_DEFAULT", "IS_LEVELS", "IS_MODES", "IS_SCOPES", "PolicyLossConfig",
            "policy_loss", "policy_loss_reference", "cov_selection"]
@@ -277,6 +278,7 @@ def _flatten(logp, old_logp, advantages, mask, ref_logp, entropy, sampler_logp, 
     return x, layout
 
 
+@op_range("policy_loss")
 @autocast_aware("keep")
 def policy_loss(
     logp: torch.Tensor,

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser
 from ._validate import FLOAT_DTYPES, check_tensor
+from ._ranges import op_range
 
 Metrics = Dict[str, torch.Tensor]
 Result = Tuple[torch.Tensor, Metrics]
@@ -85,6 +86,7 @@ def _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp):
     return c - rc, r - rr
 
 
+@op_range("dpo_loss")
 @autocast_aware("keep")
 def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              num_pairs: Optional[Number] = None) -> Result:
@@ -96,6 +98,7 @@ def dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return loss, _metrics(beta * lc, beta * lr)
 
 
+@op_range("cdpo_loss")
 @autocast_aware("keep")
 def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
               label_noise: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
@@ -109,6 +112,7 @@ def cdpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *,
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("ipo_loss")
 @autocast_aware("keep")
 def ipo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              chosen_len=None, rejected_len=None, num_pairs: Optional[Number] = None) -> Result:
@@ -137,6 +141,7 @@ def _per_token(lc, lr, chosen_len, rejected_len):
     return lc / nc.to(lc.dtype), lr / nr.to(lr.dtype)
 
 
+@op_range("simpo_loss")
 @autocast_aware("keep")
 def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
                label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
@@ -157,6 +162,7 @@ def simpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: fl
     return loss, _metrics(beta * avg_c, beta * avg_r)
 
 
+@op_range("orpo_loss")
 @autocast_aware("keep")
 def orpo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, lam: float = 0.1, nll: str = "pair_mean",
               nll_logp=None, nll_len=None, num_pairs: Optional[Number] = None,
@@ -205,6 +211,7 @@ def nll_term(chosen_logp, chosen_len, mode: str, nll_logp=None, nll_len=None, nu
     return -chosen_logp.sum() / denom
 
 
+@op_range("kto_loss")
 @autocast_aware("keep")
 def kto_loss(policy_logp, ref_logp, desirable, *, kl_policy_logp=None, kl_ref_logp=None, kl_baseline=None,
              beta: float = 0.1, desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
@@ -266,6 +273,7 @@ def _kto_baseline(kl_policy_logp, kl_ref_logp, kl_baseline, like: torch.Tensor, 
     return z0 if grad else z0.detach()
 
 
+@op_range("apo_zero_loss")
 @autocast_aware("keep")
 def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
@@ -277,6 +285,7 @@ def apo_zero_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("apo_down_loss")
 @autocast_aware("keep")
 def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
@@ -288,6 +297,7 @@ def apo_down_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("rpo_loss")
 @autocast_aware("keep")
 def rpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, *, beta: float = 0.1,
              alpha: float = 1.0, nll: str = "pair_mean", num_pairs: Optional[Number] = None,

@@ -38,6 +38,7 @@ from ._autocast import autocast_aware
 from ._rl_layout import Number, batch_mean, check_normaliser, make_layout, segment_sum
 from ._validate import check_tensor
 from .preference import Result, _coef, _inputs, _logratios, _metrics, _per_token, nll_term
+from ._ranges import op_range
 
 
 def _smoothed(z, e):
@@ -50,6 +51,7 @@ def _pairs(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, beta,
     return _logratios(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp)
 
 
+@op_range("dpo_norm_loss")
 @autocast_aware("keep")
 def dpo_norm_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, rejected_len, *,
                   beta: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
@@ -59,6 +61,7 @@ def dpo_norm_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(-F.logsigmoid(beta * (lc - lr)), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("hinge_loss")
 @autocast_aware("keep")
 def hinge_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                num_pairs: Optional[Number] = None) -> Result:
@@ -67,6 +70,7 @@ def hinge_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *
     return batch_mean(torch.relu(1 - beta * (lc - lr)), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("robust_dpo_loss")
 @autocast_aware("keep")
 def robust_dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                     label_smoothing: float = 0.1, num_pairs: Optional[Number] = None) -> Result:
@@ -81,6 +85,7 @@ def robust_dpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_lo
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("bco_pair_loss")
 @autocast_aware("keep")
 def bco_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   delta=0.0, num_pairs: Optional[Number] = None) -> Result:
@@ -99,6 +104,7 @@ def bco_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr, reward_mean=reward_mean)
 
 
+@op_range("sppo_hard_loss")
 @autocast_aware("keep")
 def sppo_hard_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                    num_pairs: Optional[Number] = None) -> Result:
@@ -108,6 +114,7 @@ def sppo_hard_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_log
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("nca_pair_loss")
 @autocast_aware("keep")
 def nca_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   num_pairs: Optional[Number] = None) -> Result:
@@ -118,6 +125,7 @@ def nca_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(c, r)
 
 
+@op_range("exo_pair_loss")
 @autocast_aware("keep")
 def exo_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   label_smoothing: float = 1e-3, num_pairs: Optional[Number] = None) -> Result:
@@ -131,6 +139,7 @@ def exo_pair_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("aot_loss")
 @autocast_aware("keep")
 def aot_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
              paired: bool = True, label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
@@ -150,6 +159,7 @@ def aot_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, 
     return batch_mean(_smoothed(beta * delta, label_smoothing), num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("discopop_loss")
 @autocast_aware("keep")
 def discopop_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, *, beta: float = 0.1,
                   tau: float = 0.05, num_pairs: Optional[Number] = None) -> Result:
@@ -162,6 +172,7 @@ def discopop_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr)
 
 
+@op_range("wpo_weights")
 def wpo_weights(chosen_logp, rejected_logp, chosen_len, rejected_len, *, chosen_adjust=None,
                 rejected_adjust=None) -> torch.Tensor:
     """(P,) detached WPO weights min(exp(avg_c + avg_r), 1), avg = (logp - adjust) / len."""
@@ -175,6 +186,7 @@ def wpo_weights(chosen_logp, rejected_logp, chosen_len, rejected_len, *, chosen_
     return torch.exp(c.detach() / nc + r.detach() / nr).clamp(max=1.0)
 
 
+@op_range("wpo_loss")
 @autocast_aware("keep")
 def wpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, chosen_len, rejected_len, *,
              beta: float = 0.1, chosen_adjust=None, rejected_adjust=None,
@@ -187,6 +199,7 @@ def wpo_loss(chosen_logp, rejected_logp, ref_chosen_logp, ref_rejected_logp, cho
     return batch_mean(per_pair, num_pairs), _metrics(beta * lc, beta * lr, weight_mean=w.mean())
 
 
+@op_range("cpo_loss")
 @autocast_aware("keep")
 def cpo_loss(chosen_logp, rejected_logp, chosen_len, *, beta: float = 0.1, alpha: float = 1.0,
              label_smoothing: float = 0.0, nll: str = "token_mean", num_pairs: Optional[Number] = None,
@@ -206,6 +219,7 @@ def cpo_loss(chosen_logp, rejected_logp, chosen_len, *, beta: float = 0.1, alpha
     return loss, _metrics(beta * c, beta * r, nll=nll_term(c, n, nll))
 
 
+@op_range("alphapo_loss")
 @autocast_aware("keep")
 def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: float = 2.0, gamma: float = 0.5,
                  alpha: float = 0.25, label_smoothing: float = 0.0, num_pairs: Optional[Number] = None) -> Result:
@@ -229,6 +243,7 @@ def alphapo_loss(chosen_logp, rejected_logp, chosen_len, rejected_len, *, beta: 
     return batch_mean(_smoothed(z, label_smoothing), num_pairs), _metrics(beta * avg_c, beta * avg_r)
 
 
+@op_range("sequence_logprobs")
 def sequence_logprobs(hidden, weight, labels, cu_seqlens=None, *, bias=None, temperature: float = 1.0,
                       ignore_index: int = -100):
     """Per-sequence log-prob sums and token counts from hidden states, never building (N, V) logits.

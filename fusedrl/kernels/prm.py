@@ -27,6 +27,7 @@ import torch
 
 from ._rl_layout import make_layout
 from ._validate import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from ._ranges import op_range
 
 HEADS = ("classify", "scalar")
 SOLUTION_AGGREGATIONS = ("min", "prod", "last")
@@ -80,6 +81,7 @@ def _check_head_inputs(logits, labels, head: str, ignore_index: int) -> torch.Te
     return steps
 
 
+@op_range("prm_loss")
 def prm_loss(logits: torch.Tensor, labels: torch.Tensor, *, head: str = "classify",
              ignore_index: int = -100) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """Per-step classification loss at step ends (mean over them; 0 when there are none).

@@ -29,6 +29,7 @@ import torch
 
 from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.data.packed import Example, pack_balanced
+from fusedrl.kernels._ranges import phase_range
 from fusedrl.rollout.rewards import load_verifier, reward_model_scores, score_completions
 
 # ----------------------------------------------------------------------------- prompts
@@ -337,12 +338,15 @@ class Timer:
     def __call__(self, phase: str):
         timer = self
 
-        class _Span:
+        class _Span:  # also a `fusedrl.phase.<phase>` profiler range (fusedrl.kernels._ranges)
             def __enter__(self):
+                self.range = phase_range(phase)
+                self.range.__enter__()
                 self.start = time.perf_counter()
 
             def __exit__(self, *exc):
                 timer.seconds[phase] = timer.seconds.get(phase, 0.0) + time.perf_counter() - self.start
+                self.range.__exit__(*exc)
 
         return _Span()
 

@@ -29,6 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from fusedrl.data.batch import PackedBatch
+from fusedrl.kernels._ranges import phase_range
 from fusedrl.train.checkpoint import latest_valid_checkpoint, load_checkpoint, save_checkpoint
 from fusedrl.config import TrainConfig
 from fusedrl.train.metrics import MetricsLogger, is_rank0
@@ -119,10 +120,11 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: Dict[str, torch.Tensor] = {}
     for weight, batch in [(1.0, b) for b in batches] + [(0.0, b) for b in padding]:
-        loss, metrics = run_forward(model, _stage_loss, stage, batch.to(device), totals)
-        if weight != 1.0:
-            loss, metrics = loss * weight, {k: torch.as_tensor(v) * weight for k, v in metrics.items()}
-        loss.backward()
+        with phase_range("forward_backward"):
+            loss, metrics = run_forward(model, _stage_loss, stage, batch.to(device), totals)
+            if weight != 1.0:
+                loss, metrics = loss * weight, {k: torch.as_tensor(v) * weight for k, v in metrics.items()}
+            loss.backward()
         loss_sum += loss.detach().float()
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=device).detach().float().reshape(())
@@ -142,10 +144,11 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
         torch.distributed.all_reduce(vector, op=torch.distributed.ReduceOp.AVG)
     record = dict(zip(stats, vector.tolist()))  # the one host sync of the step
     finite = all(math.isfinite(record[name]) for name in checked)
-    for entry in trained.values():
-        if finite:
-            entry.optimizer.step()
-        entry.optimizer.zero_grad(set_to_none=True)
+    with phase_range("optimizer"):
+        for entry in trained.values():
+            if finite:
+                entry.optimizer.step()
+            entry.optimizer.zero_grad(set_to_none=True)
     record["nonfinite"] = not finite
     return record
 
@@ -262,7 +265,8 @@ def train(
             if cfg.loop.eval_at_start and state.step == 0:
                 evaluate_now()
             while state.step < total:
-                record = _run_step(stage, trained, cfg, state, device)
+                with phase_range("step"):
+                    record = _run_step(stage, trained, cfg, state, device)
                 metrics.log_step(state.step, record)
                 result.last_metrics = record
                 if on_step_end is not None:
@@ -309,7 +313,8 @@ def _run_step(stage, trained: Dict[str, Trained], cfg: TrainConfig, state: Train
         torch.cuda.reset_peak_memory_stats(device)
     model = trained[POLICY].module
     lr = trained[POLICY].scheduler.get_last_lr()[0]
-    batches = dist_step.step_batches(stage, model, state.step)  # the global step, the same on every rank
+    with phase_range("batches"):  # an RL stage's rollout: its generate / score / logprobs phases nest here
+        batches = dist_step.step_batches(stage, model, state.step)  # the global step, the same on every rank
     if not batches:
         raise ValueError(f"stage {stage.name!r}: micro_batches(model, {state.step}) returned no batch")
     extra: Dict[str, float] = {}

@@ -165,5 +165,7 @@ def test_bench_grpo_smoke(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "fusedrl linear_policy_loss" in out and "unfused eager" in out
     lines = [line for line in out.splitlines() if line.startswith("GRPO-0.5B")]
-    assert sum(line.rstrip().endswith("ok") for line in lines) == 2  # ours and eager passed the check
+    import importlib.util
+    passed = 3 if importlib.util.find_spec("trl") else 2  # ours, eager (and TRL's chunked head) passed the check
+    assert sum(line.rstrip().endswith("ok") for line in lines) == passed
     assert len(list(tmp_path.glob("grpo-*.json"))) == 1
