@@ -194,6 +194,14 @@ def test_dpo_grpo_ppo_world_size_2_match_one_process(tmp_path, stage):
             a = [r.get(key) for r in records if r["kind"] == "train"]
             b = [r.get(key) for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
             assert a == b, key
+        # ... though each rank sampled only its share: rank 0 (which logs) 2 of the 3 prompts, rank 1 the third
+        # (PPO samples at its first step and trains on that rollout at the second: steps_per_rollout = 2)
+        sampled = [1, 0] if stage == "ppo" else [1, 1]
+        shares = [r.get("rollout_prompts_this_rank") for r in read_metrics(tmp_path / "two" / "metrics.jsonl")
+                  if r["kind"] == "train"]
+        assert shares == [2.0 if s else None for s in sampled], shares
+        assert [r.get("rollout_prompts_this_rank") for r in records if r["kind"] == "train"] == \
+            [3.0 if s else None for s in sampled]
     _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
 
 
