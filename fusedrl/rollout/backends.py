@@ -8,11 +8,12 @@ Llama, Qwen2, Qwen3 and Mistral models; any other model falls back to "hf" with 
 Both read the trainer's parameters in place, so no weight sync is needed.
 
 The stages give every backend the same two things: the tokenizer (EOS ends a completion when the
-params name no stop token) and their resumable random stream `generator`. The hf backend draws
-from that stream directly; the native engine derives each completion's stream from
-(params.seed, prompt, sample), so this module draws a fresh params.seed from `generator` at each
-call: consecutive rollouts differ, and a resumed run (which restores the generator) samples the
-same completions.
+params name no stop token) and their resumable random stream `generator`. Both backends draw one
+seed from that stream at each call (consecutive rollouts differ, and a resumed run, which restores
+the generator, samples the same completions; ranks that each sample a share of one rollout advance
+it alike). The native engine derives each completion's stream from (seed, params.first_index +
+prompt, sample), so a rollout sampled in shares equals the rollout sampled at once; the hf backend
+seeds one stream for the call's rows from (seed, params.first_index).
 """
 from __future__ import annotations
 
@@ -47,6 +48,8 @@ class NativeSampler(Sampler):
         if self.generator is not None and not params.greedy:
             g = self.generator
             changes["seed"] = int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device).item())
+        if not len(prompts):  # an empty share of a divided rollout: the stream advanced like the other ranks'
+            return []
         return self.engine.generate(prompts, dataclasses.replace(params, **changes) if changes else params)
 
     def sleep(self) -> None:

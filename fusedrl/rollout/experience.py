@@ -117,6 +117,8 @@ class Rollout:
 
     @staticmethod
     def concat(parts: Sequence["Rollout"]) -> "Rollout":
+        """The parts one after the other (empty parts, e.g. a rank's empty share, are skipped)."""
+        parts = [p for p in parts if len(p)] or list(parts[:1])
         first = parts[0]
         cat = lambda name: [x for p in parts for x in getattr(p, name)]  # noqa: E731
         tcat = lambda name: (None if getattr(first, name) is None  # noqa: E731

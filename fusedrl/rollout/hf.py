@@ -315,8 +315,10 @@ class HFSampler(Sampler):
             resumable stream); None seeds a fresh one from params.seed at each call.
         batch_size: prompts x n rows per decode batch (0: all at once).
 
-    Differences from the interface's ideal: the rows of one call share the random stream, so a
-    completion depends on what else is in the batch; min_p and logprobs_topk are not supported.
+    Differences from the interface's ideal: the rows of one call share one random stream (seeded by
+    the call's seed and params.first_index), so a completion depends on what else is in the batch,
+    and sampling a rollout in shares (one per rank) gives other (equally valid) completions than
+    sampling it at once; min_p and logprobs_topk are not supported.
     """
 
     def __init__(self, model, tokenizer=None, *, generator: Optional[torch.Generator] = None, batch_size: int = 0):
@@ -329,10 +331,9 @@ class HFSampler(Sampler):
             raise ValueError(f"params: the hf backend supports neither min_p nor logprobs_topk, got min_p="
                              f"{params.min_p}, logprobs_topk={params.logprobs_topk}")
         prompts = check_prompts(prompts)
-        generator = self.generator
-        if generator is None and not params.greedy:
-            device = next(self.model.parameters()).device
-            generator = torch.Generator(device=device).manual_seed(params.seed)
+        generator = None if params.greedy else self._call_generator(params)
+        if not prompts:
+            return []
         rows = [p for p in prompts for _ in range(params.n)]  # prompt-major: row i * n + j
         step = self.batch_size or len(rows)
         completions: List[Completion] = []
@@ -345,3 +346,16 @@ class HFSampler(Sampler):
             completions += [Completion(t, lp, "stop" if done else "length")
                             for t, lp, done in zip(out.tokens, out.logprobs, out.finished)]
         return [completions[i * params.n:(i + 1) * params.n] for i in range(len(prompts))]
+
+    def _call_generator(self, params: SamplingParams) -> torch.Generator:
+        """This call's stream: seeded by (a seed drawn from `self.generator`, else params.seed, params.first_index).
+
+        One draw per call from the stage's stream, so ranks that each sample their share of a rollout
+        advance it alike, and shares starting at different first_index draw different numbers.
+        """
+        from fusedrl.rollout.native.sampler import stream_key
+
+        g = self.generator
+        seed = params.seed if g is None else int(torch.randint(0, 2 ** 62, (1,), generator=g, device=g.device).item())
+        device = next(self.model.parameters()).device
+        return torch.Generator(device=device).manual_seed(stream_key(seed, params.first_index, 0))

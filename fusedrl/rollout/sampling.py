@@ -13,7 +13,7 @@ visible to the sampler; it is a no-op for backends that read the trainer's
 parameters in place (the native engine, the hf backend).
 
 Reproducibility: a completion is a function of its prompt, the weights, the
-params and (seed, prompt index, sample index): what else shares the batch does
+params and (seed, first_index + prompt index, sample index): what else shares the batch does
 not change it (up to floating-point reduction order).
 """
 from __future__ import annotations
@@ -38,6 +38,9 @@ class SamplingParams:
     stop_strings: decoded substrings that end a completion (needs a tokenizer in the backend).
     seed: base seed; completion j of prompt i draws from a stream seeded by (seed, i, j).
     logprobs_topk: also return the top-k log-probs per position (0 = off).
+    first_index: the global index of the first prompt of the call: prompt i of the call is prompt
+        first_index + i of the seed's stream, so sampling prompts [k, n) with first_index=k gives the
+        completions that sampling [0, n) gives them (how ranks divide a rollout).
     """
 
     n: int = 1
@@ -50,6 +53,7 @@ class SamplingParams:
     stop_strings: Tuple[str, ...] = ()
     seed: int = 0
     logprobs_topk: int = 0
+    first_index: int = 0
 
     def __post_init__(self):
         def bad(name, want):
@@ -72,6 +76,8 @@ class SamplingParams:
             bad("seed", "an int")
         if not isinstance(self.logprobs_topk, int) or self.logprobs_topk < 0:
             bad("logprobs_topk", "an int >= 0")
+        if isinstance(self.first_index, bool) or not isinstance(self.first_index, int) or self.first_index < 0:
+            bad("first_index", "an int >= 0")
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
         object.__setattr__(self, "stop_strings", tuple(self.stop_strings))
         if any(t < 0 for t in self.stop_token_ids):

@@ -33,7 +33,7 @@ from fusedrl.data.batch import IGNORE_INDEX, PackedBatch
 from fusedrl.data.packed import Example, pack_balanced
 from fusedrl.kernels import linear_distill_loss
 from fusedrl.models.causal_lm import hidden_states, lm_head
-from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.completions import make_sampler, sample_rollout_divided
 from fusedrl.rollout.experience import PromptSampler, RewardSource, Rollout, Timer
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.teacher import Teacher, aligned_hidden
@@ -78,6 +78,7 @@ class DistillStage(BaseStage):
     """
 
     name = "distill"
+    divides_rollout = True  # under torchrun each rank samples its share (fusedrl.train.dist_step)
 
     def __init__(self, *, records: List[dict], tokenizer, rollout: RolloutConfig, distill: DistillStageConfig,
                  teacher: Optional[Teacher] = None, rewards: Optional[RewardSource] = None,
@@ -132,7 +133,9 @@ class DistillStage(BaseStage):
         sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
         params = SamplingParams(n=group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                 max_new_tokens=r.max_new_tokens, seed=self.seed)
-        return sample_rollout(sampler, self.tokenizer, self.records, indices, params)
+        rollout, mine = sample_rollout_divided(sampler, self.tokenizer, self.records, indices, params)
+        self._host["rollout_prompts_this_rank"] = self._host.get("rollout_prompts_this_rank", 0.0) + mine
+        return rollout
 
     def _student_samples(self, model, indices: Sequence[int]) -> List[Sample]:
         rollout = self._sample(model, indices, self.rollout.group_size)

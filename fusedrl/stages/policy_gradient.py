@@ -60,7 +60,7 @@ from fusedrl.data.records import DataError
 from fusedrl.data.batch import PackedBatch
 from fusedrl.rollout.experience import (Experience, PromptSampler, RewardSource, Rollout, Timer, constant_groups,
                                     rollout_metrics, shape_rewards, token_forward)
-from fusedrl.rollout.completions import make_sampler, sample_rollout
+from fusedrl.rollout.completions import make_sampler, sample_rollout, sample_rollout_divided
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.stages.configs_rl import (ALGORITHMS, Advantage, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
@@ -91,6 +91,7 @@ class PolicyGradientStage(BaseStage):
 
     name = "pg"
     value_forward = False  # PPO: a value-model forward at every rollout
+    divides_rollout = True  # under torchrun each rank samples its share (fusedrl.train.dist_step)
 
     def __init__(self, *, records: List[dict], tokenizer, rollout: RolloutConfig, options: ResolvedOptions,
                  rewards: RewardSource, eval_records: Optional[List[dict]] = None, ref_model=None, seed: int = 0,
@@ -196,21 +197,18 @@ class PolicyGradientStage(BaseStage):
         parts, kept_parts, kept, dropped = [], [], 0, 0
         rounds = 1 + (self.opt.resample_rounds if self.opt.dynamic_sampling else 0)
         for _ in range(rounds):
+            scored = timer.seconds.get("score", 0.0)
             with timer("generate"):
-                # prompts_per_rollout is global: under torch.distributed every rank walks the same stream
-                # (the loop samples on rank 0's gathered policy and splits the step across ranks)
+                # prompts_per_rollout is global: under torch.distributed every rank walks the same stream,
+                # samples and scores its share of the prompts (on the gathered policy) and gets all shares
                 indices = self.prompts.next(r.prompts_per_rollout)
                 sampler = make_sampler(r.backend, model, self.tokenizer, generator=self._sampling_generator(model))
                 params = SamplingParams(n=r.group_size, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                                         max_new_tokens=r.max_new_tokens, seed=self.seed)
-                part = sample_rollout(sampler, self.tokenizer, self.records, indices, params)
-            with timer("score"):
-                raw = self.rewards(part, self.records)
-                part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids],
-                                             max_new_tokens=r.max_new_tokens,
-                                             overlong_cache_len=self.opt.overlong_cache_len).float()
-                part.accuracy = self.rewards.accuracy(part, self.records)
-                part.token_rewards = self.rewards.token_rewards(part)  # a dense PRM (PPO), else None
+                part, mine = sample_rollout_divided(sampler, self.tokenizer, self.records, indices, params,
+                                                    score=lambda share: self._score(share, timer))
+            timer.seconds["generate"] -= timer.seconds.get("score", 0.0) - scored  # the scoring ran inside
+            self._host["rollout_prompts_this_rank"] = self._host.get("rollout_prompts_this_rank", 0.0) + mine
             parts.append(part)
             if not self.opt.dynamic_sampling:
                 kept_parts.append(part)
@@ -229,6 +227,16 @@ class PolicyGradientStage(BaseStage):
             logger.warning("%s: every sampled group had equal rewards; training on the last round as is", self.name)
             kept_parts = [parts[-1]]
         return Rollout.concat(kept_parts), everything, kept, dropped
+
+    def _score(self, part: Rollout, timer: Timer) -> None:
+        """Shaped rewards and task accuracy of a rollout (this rank's share under torch.distributed)."""
+        r = self.rollout
+        with timer("score"):
+            raw = self.rewards(part, self.records)
+            part.rewards = shape_rewards(raw, [len(c) for c in part.completion_ids], max_new_tokens=r.max_new_tokens,
+                                         overlong_cache_len=self.opt.overlong_cache_len).float()
+            part.accuracy = self.rewards.accuracy(part, self.records)
+            part.token_rewards = self.rewards.token_rewards(part)  # a dense PRM (PPO), else None
 
     def _sampling_generator(self, model) -> torch.Generator:
         """The sampler's random stream, on the policy's device (multinomial needs them to match)."""

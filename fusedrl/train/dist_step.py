@@ -5,10 +5,14 @@ path (and today's checkpoint format) unchanged.
 
 - `step_batches`: every rank builds the step's *global* micro-batches. A stage that
   samples (it has a `rollout` table: the GRPO family, PPO, on-policy distillation) does
-  it with the gathered (unsharded) policy, and rank 0's batches are broadcast so that
-  every rank splits the very same list (generation on GPUs is not bitwise reproducible
-  across devices); the memory the gathered copy costs is logged once. The list is then
-  split across ranks (`fusedrl.train.dp_split.rank_share`).
+  it with the gathered (unsharded) policy; the memory the gathered copy costs is logged
+  once. Its sampling is divided (`fusedrl.rollout.completions.sample_rollout_divided`):
+  each rank samples and scores its share of the step's prompts, whole groups on one rank,
+  and all shares are gathered, so every rank builds its batches from the same global
+  rollout. A sampling stage that does not divide (no `divides_rollout` attribute) samples
+  everything on every rank and rank 0's batches are broadcast (generation on GPUs is not
+  bitwise reproducible across devices). The list is then split across ranks
+  (`fusedrl.train.dp_split.rank_share`).
 - `save_checkpoint_dist` / `resume_dist`: DCP checkpoints (sharded model and optimizer,
   the loop's counters, per-rank RNG). The stage's state (data position, rollout buffer,
   sampling RNG) is the same on every rank, because every rank walks the global stream,
@@ -104,7 +108,7 @@ def step_batches(stage, model: torch.nn.Module, step: int) -> List[PackedBatch]:
             logger.info("rollout on the gathered policy: %.1f MiB of full weights next to the %.1f MiB shard per "
                         "rank%s", report.extra_bytes / 2**20, report.sharded_bytes / 2**20, measured)
         batches = stage.micro_batches(model, step)
-    if world() > 1:
+    if world() > 1 and not getattr(stage, "divides_rollout", False):
         box = [batches if rank() == 0 else None]
         dist.broadcast_object_list(box, src=0)
         batches = box[0]

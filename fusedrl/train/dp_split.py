@@ -1,7 +1,7 @@
 """The loop's data-parallel hook: a step's global micro-batches -> this rank's balanced share.
 
 Every rank builds the same global step (`stage.micro_batches(model, step)`: the
-same data position, or rank 0's rollout), so batch sizes in the config are global
+same data position, or the rollout all ranks sampled and gathered), so batch sizes in the config are global
 and a step trains on the same sequences at any world size. `rank_share` then
 
 1. unpacks the global micro-batches into units: one sequence, or one whole group

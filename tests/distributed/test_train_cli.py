@@ -97,6 +97,14 @@ beta = 0.05
 # GRPO with a KL penalty: its frozen reference model is sharded and gathered for the rollout.
 # PPO: the GRPO run with a critic (kept whole on every rank, its gradients averaged) and old log-probs
 STAGES["ppo"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "ppo"').replace("[pg]\nbeta = 0.05\n", "")
+# Self-distillation (SDPO): the student is its own teacher; a sampling stage outside the GRPO family.
+STAGES["distill"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "distill"').replace("[pg]\nbeta = 0.05\n", """\
+[distill]
+mode = "self"
+correct_threshold = 0.2
+resample_rounds = 0
+demo_template = "{prompt}|{demo}|"
+""")
 
 
 
@@ -180,7 +188,8 @@ def test_sft_world_size_2_matches_one_process(sft_runs):
     assert log.count("step 4/4") == 1  # rank 0 logs, rank 1 does not
 
 
-@pytest.mark.parametrize("stage", ["dpo", "grpo", pytest.param("ppo", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("stage", ["dpo", "grpo", pytest.param("ppo", marks=pytest.mark.slow),
+                                   pytest.param("distill", marks=pytest.mark.slow)])
 def test_dpo_grpo_ppo_world_size_2_match_one_process(tmp_path, stage):
     config = _config(tmp_path, stage)
     _one_process(config, tmp_path / "one")
@@ -190,10 +199,18 @@ def test_dpo_grpo_ppo_world_size_2_match_one_process(tmp_path, stage):
     records = read_metrics(tmp_path / "one" / "metrics.jsonl")
     assert any(abs(r.get("grad_norm", 0.0)) > 1e-4 for r in records)  # the steps did train something
     if stage != "dpo":  # the same samples at both world sizes
-        for key in ("reward_mean", "generated_tokens"):
+        for key in ("reward_mean", "generated_tokens", "groups_kept", "response_len"):
             a = [r.get(key) for r in records if r["kind"] == "train"]
             b = [r.get(key) for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
             assert a == b, key
+        # ... though each rank sampled only its share: rank 0 (which logs) 2 of the 3 prompts, rank 1 the third
+        # (PPO samples at its first step and trains on that rollout at the second: steps_per_rollout = 2)
+        sampled = [1, 0] if stage == "ppo" else [1, 1]
+        shares = [r.get("rollout_prompts_this_rank") for r in read_metrics(tmp_path / "two" / "metrics.jsonl")
+                  if r["kind"] == "train"]
+        assert shares == [2.0 if s else None for s in sampled], shares
+        assert [r.get("rollout_prompts_this_rank") for r in records if r["kind"] == "train"] == \
+            [3.0 if s else None for s in sampled]
     _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
 
 

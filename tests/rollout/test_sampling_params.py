@@ -7,7 +7,7 @@ from fusedrl.rollout.sampling import Completion, Sampler, SamplingParams, check_
 @pytest.mark.parametrize("field, value", [
     ("n", 0), ("n", 1.5), ("temperature", -0.1), ("temperature", float("inf")), ("temperature", float("nan")),
     ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5), ("min_p", 1.0), ("min_p", -0.1),
-    ("max_new_tokens", 0), ("seed", "0"), ("logprobs_topk", -2), ("stop_token_ids", (-1,)), ("stop_strings", ("",)),
+    ("max_new_tokens", 0), ("seed", "0"), ("logprobs_topk", -2), ("first_index", -1), ("first_index", True), ("stop_token_ids", (-1,)), ("stop_strings", ("",)),
 ])
 def test_bad_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=f"SamplingParams.{field} "):

@@ -150,10 +150,10 @@ class NativeEngine(Sampler):
         self._ensure_pool(blocks.num_blocks)
         self.block_manager = blocks
         self.asleep = False
-        seed = params.seed
+        seed, first = params.seed, params.first_index
 
         def make_child(prompt: Sequence, j: int) -> Sequence:
-            return prompt.fork(j, stream_key(seed, prompt.prompt_index, j))
+            return prompt.fork(j, stream_key(seed, first + prompt.prompt_index, j))
 
         sched = Scheduler(blocks, max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
                           lookahead=self.sync_every, n=params.n, make_child=make_child)
