@@ -64,7 +64,8 @@ class RolloutConfig:
     """Sampling backend: "native" (fusedrl's engine: paged KV shared by a group's samples, continuous
     batching; Llama/Qwen2/Qwen3/Mistral, other models fall back to "hf" with a notice) or "hf"
     (transformers with a KV cache, the correctness oracle); both read the trainer's model in place.
-    "vllm" is reserved (a clear error until it lands)."""
+    "vllm": vLLM colocated on the trainer's GPU (the `vllm` extra, `pip install fusedrl[vllm]`), asleep
+    during training, the policy's weights pushed before each rollout."""
 
 
 @dataclass
@@ -198,6 +199,10 @@ def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
         raise ConfigError("rollout.backend", cfg.backend, list(AVAILABLE_BACKENDS),
                           f"rollout.backend: {cfg.backend!r} is not available in this build; expected one of "
                           f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
+    if cfg.backend == "vllm":
+        from fusedrl.rollout.vllm import require_vllm
+
+        require_vllm("rollout.backend")
     if require_reward and cfg.verifier is None and cfg.reward_model is None:
         raise ConfigError("rollout.verifier", None, "a 'module:function' verifier or rollout.reward_model",
                           "rollout: set rollout.verifier ('module:function') or rollout.reward_model (a folder)")
