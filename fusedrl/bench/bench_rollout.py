@@ -6,7 +6,8 @@ ROLLOUT-CPU (the G8 pattern on a ~30M-parameter Qwen2-shaped model in float32 on
 16 prompts of 128 tokens x 8 samples, 64 new tokens). Sampling at temperature 1, no top-k /
 top-p, no stop token: every completion runs to its full length.
 
-Providers: fusedrl native (`fusedrl.rollout.native.NativeEngine`); transformers `generate`
+Providers: fusedrl native (`fusedrl.rollout.native.NativeEngine`); fusedrl hf (the `hf` rollout
+backend, `fusedrl.rollout.hf.HFSampler`, the correctness oracle); transformers `generate`
 (`do_sample=True`, no top-k, `num_return_sequences=n`, dynamic cache, SDPA); vLLM (`LLM.generate`
 on the same weights saved to a temporary folder, `ignore_eos`) when importable, else a skipped row.
 Each provider is first checked: its greedy first token must agree with the model's own argmax on
@@ -75,6 +76,19 @@ def native_provider(model, case) -> Callable:
     def run(prompts, n, new, greedy=False):
         params = SamplingParams(n=n, temperature=0.0 if greedy else 1.0, max_new_tokens=new, seed=0)
         return [[c.token_ids for c in g] for g in engine.generate(prompts, params)]
+    return run
+
+
+def hf_provider(model, case) -> Callable:
+    """fusedrl's `hf` rollout backend (the correctness oracle: a left-padded batch over a KV cache)."""
+    from fusedrl.rollout.hf import HFSampler
+    from fusedrl.rollout.sampling import SamplingParams
+
+    sampler = HFSampler(model)
+
+    def run(prompts, n, new, greedy=False):
+        params = SamplingParams(n=n, temperature=0.0 if greedy else 1.0, max_new_tokens=new, seed=0)
+        return [[c.token_ids for c in g] for g in sampler.generate(prompts, params)]
     return run
 
 
@@ -147,7 +161,8 @@ def run_rollout_case(case_id: str, case, repeats: int) -> List[dict]:
     prompts = make_prompts(count, length, model.config.vocab_size)
     params = sum(p.numel() for p in model.parameters())
     rows = []
-    makers = [("fusedrl native", native_provider), ("transformers generate", generate_provider)]
+    makers = [("fusedrl native", native_provider), ("fusedrl hf", hf_provider),
+              ("transformers generate", generate_provider)]
     if device == "cuda":
         makers.append(("vLLM", vllm_provider))
     for name, make in makers:
