@@ -85,7 +85,8 @@ class VLLMConfig:
 
     def __post_init__(self):
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
-            raise ValueError(f"VLLMConfig.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization!r}")
+            raise ValueError("VLLMConfig.gpu_memory_utilization must be in (0, 1], "
+                             f"got {self.gpu_memory_utilization!r}")
         if self.sleep_level not in (0, 1, 2):
             raise ValueError(f"VLLMConfig.sleep_level must be 0, 1 or 2, got {self.sleep_level!r}")
         if self.max_model_len is not None and (not isinstance(self.max_model_len, int) or self.max_model_len < 1):
@@ -229,6 +230,8 @@ class VLLMSampler(Sampler):
                       worker_extension_cls=f"{__name__}.WeightSyncWorker", tensor_parallel_size=1)
         if cfg.max_model_len:
             kwargs["max_model_len"] = cfg.max_model_len
+        if self.tokenizer is None:  # token ids in and out; stop strings then cannot be used
+            kwargs["skip_tokenizer_init"] = True
         kwargs.update(cfg.llm_kwargs)
         return self.vllm.LLM(**kwargs)
 

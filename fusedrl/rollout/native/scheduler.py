@@ -5,10 +5,10 @@ window of up to `lookahead` tokens when nothing waits for prefill: several decod
 device between host syncs). A sequence that cannot get the blocks it needs preempts the newest
 running one (recompute preemption: its blocks are freed and it is prefilled again later, prompt
 and completion so far, except the leading prompt blocks its group's other samples still hold: those
-stay shared and the re-prefill starts after them). The budget left after decode goes to prefill chunks of waiting sequences
-(chunked prefill: a long prompt is split across steps). A group's prompt is prefilled once; when
-its last chunk runs, its logits give the first token of each of the n samples, forked from it
-with shared blocks. A finished sequence frees its blocks at once.
+stay shared and the re-prefill starts after them). The budget left after decode goes to prefill
+chunks of waiting sequences (chunked prefill: a long prompt is split across steps). A group's
+prompt is prefilled once; when its last chunk runs, its logits give the first token of each of
+the n samples, forked from it with shared blocks. A finished sequence frees its blocks at once.
 """
 from __future__ import annotations
 
