@@ -254,9 +254,9 @@ def test_real_vllm_greedy_matches_the_native_engine(tmp_path):
     pytest.importorskip("vllm", reason="the vllm extra is not installed")
     if not torch.cuda.is_available():
         pytest.skip("vllm needs a CUDA device")
-    # head dim 64: vLLM's attention backends do not take the other tests' head dim of 8
+    # head dim 64 in bf16: what every vLLM attention backend takes (not the other tests' 8 in fp32)
     model = tiny_model("qwen2", seed=1, vocab_size=512, hidden_size=256, intermediate_size=512,
-                       num_attention_heads=4, num_key_value_heads=2).cuda()
+                       num_attention_heads=4, num_key_value_heads=2).cuda().to(torch.bfloat16)
     sampler = V.VLLMSampler(model, None, config=V.VLLMConfig(gpu_memory_utilization=0.2, max_model_len=128,
                                                              llm_kwargs=dict(enforce_eager=True)))
     prompts = random_prompts(8, 1, 40, seed=2)
@@ -264,7 +264,7 @@ def test_real_vllm_greedy_matches_the_native_engine(tmp_path):
     got = sampler.generate(prompts, params)
     want = NativeEngine(model).generate(prompts, params)
     same = sum(a.token_ids == b.token_ids for g, h in zip(got, want) for a, b in zip(g, h))
-    assert same >= 14, f"{same}/16 greedy completions agree"
+    assert same >= 12, f"{same}/16 greedy completions agree"  # bf16: a rare near-tie may flip
     sampled = sampler.generate(prompts, SamplingParams(n=4, temperature=1.0, max_new_tokens=8, seed=3))
     for grp in sampled:
         for c in grp:
