@@ -13,6 +13,7 @@
 #   PYTHON        interpreter (default python3)
 #   TOTAL_S       overall budget in seconds (default 285)
 #   INSTALL_S, TEST_S, ROLLOUT_S, PROFILE_S, BENCH_EACH_S   caps per stage / per bench (60, 90, 60, 60, 120)
+#   VLLM_S        cap of the vllm backend stage, run only where vllm is importable (120)
 #   BENCHES       comma-separated bench names, in order (default: all, packing last)
 # Wheels in .whl/ (if any) are installed to /tmp/site and put on PYTHONPATH first.
 # The pure-Python peers travel that way (.whl/ is git-ignored; name it in the device
@@ -99,6 +100,15 @@ stage "gpu tests" "${TEST_S:-90}" bash -c '"$@"; rc=$?; [ $rc = 5 ] && echo "no 
 #     (Also collected by the stage above; run here on its own so its status shows in the summary.)
 stage "rollout engine" "${ROLLOUT_S:-60}" "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} \
   tests/rollout/test_engine_cuda.py tests/kernels/test_decode_attention.py
+# 3b'. the vllm rollout backend (issue 15): only where vllm is importable (it is an optional extra and
+#      is not installed by this script): a tiny Qwen2 colocated in-process, weights pushed, greedy vs
+#      the native engine, sampling with log-probs, sleep / wake.
+if "$PY" -c "import sys, importlib.util as u; sys.exit(0 if u.find_spec('vllm') else 1)" 2>/dev/null; then
+  stage "rollout vllm" "${VLLM_S:-120}" "$PY" -m pytest -q -m gpu ${PYTEST_OPTS[@]+"${PYTEST_OPTS[@]}"} \
+    tests/rollout/test_vllm.py
+else
+  note "$(printf '%-22s skipped: vllm not installed (pip install fusedrl[vllm])' "rollout vllm")"
+fi
 # 3c. 1-GPU FSDP2 smoke (issue 16): a world-size-1 NCCL group, sharded SFT/GRPO steps, bf16 + AC,
 #     CPU offload, gathered params, DCP round trip; skipped without CUDA
 if "$PY" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then

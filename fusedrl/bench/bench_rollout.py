@@ -6,13 +6,16 @@ ROLLOUT-CPU (the G8 pattern on a ~30M-parameter Qwen2-shaped model in float32 on
 16 prompts of 128 tokens x 8 samples, 64 new tokens). Sampling at temperature 1, no top-k /
 top-p, no stop token: every completion runs to its full length.
 
-Providers: fusedrl native (`fusedrl.rollout.native.NativeEngine`); transformers `generate`
+Providers: fusedrl native (`fusedrl.rollout.native.NativeEngine`); fusedrl hf (the `hf` rollout
+backend, `fusedrl.rollout.hf.HFSampler`, the correctness oracle); transformers `generate`
 (`do_sample=True`, no top-k, `num_return_sequences=n`, dynamic cache, SDPA); vLLM (`LLM.generate`
 on the same weights saved to a temporary folder, `ignore_eos`) when importable, else a skipped row.
 Each provider is first checked: its greedy first token must agree with the model's own argmax on
 every prompt (>= 90% in bf16), and its completions must have the full length. Then one warm-up
 and `--repeats` timed runs; the row gives the median ms and new tokens/s, and the summary the
-ratio to `generate`.
+ratio to `generate`, by wall time and by this process's CPU time (`cpu_s_p50`, `tokens_per_cpu_s`,
+`x_generate_cpu`): on a CPU shared with other jobs, the wall time of one provider depends on the
+share of the cores it got while it ran, while with `--threads 1` the CPU time is the work done.
 
     python -m fusedrl.bench.bench_rollout                       # every case this machine can run; writes JSON
     python -m fusedrl.bench.bench_rollout --cases ROLLOUT-CPU   # the CPU case (about a minute on 2 cores)
@@ -78,6 +81,19 @@ def native_provider(model, case) -> Callable:
     return run
 
 
+def hf_provider(model, case) -> Callable:
+    """fusedrl's `hf` rollout backend (the correctness oracle: a left-padded batch over a KV cache)."""
+    from fusedrl.rollout.hf import HFSampler
+    from fusedrl.rollout.sampling import SamplingParams
+
+    sampler = HFSampler(model)
+
+    def run(prompts, n, new, greedy=False):
+        params = SamplingParams(n=n, temperature=0.0 if greedy else 1.0, max_new_tokens=new, seed=0)
+        return [[c.token_ids for c in g] for g in sampler.generate(prompts, params)]
+    return run
+
+
 def generate_provider(model, case) -> Callable:
     device = next(model.parameters()).device
 
@@ -124,17 +140,21 @@ def check(run, model, prompts, n, new, dtype) -> Optional[str]:
     return None
 
 
-def time_provider(run, prompts, n, new, repeats: int) -> List[float]:
+def time_provider(run, prompts, n, new, repeats: int, cpu_times: Optional[List[float]] = None) -> List[float]:
+    """Wall ms per timed run; also appends this process's CPU seconds per run to `cpu_times` (on a shared
+    CPU with one thread, the CPU time is the work done whatever share of the cores the run got)."""
     run(prompts[:2], n, 4)  # warm-up: compiles, graph capture, allocator
     samples = []
     for _ in range(repeats):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run(prompts, n, new)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         samples.append((time.perf_counter() - start) * 1e3)
+        if cpu_times is not None:
+            cpu_times.append(time.process_time() - cpu)
     return samples
 
 
@@ -147,7 +167,8 @@ def run_rollout_case(case_id: str, case, repeats: int) -> List[dict]:
     prompts = make_prompts(count, length, model.config.vocab_size)
     params = sum(p.numel() for p in model.parameters())
     rows = []
-    makers = [("fusedrl native", native_provider), ("transformers generate", generate_provider)]
+    makers = [("fusedrl native", native_provider), ("fusedrl hf", hf_provider),
+              ("transformers generate", generate_provider)]
     if device == "cuda":
         makers.append(("vLLM", vllm_provider))
     for name, make in makers:
@@ -161,26 +182,31 @@ def run_rollout_case(case_id: str, case, repeats: int) -> List[dict]:
             if wrong:
                 rows.append({**row, "status": wrong})
                 continue
-            samples = time_provider(run, prompts, n, new, repeats)
+            cpu_times: List[float] = []
+            samples = time_provider(run, prompts, n, new, repeats, cpu_times)
         except Exception as exc:  # a crashing provider is reported, not fatal
             rows.append({**row, "status": f"error: {type(exc).__name__}: {exc}"[:200]})
             continue
         p50 = statistics.median(samples)
         rows.append({**row, "status": "ok", "ms_p50": p50, "ms_p20": min(samples), "ms_p80": max(samples),
-                     "max_rel_err": 0.0, "peak_extra_bytes": None, "tokens_per_s": row["new_tokens"] / (p50 / 1e3)})
+                     "max_rel_err": 0.0, "peak_extra_bytes": None, "tokens_per_s": row["new_tokens"] / (p50 / 1e3),
+                     "cpu_s_p50": statistics.median(cpu_times),
+                     "tokens_per_cpu_s": row["new_tokens"] / max(statistics.median(cpu_times), 1e-9)})
     ref = next((r for r in rows if r["provider"] == "transformers generate" and r["status"] == "ok"), None)
     for r in rows:
         if ref is not None and r.get("status") == "ok":
             r["x_generate"] = r["tokens_per_s"] / ref["tokens_per_s"]
+            r["x_generate_cpu"] = r["tokens_per_cpu_s"] / ref["tokens_per_cpu_s"]
     return rows
 
 
 def summary(rows: Sequence[dict]) -> str:
-    lines = ["new tokens/s (x transformers generate):"]
+    lines = ["new tokens/s (x transformers generate), by wall time and by this process's CPU time:"]
     for r in rows:
         if r.get("status") == "ok":
             lines.append(f"  {r['case']:<13} {r['provider']:<22} {r['tokens_per_s']:>10.0f} tok/s  "
-                         f"{r.get('x_generate', float('nan')):.2f}x")
+                         f"{r.get('x_generate', float('nan')):.2f}x   {r['tokens_per_cpu_s']:>10.0f} tok/cpu-s  "
+                         f"{r.get('x_generate_cpu', float('nan')):.2f}x")
     return "\n".join(lines)
 
 

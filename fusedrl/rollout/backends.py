@@ -5,7 +5,9 @@
 
 "native" (fusedrl.rollout.native: paged KV shared by a group's samples, continuous batching) runs
 Llama, Qwen2, Qwen3 and Mistral models; any other model falls back to "hf" with a one-line notice.
-Both read the trainer's parameters in place, so no weight sync is needed.
+Both read the trainer's parameters in place, so no weight sync is needed. "vllm" (the optional
+`vllm` extra, fusedrl.rollout.vllm) runs vLLM colocated in this process: one engine per model, kept
+across calls, asleep between rollouts, with the policy's weights pushed when they changed.
 
 The stages give every backend the same two things: the tokenizer (EOS ends a completion when the
 params name no stop token) and their resumable random stream `generator`. Both backends draw one
@@ -29,9 +31,10 @@ from fusedrl.rollout.sampling import Completion, Sampler, SamplingParams
 logger = logging.getLogger("fusedrl")
 
 BACKENDS = ("native", "hf", "vllm")
-AVAILABLE_BACKENDS = ("native", "hf")
+AVAILABLE_BACKENDS = ("native", "hf", "vllm")  # "vllm" needs the vllm extra (checked at load time)
 DEFAULT_BACKEND = "native"
 _NOTIFIED = set()  # model classes already reported as falling back to hf
+_VLLM = {}  # id(model) -> its VLLMSampler (a vLLM engine is built once per model and kept)
 
 
 class NativeSampler(Sampler):
@@ -68,7 +71,7 @@ def make_sampler(backend: str, model, tokenizer, *, generator: Optional[torch.Ge
     """The rollout backend named by [rollout] backend, sampling from `model` in place.
 
     Args:
-        backend: "native" or "hf" ("vllm" is named but not available in this build).
+        backend: "native", "hf" or "vllm" (needs the vllm extra: a one-line ConfigError without it).
         generator: the stage's resumable random stream on the model's device (None: params.seed).
         batch_size: hf only, prompts x n rows per decode batch (0 = all at once); the native
             engine batches continuously under its own token budget.
@@ -76,6 +79,8 @@ def make_sampler(backend: str, model, tokenizer, *, generator: Optional[torch.Ge
     if backend not in AVAILABLE_BACKENDS:
         raise ValueError(f"rollout.backend: {backend!r} is not available in this build; expected one of "
                          f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
+    if backend == "vllm":
+        return _vllm_sampler(model, tokenizer, generator)
     if backend == "native":
         from fusedrl.rollout.native import NativeEngine, UnsupportedModelError
 
@@ -87,3 +92,14 @@ def make_sampler(backend: str, model, tokenizer, *, generator: Optional[torch.Ge
                 _NOTIFIED.add(name)
                 logger.info("rollout: the native engine cannot run %s (%s); using the hf backend", name, err)
     return HFSampler(model, tokenizer, generator=generator, batch_size=batch_size)
+
+
+def _vllm_sampler(model, tokenizer, generator):
+    from fusedrl.rollout.vllm import VLLMSampler, require_vllm
+
+    require_vllm()
+    sampler = _VLLM.get(id(model))
+    if sampler is None or sampler.model is not model:
+        sampler = _VLLM[id(model)] = VLLMSampler(model, tokenizer, generator=generator)
+    sampler.generator = generator
+    return sampler

@@ -64,7 +64,8 @@ class RolloutConfig:
     """Sampling backend: "native" (fusedrl's engine: paged KV shared by a group's samples, continuous
     batching; Llama/Qwen2/Qwen3/Mistral, other models fall back to "hf" with a notice) or "hf"
     (transformers with a KV cache, the correctness oracle); both read the trainer's model in place.
-    "vllm" is reserved (a clear error until it lands)."""
+    "vllm": vLLM colocated on the trainer's GPU (the `vllm` extra, `pip install fusedrl[vllm]`), asleep
+    during training, the policy's weights pushed before each rollout."""
     process_reward_model: Optional[str] = None
     """Reward from a saved process reward model (folder of a `reward_model` run with kind = "process"; the policy's
     tokenizer), added to the verifier / reward model (if any) times prm_weight. GRPO family: one score per
@@ -210,6 +211,10 @@ def check_rollout(cfg: RolloutConfig, *, require_reward: bool = True) -> None:
         raise ConfigError("rollout.backend", cfg.backend, list(AVAILABLE_BACKENDS),
                           f"rollout.backend: {cfg.backend!r} is not available in this build; expected one of "
                           f"{list(AVAILABLE_BACKENDS)} (known: {list(BACKENDS)})")
+    if cfg.backend == "vllm":
+        from fusedrl.rollout.vllm import require_vllm
+
+        require_vllm("rollout.backend")
     check_process_reward(cfg)
     if require_reward and cfg.verifier is None and cfg.reward_model is None and cfg.process_reward_model is None:
         raise ConfigError("rollout.verifier", None, "a 'module:function' verifier or rollout.reward_model",

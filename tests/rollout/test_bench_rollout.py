@@ -8,7 +8,8 @@ from fusedrl.bench import bench_rollout
 def test_smoke_runs_and_reports_ratios(capsys, tmp_path):
     assert bench_rollout.main(["--smoke", "--results-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "fusedrl native" in out and "transformers generate" in out and "x transformers generate" in out
+    assert "fusedrl native" in out and "fusedrl hf" in out and "transformers generate" in out
+    assert "x transformers generate" in out
     assert list(tmp_path.glob("rollout-*.json"))
 
 

@@ -96,3 +96,44 @@ def test_a_pool_too_small_for_one_sequence_raises():
     with pytest.raises(RuntimeError, match="cannot hold one sequence"):
         for _ in range(4):
             _step(sched)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_preempted_sample_reuses_its_groups_prompt_blocks(reuse):
+    # an 8-token prompt (4 full blocks of 2) with 3 samples of 6 tokens: 4 + 3 * 3 = 13 blocks at the end,
+    # so a 9-block pool preempts samples while their siblings still hold the prompt's blocks
+    sched, bm = _scheduler(9, block_size=2, n=3)
+    sched.reuse_prefix = reuse
+    sched.add(Sequence(0, list(range(8)), max_new_tokens=6))
+    while not sched.done:
+        _step(sched)
+    assert sched.num_preemptions > 0 and len(sched.preempted) == sched.num_preemptions
+    assert sorted(s.sample_index for s in sched.finished) == [0, 1, 2]
+    assert all(s.num_completion == 6 and s.token_ids[:8] == list(range(8)) for s in sched.finished)
+    recompute = sum(tokens for tokens, _ in sched.preempted)
+    kept = [k for _, k in sched.preempted]
+    if reuse:  # every preempted sample had a running sibling: its whole prompt (8 positions) was a hit
+        assert kept == [8] * len(kept)
+        assert sched.num_prefilled == 8 + recompute - 8 * len(kept)
+    else:
+        assert kept == [0] * len(kept) and sched.num_prefilled == 8 + recompute
+    assert bm.num_used == 0 and all(r == 0 for r in bm.ref_counts)
+
+
+def test_preemption_keeps_only_full_shared_blocks():
+    bm = BlockManager(12, 4)
+    prompt = Sequence(0, list(range(10)), max_new_tokens=4)  # blocks: full, full, partial (2 of 4)
+    bm.allocate(prompt, 10)
+    a, b = prompt.fork(0, 0), prompt.fork(1, 1)
+    for c in (a, b):
+        bm.fork(c)
+    bm.free(prompt)
+    for c in (a, b):
+        c.append(5, -1.0)
+        c.num_cached = 10
+    assert bm.make_writable(a, 10) is not None  # a writes into its own copy of the partial block
+    bm.allocate(a, 11)
+    assert bm.free_after_shared_prefix(a) == 8 and a.block_table == b.block_table[:2] and a.num_cached == 8
+    assert bm.ref_counts[b.block_table[0]] == 2 and bm.ref_counts[b.block_table[2]] == 1
+    bm.free(b)  # now a alone holds blocks 0-1: a second preemption of a frees them (nothing shared)
+    assert bm.free_after_shared_prefix(a) == 0 and a.block_table == [] and bm.num_used == 0

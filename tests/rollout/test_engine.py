@@ -169,3 +169,22 @@ def test_refusals_and_bad_input(model):
         engine.generate([[1]], {"n": 1})
     with pytest.raises(ValueError, match="block_size"):
         EngineConfig(block_size=0)
+
+
+def test_preempted_samples_reuse_the_groups_prompt_blocks(model):
+    """A tiny pool preempts samples while their siblings hold the prompt: the re-prefill skips the prompt's
+    full blocks (counted in prefill_tokens) and the completions are those of an unconstrained run."""
+    prompts = random_prompts(2, 33, 40, seed=7)
+    params = SamplingParams(n=4, temperature=1.0, max_new_tokens=16, seed=5)
+    free = NativeEngine(model, config=EngineConfig(block_size=4)).generate(prompts, params)
+    tight = NativeEngine(model, config=EngineConfig(block_size=4, num_blocks=28, max_num_batched_tokens=64))
+    got = tight.generate(prompts, params)
+    assert tight.stats["preemptions"] > 0
+    assert [[c.token_ids for c in g] for g in got] == [[c.token_ids for c in g] for g in free]
+    for g, h in zip(got, free):
+        for a, b in zip(g, h):
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    # prompts once per group, plus per preemption only what lies past the kept prompt blocks
+    st = tight.stats
+    assert st["prefix_hit_tokens"] >= 32 and st["prefix_hit_tokens"] % 4 == 0
+    assert st["prefill_tokens"] == sum(map(len, prompts)) + st["preempted_tokens"] - st["prefix_hit_tokens"]

@@ -79,5 +79,21 @@ class BlockManager:
         seq.block_table = []
         seq.num_cached = 0
 
+    def free_after_shared_prefix(self, seq: Sequence) -> int:
+        """Preemption that keeps a sequence's leading blocks still shared with others (its group's prompt,
+        held by its siblings): they are full and cached, so a re-prefill starts after them. The other
+        blocks are freed. Returns the positions kept (seq.num_cached)."""
+        keep = 0
+        while (keep < len(seq.block_table) and self.ref_counts[seq.block_table[keep]] > 1
+               and (keep + 1) * self.block_size <= seq.num_cached):
+            keep += 1
+        for block in seq.block_table[keep:]:
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
+        del seq.block_table[keep:]
+        seq.num_cached = keep * self.block_size
+        return seq.num_cached
+
     def used_blocks(self) -> List[int]:
         return [b for b, r in enumerate(self.ref_counts) if r > 0]

@@ -173,7 +173,10 @@ class NativeEngine(Sampler):
                 steps += 1
                 forwards += batch.steps
         self.stats = {"seconds": time.perf_counter() - start, "steps": steps, "forwards": forwards,
-                      "preemptions": sched.num_preemptions, "peak_blocks": blocks.peak_used,
+                      "preemptions": sched.num_preemptions, "prefill_tokens": sched.num_prefilled,
+                      "preempted_tokens": sum(t for t, _ in sched.preempted),
+                      "prefix_hit_tokens": sum(k for _, k in sched.preempted),
+                      "peak_blocks": blocks.peak_used,
                       "num_blocks": blocks.num_blocks,
                       "new_tokens": sum(s.num_completion for s in sched.finished)}
         return self._collect(sched.finished, len(prompts), params)

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from ...kernels import varlen_attention
 from ...kernels.decode_attention import paged_decode_attention
 from ...kernels.invariant import attend_sequence, is_invariant, paged_sequence_keys
+from .cascade import CascadeInputs, cascade_decode_attention
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -38,6 +39,8 @@ class AttentionInputs:
     Prefill chunks with cached keys (chunked prefill): context_slots (Nk,) the slots of every key of
     every chunk's sequence, cu_seqlens_k / max_seqlen_k their boundaries, query_index (Nq,) where each
     chunk token sits in that packing. None when no chunk has cached keys.
+    cascade: when set, the decode rows attend with `cascade_decode_attention` (shared prompt pages once
+    per group) instead of `paged_decode_attention`.
     """
 
     slot_mapping: torch.Tensor
@@ -50,6 +53,7 @@ class AttentionInputs:
     cu_seqlens_k: Optional[torch.Tensor] = None
     max_seqlen_k: int = 0
     query_index: Optional[torch.Tensor] = None
+    cascade: Optional[CascadeInputs] = None  # decode rows sharing a group's prompt pages (CPU; cascade.py)
 
 
 def _rope_theta(config) -> float:
@@ -175,7 +179,10 @@ class NativeCausalLM:
         flat_v.index_copy_(0, attn.slot_mapping, v.to(v_cache.dtype))
         parts: List[torch.Tensor] = []
         nd = attn.num_decode
-        if nd:
+        if nd and attn.cascade is not None:
+            parts.append(cascade_decode_attention(q[:nd], k_cache, v_cache, attn.cascade, attn.context_lens,
+                                                  self.scale))
+        elif nd:
             parts.append(paged_decode_attention(q[:nd], k_cache, v_cache, attn.block_tables, attn.context_lens,
                                                 softmax_scale=self.scale, backend=self.decode_backend))
         if n > nd:

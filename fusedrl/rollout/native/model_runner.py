@@ -16,6 +16,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ...kernels.invariant import is_invariant
+from .cascade import plan_cascade
 from .model import AttentionInputs, NativeCausalLM
 from .sampler import TokenSampler, as_int64
 from .scheduler import Batch
@@ -39,6 +40,9 @@ class ModelRunner:
         self.graph_max_batch = graph_max_batch
         self.graphs: Dict[Tuple[int, int], "_DecodeGraph"] = {}
         self.graph_pool = None
+        # Cascade decode attention (a group's shared prompt pages attended once) where the per-row path
+        # would be the torch reference: on the CPU with the default or reference decode backend.
+        self.use_cascade = self.device.type == "cpu" and model.decode_backend in (None, "auto", "reference")
 
     # --- the KV pool ---------------------------------------------------------------------------
     def bytes_per_block(self) -> int:
@@ -84,6 +88,13 @@ class ModelRunner:
         rows = [s.block_table + [0] * (width - len(s.block_table)) for s in seqs]
         return torch.tensor(rows, dtype=torch.int32, device=self.device)
 
+    def _cascade(self, seqs):
+        if not self.use_cascade or len(seqs) < 2:
+            return None
+        bs = self.block_size
+        return plan_cascade([s.block_table for s in seqs], [s.prompt_index for s in seqs],
+                            [s.num_prompt_tokens // bs for s in seqs], bs, self.device)
+
     def _build(self, batch: Batch):
         ids, pos, slots = [], [], []
         for seq in batch.decode:
@@ -104,6 +115,7 @@ class ModelRunner:
         if nd:
             attn.block_tables = self._tables(batch.decode)
             attn.context_lens = torch.tensor([p + 1 for p in pos[:nd]], dtype=torch.int32, device=dev)
+            attn.cascade = self._cascade(batch.decode)
         if batch.prefill:
             attn.cu_seqlens_q = torch.tensor(cu_q, dtype=torch.int32, device=dev)
             attn.max_seqlen_q = max(b - a for a, b in zip(cu_q[:-1], cu_q[1:]))
@@ -144,11 +156,11 @@ class ModelRunner:
         return decode_out, prefill_out
 
     # --- multi-step decode window -------------------------------------------------------------
-    def _decode_logits(self, ids, pos, tables):
+    def _decode_logits(self, ids, pos, tables, cascade=None):
         bs = self.block_size
         slot = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
         attn = AttentionInputs(slot_mapping=slot, num_decode=ids.shape[0], block_tables=tables,
-                               context_lens=(pos + 1).to(torch.int32))
+                               context_lens=(pos + 1).to(torch.int32), cascade=cascade)
         return self.model.logits(self.model.forward(ids, pos, attn, self.kv))
 
     def _invariant_decode_step(self, ids, pos, tables, sampler, streams, steps):
@@ -185,6 +197,7 @@ class ModelRunner:
         count = torch.zeros_like(base)
         alive = torch.ones(len(seqs), dtype=torch.bool, device=dev)
         graph = self._graph_for(len(seqs), tables.shape[1])
+        cascade = None if graph is not None else self._cascade(seqs)  # block tables hold the whole window
         out_tok, out_lp, out_top = [], [], []
         invariant = is_invariant()
         if invariant:  # host-side tiling: no graph capture
@@ -193,7 +206,10 @@ class ModelRunner:
             if invariant:
                 tok, lp, top = self._invariant_decode_step(ids, pos, tables, sampler, streams, base + count)
             else:
-                logits = graph.run(ids, pos, tables) if graph is not None else self._decode_logits(ids, pos, tables)
+                if graph is not None:
+                    logits = graph.run(ids, pos, tables)
+                else:
+                    logits = self._decode_logits(ids, pos, tables, cascade)
                 tok, lp, top = sampler(logits, streams, base + count)
             out_tok.append(tok), out_lp.append(lp), out_top.append(top)
             count = count + alive.long()

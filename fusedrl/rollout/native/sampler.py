@@ -103,7 +103,8 @@ class TokenSampler:
                  ) -> Tuple[torch.Tensor, torch.Tensor, Optional[Tuple[torch.Tensor, torch.Tensor]]]:
         """tokens (B,) int64, their log-probs (B,) float32, and (top values, top ids) when logprobs_topk."""
         p = self.params
-        logp = torch.log_softmax(logits.float() / self.temperature, dim=-1)
+        scaled = logits.float() if self.temperature == 1.0 else logits.float() / self.temperature
+        logp = torch.log_softmax(scaled, dim=-1)
         if p.greedy:
             tokens = logits.argmax(dim=-1)
         else:

@@ -4,10 +4,11 @@ Each step first schedules every running (decoding) sequence, oldest first, one t
 window of up to `lookahead` tokens when nothing waits for prefill: several decode steps on the
 device between host syncs). A sequence that cannot get the blocks it needs preempts the newest
 running one (recompute preemption: its blocks are freed and it is prefilled again later, prompt
-and completion so far). The budget left after decode goes to prefill chunks of waiting sequences
-(chunked prefill: a long prompt is split across steps). A group's prompt is prefilled once; when
-its last chunk runs, its logits give the first token of each of the n samples, forked from it
-with shared blocks. A finished sequence frees its blocks at once.
+and completion so far, except the leading prompt blocks its group's other samples still hold: those
+stay shared and the re-prefill starts after them). The budget left after decode goes to prefill
+chunks of waiting sequences (chunked prefill: a long prompt is split across steps). A group's
+prompt is prefilled once; when its last chunk runs, its logits give the first token of each of
+the n samples, forked from it with shared blocks. A finished sequence frees its blocks at once.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ class Batch:
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, max_num_seqs: int, max_num_batched_tokens: int, lookahead: int,
-                 n: int, make_child: Callable[[Sequence, int], Sequence]):
+                 n: int, make_child: Callable[[Sequence, int], Sequence], reuse_prefix: bool = True):
         self.blocks = blocks
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -58,6 +59,9 @@ class Scheduler:
         self.running: List[Sequence] = []
         self.finished: List[Sequence] = []
         self.num_preemptions = 0
+        self.reuse_prefix = reuse_prefix
+        self.num_prefilled = 0  # tokens sent through prefill chunks (prompts once per group, plus re-prefills)
+        self.preempted: List[Tuple[int, int]] = []  # per preemption: (tokens of the sequence, positions kept)
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -67,7 +71,10 @@ class Scheduler:
         return not self.waiting and not self.running
 
     def _preempt(self, seq: Sequence) -> None:
-        self.blocks.free(seq)
+        kept = self.blocks.free_after_shared_prefix(seq) if self.reuse_prefix else 0
+        if not self.reuse_prefix:
+            self.blocks.free(seq)
+        self.preempted.append((seq.num_tokens, kept))
         seq.status = Status.WAITING
         self.running.remove(seq)
         self.waiting.appendleft(seq)
@@ -117,6 +124,7 @@ class Scheduler:
             if chunk.completes:
                 chunk.samples = [self.make_child(seq, j) for j in range(self.n)] if seq.is_prompt else [seq]
             chunks.append(chunk)
+            self.num_prefilled += end - seq.num_cached
             budget -= end - seq.num_cached
             seats += want
         return chunks
