@@ -85,10 +85,11 @@ def fixed_rollout(tok) -> Rollout:
 
 
 def _patch_sampling(monkeypatch, rollout):
+    import fusedrl.rollout.completions as completions
     import fusedrl.stages.policy_gradient as pg
 
     monkeypatch.setattr(pg, "make_sampler", lambda *a, **k: None)
-    monkeypatch.setattr(pg, "sample_rollout", lambda *a, **k: rollout)
+    monkeypatch.setattr(completions, "sample_rollout", lambda *a, **k: rollout)  # under sample_rollout_divided
 
 
 def _rollout_cfg(folder, **overrides) -> RolloutConfig:
