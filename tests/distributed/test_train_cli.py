@@ -10,6 +10,7 @@ docs/distributed.md), beyond 1e-6 for any two reduction orders.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -267,3 +268,33 @@ def test_sigkill_of_a_rank_stops_the_other_and_resume_is_bit_identical(sft_runs,
     wa, wb = _weights(tmp / "two"), _weights(run)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name  # bit for bit
+
+
+@pytest.mark.slow
+def test_ppo_critic_is_sharded_and_its_checkpoint_resumes_at_1(tmp_path):
+    """PPO's critic is an FSDP2 root of its own (DTensor parameters), saved sharded in the DCP checkpoint
+    beside the policy; the 2-rank checkpoint of step 2 resumed in one process redoes step 3 (a new rollout,
+    whose values and value loss come from the restored critic) like the 2-rank run."""
+    config = _config(tmp_path, "ppo")
+    steps = ["--loop.max_steps=3", "--checkpoint.every=2"]
+    log = _torchrun(config, tmp_path / "two", *steps)
+    found = re.findall(r"FSDP2: (\w+) (\w+) sharded, (\d+) of (\d+) parameters are DTensors", log)
+    assert ("trained", "FSDPScalarHeadModel") in [(role, cls) for role, cls, _, _ in found], found
+    assert all(int(a) == int(b) > 0 for _, _, a, b in found), found
+    ckpt = tmp_path / "two" / "checkpoints" / "step_00000002"
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    assert any(k.startswith("others.value.model.") for k in keys) and any(k.startswith("others.value.optim.")
+                                                                           for k in keys), sorted(keys)[:5]
+    run = tmp_path / "two_to_one"
+    shutil.copytree(tmp_path / "two", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000003")
+    shutil.rmtree(run / "final")
+    overrides = [("run.out_dir", str(run)), ("loop.max_steps", "3"), ("checkpoint.every", "2")]
+    run_training(load_run_config(str(config), overrides), resume=True)
+    two = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
+    one = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert two[-1]["step"] == one[-1]["step"] == 3
+    for key in ("loss", "value_loss", "value_grad_norm"):
+        assert abs(two[-1][key] - one[-1][key]) <= 1e-5, (key, two[-1][key], one[-1][key])
+    _assert_weights(tmp_path / "two", run, atol=1e-5)
