@@ -107,6 +107,28 @@ resample_rounds = 0
 demo_template = "{prompt}|{demo}|"
 """)
 
+# Rejection sampling: 5 prompts x 4 samples scored by the verifier, best per prompt, then SFT on them.
+STAGES["rejection"] = f"""
+[run]
+stage = "rejection"
+device = "cpu"
+seed = 3
+num_threads = 1
+[data]
+train = "{DATA / 'prompts_train.jsonl'}"
+max_len = 32
+token_budget = 40
+micro_batches_per_step = 2
+[loop]
+max_steps = 2
+[rejection]
+verifier = "tests.distributed._rewards:vowel_share"
+num_samples = 4
+max_prompts = 5
+selection = "best_per_prompt"
+max_new_tokens = 6
+temperature = 1.0
+"""
 
 
 def _config(tmp: Path, stage: str) -> Path:
@@ -298,3 +320,25 @@ def test_ppo_critic_is_sharded_and_its_checkpoint_resumes_at_1(tmp_path):
     for key in ("loss", "value_loss", "value_grad_norm"):
         assert abs(two[-1][key] - one[-1][key]) <= 1e-5, (key, two[-1][key], one[-1][key])
     _assert_weights(tmp_path / "two", run, atol=1e-5)
+
+
+def test_rejection_sampling_is_divided_and_world_size_2_matches_one_process(tmp_path):
+    """Each rank samples and scores its share of the prompts (rank 0: 3 of 5), rank 0 alone writes the
+    cache; the samples, rewards, selection, losses and final weights are the one-process run's."""
+    config = _config(tmp_path, "rejection")
+    _one_process(config, tmp_path / "one")
+    log = _torchrun(config, tmp_path / "two")
+    assert "rejection: sampled 5 x 4 completions" in log and "(3 prompts on this rank)" in log, log[-3000:]
+    caches = [sorted((tmp_path / run / "rejection_cache").glob("*.json")) for run in ("one", "two")]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 2
+    for a, b in zip(*caches):  # the samples and their scores
+        assert json.loads(a.read_text()) == json.loads(b.read_text()), a.name
+    assert not list((tmp_path / "two" / "rejection_cache").glob("*.tmp*"))
+    records = [read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two")]
+    train = [[r for r in rs if r["kind"] == "train"] for rs in records]
+    assert len(train[0]) == len(train[1]) == 2
+    for key in ("selected_reward", "random_reward", "sample_reward"):
+        assert [r[key] for r in train[0]] == [r[key] for r in train[1]], key
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
+    _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
