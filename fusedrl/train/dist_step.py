@@ -68,13 +68,16 @@ def gathered(model: torch.nn.Module):
 
 
 def frozen_models(stage) -> List[torch.nn.Module]:
-    """The frozen models a sampling stage calls only while it samples: the RL reference model
-    (`stage.ref_model`, beta > 0) and the reward model of its reward source (`stage.rewards.reward_model`).
+    """The frozen models of a sampling stage: the RL reference model (`stage.ref_model`, beta > 0), the
+    reward model of its reward source (`stage.rewards.reward_model`) and a distillation teacher
+    (`stage.teacher` of the distill stage, `stage.distill_teacher` of the RL stages: `teachers(stage)`).
 
-    They are sharded like the policy and gathered with it for the rollout. Others (a distillation
-    teacher, whose head the loss reads) stay whole on every rank.
+    They are sharded like the policy and gathered with it for the rollout (the teacher's hidden states
+    and per-token KL are computed there); the loss reads a sharded teacher's LM head through
+    `Teacher.head()`, which gathers the head once.
     """
-    found = [getattr(stage, "ref_model", None), getattr(getattr(stage, "rewards", None), "reward_model", None)]
+    found = [getattr(stage, "ref_model", None), getattr(getattr(stage, "rewards", None), "reward_model", None),
+             *[t.model for t in teachers(stage)]]
     out: List[torch.nn.Module] = []
     for module in found:
         if isinstance(module, torch.nn.Module) and not any(module is m for m in out) \
@@ -89,6 +92,13 @@ def other_trained(stage, model: torch.nn.Module) -> List[torch.nn.Module]:
 
     trainables = stage.trainables(model) if hasattr(stage, "trainables") else {}
     return [t.module for name, t in trainables.items() if name != POLICY and t.module is not model]
+
+
+def teachers(stage) -> list:
+    """The stage's distillation teachers (`fusedrl.rollout.teacher.Teacher`): the distill stage's
+    `teacher`, the RL stages' `distill_teacher`."""
+    found = [getattr(stage, "teacher", None), getattr(stage, "distill_teacher", None)]
+    return [t for t in found if hasattr(t, "prepare_sharding")]
 
 
 @contextmanager

@@ -170,8 +170,10 @@ def shard_models(cfg: TrainConfig, model: torch.nn.Module, stage) -> None:
 
         from torch.distributed.tensor import DTensor
 
-        from fusedrl.train.dist_step import frozen_models, other_trained
+        from fusedrl.train.dist_step import frozen_models, other_trained, teachers
 
+        for teacher in teachers(stage):
+            teacher.prepare_sharding()  # its body on the device (FSDP2 shards it; no offload of its own)
         roles = [("policy", model)] + [("trained", m) for m in other_trained(stage, model)] + \
             [("frozen", m) for m in frozen_models(stage)]
         for role, module in roles:

@@ -342,3 +342,35 @@ def test_rejection_sampling_is_divided_and_world_size_2_matches_one_process(tmp_
     one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
     assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
     _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
+
+
+def _teacher(tmp: Path, config: Path) -> Path:
+    """A tiny Qwen2 teacher with the student's vocabulary, other weights (seed 11), saved as a HF folder."""
+    from fusedrl.data.tokenizer import build_tokenizer
+    from fusedrl.models.causal_lm import build_policy, save_model
+
+    cfg = load_run_config(str(config))
+    torch.manual_seed(11)
+    teacher = build_policy(cfg.model, build_tokenizer(cfg.model), torch.device("cpu"))
+    save_model(teacher, tmp / "teacher")
+    return tmp / "teacher"
+
+
+@pytest.mark.slow
+def test_on_policy_distillation_shards_the_teacher_and_matches_one_process(tmp_path):
+    """The distill teacher is an FSDP2 root of its own (DTensor parameters): gathered with the student for
+    the rollout (its hidden states), its head gathered once for the loss; losses and weights = one process."""
+    config = tmp_path / "distill_teacher.toml"
+    config.write_text(STAGES["distill"].replace('mode = "self"', f'mode = "on_policy"\nteacher = "{tmp_path / "teacher"}"')
+                      + MODEL)
+    _teacher(tmp_path, config)
+    _one_process(config, tmp_path / "one")
+    log = _torchrun(config, tmp_path / "two")
+    found = re.findall(r"FSDP2: (\w+) (\w+) sharded, (\d+) of (\d+) parameters are DTensors", log)
+    assert [role for role, *_ in found] == ["policy", "frozen"] and all(int(a) == int(b) > 0 for *_, a, b in found)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
+    metrics = [[r["divergence"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+               for run in ("one", "two")]
+    assert all(d > 1e-3 for d in metrics[0]) and max(abs(a - b) for a, b in zip(*metrics)) <= 1e-6, metrics
+    _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
