@@ -96,7 +96,7 @@ beta = 0.05
 """,
 }
 # GRPO with a KL penalty: its frozen reference model is sharded and gathered for the rollout.
-# PPO: the GRPO run with a critic (kept whole on every rank, its gradients averaged) and old log-probs
+# PPO: the GRPO run with a critic (sharded, its own forward/backward per micro-batch) and old log-probs
 STAGES["ppo"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "ppo"').replace("[pg]\nbeta = 0.05\n", "")
 # Self-distillation (SDPO): the student is its own teacher; a sampling stage outside the GRPO family.
 STAGES["distill"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "distill"').replace("[pg]\nbeta = 0.05\n", """\
