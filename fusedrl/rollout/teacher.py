@@ -70,9 +70,9 @@ class Teacher:
         the first micro-batch's loss, or the first rollout while the teacher is gathered) and kept: the
         teacher is frozen. Its decoder layers and embeddings stay sharded.
         """
-        from fusedrl.train.parallel import is_sharded
+        from torch.distributed.fsdp import FSDPModule
 
-        if is_sharded(self.model):
+        if isinstance(self.model, FSDPModule):
             if self._head is None:
                 weight, bias = lm_head(self.model)
                 self._head = (_full(weight, self.device), None if bias is None else _full(bias, self.device))
