@@ -53,8 +53,30 @@ class Teacher:
             if self.offload:
                 self.model.to("cpu")
 
+    def prepare_sharding(self) -> torch.nn.Module:
+        """Before FSDP2 shards the teacher (`fusedrl train` under torchrun): its body on the device, no CPU
+        offload of its own (FSDP2's `parallel.cpu_offload` is the sharded equivalent). Returns the model."""
+        if self.offload:
+            self.model.to(self.device)
+            self.offload = False
+        self._head = None
+        return self.model
+
     def head(self) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(weight (V, H_T), bias or None) on the device, detached; kept there when the body is offloaded."""
+        """(weight (V, H_T), bias or None) on the device, detached; kept there when the body is offloaded.
+
+        On an FSDP2-sharded teacher the loss reads the head outside the teacher's forward (inside the
+        student's), so the full head is gathered once (an all-gather on every rank, at the same call:
+        the first micro-batch's loss, or the first rollout while the teacher is gathered) and kept: the
+        teacher is frozen. Its decoder layers and embeddings stay sharded.
+        """
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.model, FSDPModule):
+            if self._head is None:
+                weight, bias = lm_head(self.model)
+                self._head = (_full(weight, self.device), None if bias is None else _full(bias, self.device))
+            return self._head
         if self._head is None or self._head[0].device != self.device:
             weight, bias = lm_head(self.model)
             self._head = (weight.detach().to(self.device), None if bias is None else bias.detach().to(self.device))
@@ -62,6 +84,15 @@ class Teacher:
             weight, bias = lm_head(self.model)
             return weight.detach(), None if bias is None else bias.detach()
         return self._head
+
+
+def _full(tensor: torch.Tensor, device) -> torch.Tensor:
+    """A parameter of a sharded model as a full, detached tensor of its own (a DTensor shard is all-gathered;
+    a gathered parameter is copied, its storage is freed when the model is resharded)."""
+    from torch.distributed.tensor import DTensor
+
+    full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor.clone()
+    return full.detach().to(device)
 
 
 def load_teacher(name_or_path: str, *, device, vocab_size: int, dtype: Optional[str] = None,

@@ -17,9 +17,12 @@ steps (the buffer is in `state_dict()`).
 The critic has its own AdamW (`ppo.value_lr`, constant, no weight decay, AdamW's
 default betas and eps), as OpenRLHF and TRL's PPO do. The stage declares it with
 `trainables()`; the loop owns it like the policy's: the backward fills both
-models' gradients (the value loss is part of the returned loss), the loop clips
-each by optim.max_grad_norm and steps both, and checkpoints the critic's weights
-as safetensors (value/) beside the policy's. The stage's state holds no weights.
+models' gradients: the loop runs the policy's terms (`loss(..., with_value=False)`)
+and the value loss (`value_terms`, from `module_losses()`) as two forwards/backwards
+on the same micro-batch, each through its own model (under torchrun both are FSDP2
+roots), clips each by optim.max_grad_norm and steps both, and checkpoints the
+critic's weights as safetensors (value/) beside the policy's (DCP, sharded, under
+torchrun). The stage's state holds no weights.
 
 The value model: `ppo.value_model` if given, else a copy of the reward model
 (`rollout.reward_model`), else the policy's backbone (copied) with a zero head.
@@ -126,16 +129,37 @@ class PPOStage(PolicyGradientStage):
 
     # ------------------------------------------------------------------ the loss
 
-    def loss(self, model, batch: PackedBatch, totals: StepTotals):
+    def loss(self, model, batch: PackedBatch, totals: StepTotals, *, with_value: bool = True):
+        """The policy's terms plus vf_coef * the value loss; `with_value=False`: the policy's terms only
+        (the loop then runs `value_terms` as the critic's own forward/backward: `module_losses`)."""
         loss, metrics = self._policy_terms(model, batch, totals)
-        values = self.value_model.token_values(batch)  # (total,) position t: the state before label t
+        if not with_value:
+            return loss, metrics
+        v_loss, v_metrics = self.value_terms(self.value_model, batch, totals)
+        metrics.update(v_metrics)
+        return loss + v_loss, metrics
+
+    def value_terms(self, critic, batch: PackedBatch, totals: StepTotals):
+        """vf_coef * the clipped value loss of `critic` on the micro-batch, and its metrics.
+
+        It reads only the critic, so its backward fills only the critic's gradients: the loop runs
+        it as the critic's own forward (`run_forward(critic, ...)`, FSDP2: the critic is a root of
+        its own) and backward, next to the policy's.
+        """
+        values = critic.token_values(batch)  # (total,) position t: the state before label t
         mask = batch.labels != IGNORE_INDEX
         v_loss, v_metrics = value_loss(values, batch.extras["old_values"], batch.extras["returns"], mask,
                                        eps_v=self.ppo.eps_v, num_tokens=totals.tokens)
         share = batch.num_tokens / totals.tokens
-        metrics.update({k: v * share for k, v in v_metrics.items()})
+        metrics = {k: v * share for k, v in v_metrics.items()}
         metrics["value_loss"] = v_loss.detach()
-        return loss + self.ppo.vf_coef * v_loss, metrics
+        return self.ppo.vf_coef * v_loss, metrics
+
+    def module_losses(self) -> Dict[str, object]:
+        """Losses the loop runs as a forward/backward of their own module: {"value": value_terms}.
+        The loop then calls `loss(..., with_value=False)` for the policy."""
+        return {"value": lambda critic, batch, totals: self.value_terms(critic, batch, totals)}
+
 
 def build_value_model(cfg, policy, device):
     """ppo.value_model, else a copy of rollout.reward_model, else the policy's backbone (copied) with a zero head."""

@@ -14,6 +14,11 @@ scores are cached as JSON under ``rejection.cache_dir``, keyed by a hash of the
 sampling settings, the policy's weights and the prompts (scores also by the
 scorer), so a resumed or repeated run samples nothing twice.
 
+Under torchrun the sampling and the scoring are divided across ranks (`divided_rows`: rank r
+takes the contiguous share `rank_prompts(M, r, world)`, the shares are all-gathered), rank 0
+alone reads and writes the cache (the others get its content by broadcast and wait for its
+writes at a barrier). With the native engine the samples are the one-process samples.
+
     fusedrl train CONFIG.toml     # [run] stage = "rejection"; a Qwen2-0.5B example: docs/alignment_stages.md
     texts, scores = best_of_n(model, tokenizer, records, scorer, n=8, max_new_tokens=64)
 """
@@ -30,7 +35,7 @@ import torch
 
 from fusedrl.config import ConfigError
 from fusedrl.data.records import Example, PackedDataset, load_records, tokenize_prompt, tokenize_sft
-from fusedrl.rollout.completions import DEFAULT_BACKEND, make_sampler, sample_texts
+from fusedrl.rollout.completions import DEFAULT_BACKEND, make_sampler, rank_prompts, sample_texts
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.rewards import load_verifier, reward_model_scores
 from fusedrl.rollout.rewards import score_completions as verifier_scores
@@ -127,16 +132,18 @@ def _scoring_example(prompt, completion: str, tokenizer, max_len: int) -> Exampl
 @torch.no_grad()
 def sample_completions(model, tokenizer, records: List[dict], *, num_samples: int, max_new_tokens: int,
                        temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, batch_size: int = 64,
-                       seed: int = 0, backend: str = DEFAULT_BACKEND) -> List[List[str]]:
+                       seed: int = 0, backend: str = DEFAULT_BACKEND, first_index: int = 0) -> List[List[str]]:
     """N sampled completions (decoded text, special tokens skipped) per record's prompt: (M, N) nested lists.
 
     Through the rollout Sampler (`fusedrl.rollout.completions.sample_texts`), `batch_size` rows per decode
-    batch, one random stream seeded by `seed`.
+    batch, one random stream seeded by `seed`. `first_index`: the global index of records[0] (the native
+    engine seeds completion j of prompt i from (seed, first_index + i, j), so a share of the prompts sampled
+    with its first index gets the completions sampling all of them gives it).
     """
     generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     sampler = make_sampler(backend, model, tokenizer, generator=generator, batch_size=batch_size)
     params = SamplingParams(n=num_samples, temperature=temperature, top_p=top_p, top_k=top_k,
-                            max_new_tokens=max_new_tokens, seed=seed)
+                            max_new_tokens=max_new_tokens, seed=seed, first_index=first_index)
     return sample_texts(sampler, tokenizer, records, params)
 
 
@@ -171,6 +178,57 @@ class RejectionResult:
         return float(self.rewards[which[:, 0], which[:, 1]].mean())
 
 
+def _world_rank():
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def divided_rows(fn: Callable[[int, int], list], num_rows: int) -> list:
+    """`fn(lo, hi)` (the rows of prompts [lo, hi)) run on this rank's share of the prompts, all shares gathered.
+
+    Under a process group rank r computes `rank_prompts(num_rows, r, world)` (contiguous, equal to
+    within one prompt) and `all_gather_object` gives every rank all rows in prompt order; without one
+    (or at world size 1) it is `fn(0, num_rows)`.
+    """
+    import torch.distributed as dist
+
+    world, rank = _world_rank()
+    if world == 1:
+        return fn(0, num_rows)
+    lo, hi = rank_prompts(num_rows, rank, world)
+    mine = fn(lo, hi) if hi > lo else []
+    parts: List[Optional[list]] = [None] * world
+    dist.all_gather_object(parts, mine)
+    return [row for part in parts for row in part]
+
+
+def _load_shared(path: Path):
+    """A cache file read by rank 0 and broadcast (every rank takes the same branch: sample or not)."""
+    import torch.distributed as dist
+
+    world, rank = _world_rank()
+    value = load_json(path) if rank == 0 else None
+    if world > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
+
+
+def _save_shared(path: Path, value) -> None:
+    """Rank 0 alone writes the cache file; the others wait for it (a barrier)."""
+    import torch.distributed as dist
+
+    world, rank = _world_rank()
+    if rank == 0:
+        save_json(path, value)
+    if world > 1:
+        dist.barrier()
+
+
 def rejection_sample(model, tokenizer, records: List[dict], scorer: Scorer, cfg: RejectionConfig, *, seed: int,
                      cache_dir=None, scorer_identity=None, max_len: int = 1024,
                      token_budget: int = 4096) -> RejectionResult:
@@ -180,26 +238,30 @@ def rejection_sample(model, tokenizer, records: List[dict], scorer: Scorer, cfg:
     key = content_key({"sampling": sampling, "model": model_fingerprint(model),
                        "prompts": [tokenize_prompt({"prompt": r["prompt"]}, tokenizer) for r in records]})
     folder = Path(cache_dir) if cache_dir is not None else None
-    samples = load_json(folder / f"samples_{key}.json") if folder else None
+    samples = _load_shared(folder / f"samples_{key}.json") if folder else None
     if samples is None or len(samples) != len(records):
         start = time.perf_counter()
-        samples = sample_completions(model, tokenizer, records, batch_size=cfg.sample_batch_size,
-                                     **{k: v for k, v in sampling.items()})
-        logger.info("rejection: sampled %d x %d completions in %.1fs", len(records), cfg.num_samples,
-                    time.perf_counter() - start)
+        samples = divided_rows(lambda lo, hi: sample_completions(
+            model, tokenizer, records[lo:hi], batch_size=cfg.sample_batch_size, first_index=lo, **sampling),
+            len(records))
+        world, rank = _world_rank()
+        lo, hi = (0, len(records)) if world == 1 else rank_prompts(len(records), rank, world)
+        logger.info("rejection: sampled %d x %d completions in %.1fs (%d prompts on this rank)", len(records),
+                    cfg.num_samples, time.perf_counter() - start, hi - lo)
         if folder:
-            save_json(folder / f"samples_{key}.json", samples)
+            _save_shared(folder / f"samples_{key}.json", samples)
     if scorer_identity is None:
         scorer_identity = (model_fingerprint(scorer) if isinstance(scorer, ScalarHeadModel)
                            else f"{getattr(scorer, '__module__', '?')}:{getattr(scorer, '__qualname__', repr(scorer))}")
     score_key = content_key({"samples": key, "scorer": scorer_identity, "fields": [{k: v for k, v in r.items() if k not in ("prompt", "completion")} for r in records]})
-    scores = load_json(folder / f"scores_{score_key}.json") if folder else None
+    scores = _load_shared(folder / f"scores_{score_key}.json") if folder else None
     if scores is None:
-        rewards = score_completions(scorer, tokenizer, records, samples, max_len=max_len, token_budget=token_budget)
+        scores = divided_rows(lambda lo, hi: score_completions(
+            scorer, tokenizer, records[lo:hi], samples[lo:hi], max_len=max_len, token_budget=token_budget).tolist(),
+            len(records))
         if folder:
-            save_json(folder / f"scores_{score_key}.json", rewards.tolist())
-    else:
-        rewards = torch.tensor(scores, dtype=torch.float32)
+            _save_shared(folder / f"scores_{score_key}.json", scores)
+    rewards = torch.tensor(scores, dtype=torch.float32)
     selected = select(rewards, cfg.selection, top_k=cfg.top_k, seed=seed)
     baseline = select_random(rewards.shape[0], rewards.shape[1], selected.shape[0], seed=seed + 1)
     return RejectionResult(samples, rewards, selected, baseline, score_key)

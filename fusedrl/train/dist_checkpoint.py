@@ -27,7 +27,7 @@ import shutil
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,7 @@ import torch.distributed as dist
 from fusedrl.train.checkpoint import _sha256, checkpoint_name, rng_state, set_rng_state
 
 logger = logging.getLogger("fusedrl")
+Others = Dict[str, Tuple[torch.nn.Module, Optional[torch.optim.Optimizer]]]
 
 FORMAT = "fusedrl-dcp-1"
 _NAME = re.compile(r"^step_(\d{8})$")
@@ -70,7 +71,7 @@ def _single_process_quiet():
         yield
 
 
-def _train_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
+def _one_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer]):
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     if optimizer is None:
@@ -79,11 +80,36 @@ def _train_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimiz
     return {"model": model_sd, "optim": optim_sd}
 
 
+def _train_state(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], others: Optional[Others]):
+    state = _one_state(model, optimizer)
+    if others:
+        state["others"] = {name: _one_state(m, o) for name, (m, o) in sorted(others.items())}
+    return state
+
+
+def _set_one(model: torch.nn.Module, optimizer: Optional[torch.optim.Optimizer], state: Dict[str, Any]) -> None:
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
+
+    if optimizer is None:
+        set_model_state_dict(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def _check_others(others) -> None:
+    if others is None:
+        return
+    if not isinstance(others, dict) or not all(isinstance(k, str) and isinstance(v, tuple) and len(v) == 2
+                                               and isinstance(v[0], torch.nn.Module) for k, v in others.items()):
+        raise TypeError("others must be a dict {name: (module, optimizer or None)}")
+
+
 def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
                          optimizer: Optional[torch.optim.Optimizer] = None,
                          trainer_state: Optional[Dict[str, Any]] = None,
                          rank_state: Optional[Dict[str, Any]] = None,
-                         shared_state: Optional[Dict[str, Any]] = None, keep: int = 2) -> Path:
+                         shared_state: Optional[Dict[str, Any]] = None, keep: int = 2,
+                         others: Optional[Others] = None) -> Path:
     """Write checkpoint `step` under `root` from every rank (a collective: all ranks call it).
 
     Args:
@@ -92,6 +118,8 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
         rank_state: this rank's own state (its data position, ...): tensors, numbers, strings, lists, dicts.
         shared_state: state equal on every rank (scheduler.state_dict(), ...), written by rank 0.
         keep: newest checkpoints to keep (older ones are deleted by rank 0).
+        others: more models saved in the same DCP checkpoint, sharded like `model`:
+            {name: (module, optimizer or None)} (PPO's critic: {"value": (critic, its AdamW)}).
     Returns:
         The published folder root/step_XXXXXXXX.
     """
@@ -101,6 +129,7 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
         raise ValueError(f"step must be an integer >= 0, got {step!r}")
     if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
         raise ValueError(f"keep must be an integer >= 1, got {keep!r}")
+    _check_others(others)
     root, rank = Path(root), _rank()
     final, tmp = root / checkpoint_name(step), root / f".tmp-{checkpoint_name(step)}"
     if rank == 0:
@@ -109,7 +138,7 @@ def save_dist_checkpoint(root: str | Path, step: int, *, model: torch.nn.Module,
         (tmp / "ranks").mkdir(parents=True)
     _barrier()
     with _single_process_quiet():
-        dcp.save(_train_state(model, optimizer), checkpoint_id=str(tmp / "dcp"))
+        dcp.save(_train_state(model, optimizer, others), checkpoint_id=str(tmp / "dcp"))
     torch.save({"rng": rng_state(cuda="current"), "state": rank_state or {}}, tmp / "ranks" / f"rank_{rank:05d}.pt")
     if rank == 0:
         torch.save(shared_state or {}, tmp / "shared.pt")
@@ -190,8 +219,12 @@ def _verify_once(path: Path) -> None:
 
 
 def load_dist_checkpoint(path: str | Path, *, model: torch.nn.Module,
-                         optimizer: Optional[torch.optim.Optimizer] = None) -> Dict[str, Any]:
+                         optimizer: Optional[torch.optim.Optimizer] = None,
+                         others: Optional[Others] = None) -> Dict[str, Any]:
     """Verify, then restore model and optimizer state in place (a collective: all ranks call it).
+
+    `others` ({name: (module, optimizer or None)}) are restored too: the checkpoint must hold the same
+    names (`save_dist_checkpoint(..., others=)`).
 
     Works at any world size: DCP reshards to this run's layout. At the world size
     that wrote it, each rank also gets back its RNG states (restored here) and its
@@ -204,12 +237,11 @@ def load_dist_checkpoint(path: str | Path, *, model: torch.nn.Module,
     """
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_state_dict
-
     path = Path(path)
+    _check_others(others)
     _verify_once(path)
     meta = json.loads((path / "trainer.json").read_text())
-    state = _train_state(model, optimizer)
+    state = _train_state(model, optimizer, others)
     try:
         with _single_process_quiet():
             dcp.load(state, checkpoint_id=str(path / "dcp"))
@@ -217,10 +249,9 @@ def load_dist_checkpoint(path: str | Path, *, model: torch.nn.Module,
         last = (str(err).strip().splitlines() or [""])[-1][:500]
         raise DistCheckpointError(f"checkpoint {path}: does not fit this model/optimizer: "
                                   f"{type(err).__name__}: {last}") from err
-    if optimizer is None:
-        set_model_state_dict(model, state["model"])
-    else:
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    _set_one(model, optimizer, state)
+    for name, (module, optim) in sorted((others or {}).items()):
+        _set_one(module, optim, state["others"][name])
     resharded = meta["world_size"] != _world()
     rank_state = None
     if not resharded:

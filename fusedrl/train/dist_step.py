@@ -68,13 +68,16 @@ def gathered(model: torch.nn.Module):
 
 
 def frozen_models(stage) -> List[torch.nn.Module]:
-    """The frozen models a sampling stage calls only while it samples: the RL reference model
-    (`stage.ref_model`, beta > 0) and the reward model of its reward source (`stage.rewards.reward_model`).
+    """The frozen models of a sampling stage: the RL reference model (`stage.ref_model`, beta > 0), the
+    reward model of its reward source (`stage.rewards.reward_model`) and a distillation teacher
+    (`stage.teacher` of the distill stage, `stage.distill_teacher` of the RL stages: `teachers(stage)`).
 
-    They are sharded like the policy and gathered with it for the rollout. Others (a distillation
-    teacher, whose head the loss reads) stay whole on every rank.
+    They are sharded like the policy and gathered with it for the rollout (the teacher's hidden states
+    and per-token KL are computed there); the loss reads a sharded teacher's LM head through
+    `Teacher.head()`, which gathers the head once.
     """
-    found = [getattr(stage, "ref_model", None), getattr(getattr(stage, "rewards", None), "reward_model", None)]
+    found = [getattr(stage, "ref_model", None), getattr(getattr(stage, "rewards", None), "reward_model", None),
+             *[t.model for t in teachers(stage)]]
     out: List[torch.nn.Module] = []
     for module in found:
         if isinstance(module, torch.nn.Module) and not any(module is m for m in out) \
@@ -83,13 +86,29 @@ def frozen_models(stage) -> List[torch.nn.Module]:
     return out
 
 
+def other_trained(stage, model: torch.nn.Module) -> List[torch.nn.Module]:
+    """The modules the stage trains besides the policy (PPO's critic), from `stage.trainables(model)`."""
+    from fusedrl.stages.base import POLICY
+
+    trainables = stage.trainables(model) if hasattr(stage, "trainables") else {}
+    return [t.module for name, t in trainables.items() if name != POLICY and t.module is not model]
+
+
+def teachers(stage) -> list:
+    """The stage's distillation teachers (`fusedrl.rollout.teacher.Teacher`): the distill stage's
+    `teacher`, the RL stages' `distill_teacher`."""
+    found = [getattr(stage, "teacher", None), getattr(stage, "distill_teacher", None)]
+    return [t for t in found if hasattr(t, "prepare_sharding")]
+
+
 @contextmanager
 def gathered_all(model: torch.nn.Module, stage):
-    """The policy and the stage's sharded frozen models gathered together; yields the policy's report."""
+    """The policy, the other trained modules (the critic's rollout values) and the stage's sharded frozen
+    models gathered together; yields the policy's report."""
     with ExitStack() as stack:
         report = stack.enter_context(gathered(model))
-        for frozen in frozen_models(stage) if samples(stage) else []:
-            stack.enter_context(gathered(frozen))
+        for other in other_trained(stage, model) + (frozen_models(stage) if samples(stage) else []):
+            stack.enter_context(gathered(other))
         yield report
 
 
@@ -124,26 +143,6 @@ def split_step(stage, cfg, batches: List[PackedBatch]) -> Tuple[RankShare, StepT
     return rank_share(batches, rank(), w, token_budget(stage, cfg)), totals
 
 
-def average_replicated_grads(module: torch.nn.Module, params: List[torch.nn.Parameter]) -> None:
-    """Average the gradients of a module kept whole on every rank (PPO's critic) over ranks, in place.
-
-    One flat all-reduce; a parameter without a gradient counts as zeros, so every rank
-    reduces the same buffer. Its losses are divided by the global count / world size, like the
-    policy's, so the average is the one-process gradient.
-    """
-    from fusedrl.train.parallel import is_sharded
-
-    if is_sharded(module) or not params:
-        return
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-    offset = 0
-    for p, g in zip(params, grads):
-        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
-        offset += g.numel()
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def has_dist_checkpoint(run_dir: Path) -> bool:
@@ -152,18 +151,23 @@ def has_dist_checkpoint(run_dir: Path) -> bool:
 
 
 def save_checkpoint_dist(run_dir: Path, step: int, trained: Dict, stage, state, keep: int) -> Optional[Path]:
-    """A DCP checkpoint of the policy and its optimizer (a collective: every rank calls it)."""
+    """A DCP checkpoint of every trained module and its optimizer, sharded (a collective: every rank calls it).
+
+    The policy is the checkpoint's model; the others (PPO's critic) go in its `others`; the schedulers
+    (equal on every rank) go in shared.pt.
+    """
     from fusedrl.train.dist_checkpoint import save_dist_checkpoint
 
     policy = trained[POLICY]
     shared = {"scheduler": policy.scheduler.state_dict(), "stage": stage.state_dict() if rank() == 0 else {},
-              "others": _replicated_state(trained) if rank() == 0 else {}}
+              "schedulers": {name: e.scheduler.state_dict() for name, e in trained.items() if name != POLICY}}
     return save_dist_checkpoint(run_dir / "checkpoints", step, model=policy.module, optimizer=policy.optimizer,
-                                trainer_state=asdict(state), shared_state=shared, keep=keep)
+                                trainer_state=asdict(state), shared_state=shared, keep=keep,
+                                others=_others(trained))
 
 
 def resume_dist(run_dir: Path, trained: Dict, stage) -> Optional[Tuple[dict, Path]]:
-    """Load the newest valid DCP checkpoint into the policy, optimizer, scheduler and stage (every rank)."""
+    """Load the newest valid DCP checkpoint into the trained modules, optimizers, schedulers and stage (every rank)."""
     from fusedrl.train.dist_checkpoint import latest_dist_checkpoint, load_dist_checkpoint
 
     root = run_dir / "checkpoints"
@@ -171,28 +175,19 @@ def resume_dist(run_dir: Path, trained: Dict, stage) -> Optional[Tuple[dict, Pat
     if path is None:
         return None
     policy = trained[POLICY]
-    restored = load_dist_checkpoint(path, model=policy.module, optimizer=policy.optimizer)
+    saved = torch.load(path / "shared.pt", weights_only=True).get("schedulers", {})
+    others = sorted(name for name in trained if name != POLICY)
+    if sorted(saved) != others:
+        raise ValueError(f"checkpoint {path}: holds trained modules {sorted(saved)} besides the policy, this stage "
+                         f"trains {others}; resume with the same stage")
+    restored = load_dist_checkpoint(path, model=policy.module, optimizer=policy.optimizer, others=_others(trained))
     policy.scheduler.load_state_dict(restored["shared"]["scheduler"])
-    _load_replicated_state(trained, restored["shared"].get("others", {}))
+    for name in others:
+        trained[name].scheduler.load_state_dict(saved[name])
     stage.load_state_dict(restored["shared"]["stage"])
     return restored["trainer"], path
 
 
-def _replicated_state(trained: Dict) -> Dict[str, dict]:
-    """Model, optimizer and schedule of every trained module besides the policy (kept whole on every rank,
-    so rank 0's copy is everyone's): saved in the checkpoint's shared state."""
-    return {name: {"model": entry.module.state_dict(), "optimizer": entry.optimizer.state_dict(),
-                   "scheduler": entry.scheduler.state_dict()}
-            for name, entry in trained.items() if name != POLICY}
-
-
-def _load_replicated_state(trained: Dict, saved: Dict[str, dict]) -> None:
-    others = sorted(name for name in trained if name != POLICY)
-    if sorted(saved) != others:
-        raise ValueError(f"checkpoint: holds trained modules {sorted(saved)} besides the policy, this stage trains "
-                         f"{others}; resume with the same stage")
-    for name in others:
-        entry = trained[name]
-        entry.module.load_state_dict(saved[name]["model"])
-        entry.optimizer.load_state_dict(saved[name]["optimizer"])
-        entry.scheduler.load_state_dict(saved[name]["scheduler"])
+def _others(trained: Dict) -> Dict[str, tuple]:
+    """Every trained module besides the policy with its optimizer (sharded like the policy under torchrun)."""
+    return {name: (entry.module, entry.optimizer) for name, entry in trained.items() if name != POLICY}

@@ -97,6 +97,31 @@ def _stage_loss(model, stage, batch, totals):
     return stage.loss(model, batch, totals)
 
 
+def _policy_only_loss(model, stage, batch, totals):
+    return stage.loss(model, batch, totals, with_value=False)
+
+
+def _forward_backward(trained: Dict[str, Trained], stage, batch: PackedBatch, totals: StepTotals, weight: float):
+    """The micro-batch's forward/backward: the policy's loss, then each `stage.module_losses()` entry as a
+    forward/backward of its own module (PPO's critic: an FSDP2 root of its own under torchrun). Returns the
+    summed loss (detached) and metrics, times `weight`."""
+    from fusedrl.train.parallel import run_forward
+
+    parts = stage.module_losses() if hasattr(stage, "module_losses") else {}
+    policy_fn = _policy_only_loss if parts else _stage_loss
+    calls = [(trained[POLICY].module, lambda m, b, t: policy_fn(m, stage, b, t))]
+    calls += [(trained[name].module, fn) for name, fn in parts.items()]
+    total, merged = None, {}
+    for module, fn in calls:
+        loss, metrics = run_forward(module, fn, batch, totals)
+        if weight != 1.0:
+            loss, metrics = loss * weight, {k: torch.as_tensor(v) * weight for k, v in metrics.items()}
+        loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+        merged.update(metrics)
+    return total, merged
+
+
 def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], max_grad_norm: Optional[float],
                device: torch.device, *, totals: Optional[StepTotals] = None,
                padding: Sequence[PackedBatch] = ()) -> Dict[str, float]:
@@ -111,29 +136,22 @@ def train_step(stage, batches: List[PackedBatch], trained: Dict[str, Trained], m
     over the world size, and `padding` micro-batches run with their loss multiplied by 0
     (every rank runs as many forwards/backwards as the busiest one). Each loss runs
     through `run_forward`, so on an FSDP2 model the root's weights (the LM head the fused
-    ops read) are gathered for it.
+    ops read) are gathered for it; a stage with `module_losses()` (PPO's critic) gets one
+    forward/backward per module and micro-batch.
     """
-    from fusedrl.train.parallel import run_forward
-
-    model = trained[POLICY].module
     totals = totals if totals is not None else step_totals(batches, device)
     loss_sum = torch.zeros((), device=device, dtype=torch.float32)
     metric_sums: Dict[str, torch.Tensor] = {}
     for weight, batch in [(1.0, b) for b in batches] + [(0.0, b) for b in padding]:
         with phase_range("forward_backward"):
-            loss, metrics = run_forward(model, _stage_loss, stage, batch.to(device), totals)
-            if weight != 1.0:
-                loss, metrics = loss * weight, {k: torch.as_tensor(v) * weight for k, v in metrics.items()}
-            loss.backward()
-        loss_sum += loss.detach().float()
+            loss, metrics = _forward_backward(trained, stage, batch.to(device), totals, weight)
+        loss_sum += loss.float()
         for name, value in metrics.items():
             value = torch.as_tensor(value, device=device).detach().float().reshape(())
             metric_sums[name] = metric_sums[name] + value if name in metric_sums else value
     stats: Dict[str, torch.Tensor] = {"loss": loss_sum}  # named: one vector, one host sync
     for name, entry in trained.items():
         params = [p for group in entry.optimizer.param_groups for p in group["params"]]
-        if name != POLICY and dist_step.active():
-            dist_step.average_replicated_grads(entry.module, params)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm else float("inf"), foreach=None)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # a DTensor on a sharded model
         stats["grad_norm" if name == POLICY else f"{name}_grad_norm"] = norm.to(device, torch.float32)

@@ -156,26 +156,35 @@ def _fail_together(cfg: TrainConfig):
 
 
 def shard_models(cfg: TrainConfig, model: torch.nn.Module, stage) -> None:
-    """FSDP2 on the policy and the RL frozen models, before the optimizers are built (one process: nothing).
+    """FSDP2 on every model of the stage, before the optimizers are built (one process: nothing).
 
-    Other trained modules (PPO's critic) stay whole on every rank: the stages call them inside the
-    policy's forward, and FSDP2 cannot nest one root's forward in another's; the loop averages their
-    gradients over ranks instead (DDP-style, `fusedrl.train.loop.train_step`). The RL reference and
-    reward models are sharded too and gathered with the policy for the rollout
-    (`fusedrl.train.dist_step.frozen_models`); a distillation teacher stays whole.
+    The policy, the other trained modules (PPO's critic: `stage.trainables`) and the RL frozen
+    models (reference, reward model, a distillation teacher: `fusedrl.train.dist_step.frozen_models`)
+    are each sharded as an FSDP2 root of their own. The loop runs the critic's loss as the critic's
+    own forward/backward (`stage.module_losses()`), and the rollout gathers them all with the policy.
     """
     from fusedrl.train.parallel import apply_fsdp, is_distributed
 
     if is_distributed():
         from torch.distributed.fsdp import fully_shard
 
-        from fusedrl.train.dist_step import frozen_models
+        from torch.distributed.tensor import DTensor
 
-        for module in [model, *frozen_models(stage)]:
+        from fusedrl.train.dist_step import frozen_models, other_trained, teachers
+
+        for teacher in teachers(stage):
+            teacher.prepare_sharding()  # its body on the device (FSDP2 shards it; no offload of its own)
+        roles = [("policy", model)] + [("trained", m) for m in other_trained(stage, model)] + \
+            [("frozen", m) for m in frozen_models(stage)]
+        for role, module in roles:
             apply_fsdp(module, cfg.parallel)
             # Make the model the FSDP root now: a rollout may call its backbone (packed log-probs) before
             # any root forward, which would otherwise make each decoder layer a root of its own.
             fully_shard.state(module)._lazy_init()
+            params = list(module.parameters())
+            if is_rank0():
+                logger.info("FSDP2: %s %s sharded, %d of %d parameters are DTensors", role, type(module).__name__,
+                            sum(isinstance(p, DTensor) for p in params), len(params))
 
 
 def _finite_everywhere(model: torch.nn.Module, result: TrainResult) -> None:

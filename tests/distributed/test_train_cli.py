@@ -10,6 +10,7 @@ docs/distributed.md), beyond 1e-6 for any two reduction orders.
 """
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,7 +96,7 @@ beta = 0.05
 """,
 }
 # GRPO with a KL penalty: its frozen reference model is sharded and gathered for the rollout.
-# PPO: the GRPO run with a critic (kept whole on every rank, its gradients averaged) and old log-probs
+# PPO: the GRPO run with a critic (sharded, its own forward/backward per micro-batch) and old log-probs
 STAGES["ppo"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "ppo"').replace("[pg]\nbeta = 0.05\n", "")
 # Self-distillation (SDPO): the student is its own teacher; a sampling stage outside the GRPO family.
 STAGES["distill"] = STAGES["grpo"].replace('stage = "grpo"', 'stage = "distill"').replace("[pg]\nbeta = 0.05\n", """\
@@ -106,6 +107,28 @@ resample_rounds = 0
 demo_template = "{prompt}|{demo}|"
 """)
 
+# Rejection sampling: 5 prompts x 4 samples scored by the verifier, best per prompt, then SFT on them.
+STAGES["rejection"] = f"""
+[run]
+stage = "rejection"
+device = "cpu"
+seed = 3
+num_threads = 1
+[data]
+train = "{DATA / 'prompts_train.jsonl'}"
+max_len = 32
+token_budget = 40
+micro_batches_per_step = 2
+[loop]
+max_steps = 2
+[rejection]
+verifier = "tests.distributed._rewards:vowel_share"
+num_samples = 4
+max_prompts = 5
+selection = "best_per_prompt"
+max_new_tokens = 6
+temperature = 1.0
+"""
 
 
 def _config(tmp: Path, stage: str) -> Path:
@@ -267,3 +290,87 @@ def test_sigkill_of_a_rank_stops_the_other_and_resume_is_bit_identical(sft_runs,
     wa, wb = _weights(tmp / "two"), _weights(run)
     for name in wa:
         assert torch.equal(wa[name], wb[name]), name  # bit for bit
+
+
+@pytest.mark.slow
+def test_ppo_critic_is_sharded_and_its_checkpoint_resumes_at_1(tmp_path):
+    """PPO's critic is an FSDP2 root of its own (DTensor parameters), saved sharded in the DCP checkpoint
+    beside the policy; the 2-rank checkpoint of step 2 resumed in one process redoes step 3 (a new rollout,
+    whose values and value loss come from the restored critic) like the 2-rank run."""
+    config = _config(tmp_path, "ppo")
+    steps = ["--loop.max_steps=3", "--checkpoint.every=2"]
+    log = _torchrun(config, tmp_path / "two", *steps)
+    found = re.findall(r"FSDP2: (\w+) (\w+) sharded, (\d+) of (\d+) parameters are DTensors", log)
+    assert ("trained", "FSDPScalarHeadModel") in [(role, cls) for role, cls, _, _ in found], found
+    assert all(int(a) == int(b) > 0 for _, _, a, b in found), found
+    ckpt = tmp_path / "two" / "checkpoints" / "step_00000002"
+    from torch.distributed.checkpoint import FileSystemReader
+    keys = FileSystemReader(str(ckpt / "dcp")).read_metadata().state_dict_metadata
+    assert any(k.startswith("others.value.model.") for k in keys) and any(k.startswith("others.value.optim.")
+                                                                           for k in keys), sorted(keys)[:5]
+    run = tmp_path / "two_to_one"
+    shutil.copytree(tmp_path / "two", run)
+    shutil.rmtree(run / "checkpoints" / "step_00000003")
+    shutil.rmtree(run / "final")
+    overrides = [("run.out_dir", str(run)), ("loop.max_steps", "3"), ("checkpoint.every", "2")]
+    run_training(load_run_config(str(config), overrides), resume=True)
+    two = [r for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if r["kind"] == "train"]
+    one = [r for r in read_metrics(run / "metrics.jsonl") if r["kind"] == "train"]
+    assert two[-1]["step"] == one[-1]["step"] == 3
+    for key in ("loss", "value_loss", "value_grad_norm"):
+        assert abs(two[-1][key] - one[-1][key]) <= 1e-5, (key, two[-1][key], one[-1][key])
+    _assert_weights(tmp_path / "two", run, atol=1e-5)
+
+
+def test_rejection_sampling_is_divided_and_world_size_2_matches_one_process(tmp_path):
+    """Each rank samples and scores its share of the prompts (rank 0: 3 of 5), rank 0 alone writes the
+    cache; the samples, rewards, selection, losses and final weights are the one-process run's."""
+    config = _config(tmp_path, "rejection")
+    _one_process(config, tmp_path / "one")
+    log = _torchrun(config, tmp_path / "two")
+    assert "rejection: sampled 5 x 4 completions" in log and "(3 prompts on this rank)" in log, log[-3000:]
+    caches = [sorted((tmp_path / run / "rejection_cache").glob("*.json")) for run in ("one", "two")]
+    assert [p.name for p in caches[0]] == [p.name for p in caches[1]] and len(caches[0]) == 2
+    for a, b in zip(*caches):  # the samples and their scores
+        assert json.loads(a.read_text()) == json.loads(b.read_text()), a.name
+    assert not list((tmp_path / "two" / "rejection_cache").glob("*.tmp*"))
+    records = [read_metrics(tmp_path / run / "metrics.jsonl") for run in ("one", "two")]
+    train = [[r for r in rs if r["kind"] == "train"] for rs in records]
+    assert len(train[0]) == len(train[1]) == 2
+    for key in ("selected_reward", "random_reward", "sample_reward"):
+        assert [r[key] for r in train[0]] == [r[key] for r in train[1]], key
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
+    _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
+
+
+def _teacher(tmp: Path, config: Path) -> Path:
+    """A tiny Qwen2 teacher with the student's vocabulary, other weights (seed 11), saved as a HF folder."""
+    from fusedrl.data.tokenizer import build_tokenizer
+    from fusedrl.models.causal_lm import build_policy, save_model
+
+    cfg = load_run_config(str(config))
+    torch.manual_seed(11)
+    teacher = build_policy(cfg.model, build_tokenizer(cfg.model), torch.device("cpu"))
+    save_model(teacher, tmp / "teacher")
+    return tmp / "teacher"
+
+
+@pytest.mark.slow
+def test_on_policy_distillation_shards_the_teacher_and_matches_one_process(tmp_path):
+    """The distill teacher is an FSDP2 root of its own (DTensor parameters): gathered with the student for
+    the rollout (its hidden states), its head gathered once for the loss; losses and weights = one process."""
+    config = tmp_path / "distill_teacher.toml"
+    config.write_text(STAGES["distill"].replace('mode = "self"', f'mode = "on_policy"\nteacher = "{tmp_path / "teacher"}"')
+                      + MODEL)
+    _teacher(tmp_path, config)
+    _one_process(config, tmp_path / "one")
+    log = _torchrun(config, tmp_path / "two")
+    found = re.findall(r"FSDP2: (\w+) (\w+) sharded, (\d+) of (\d+) parameters are DTensors", log)
+    assert [role for role, *_ in found] == ["policy", "frozen"] and all(int(a) == int(b) > 0 for *_, a, b in found)
+    one, two = _losses(tmp_path / "one"), _losses(tmp_path / "two")
+    assert len(one) == 2 and max(abs(a - b) for a, b in zip(one, two)) <= 1e-6, (one, two)
+    metrics = [[r["divergence"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if r["kind"] == "train"]
+               for run in ("one", "two")]
+    assert all(d > 1e-3 for d in metrics[0]) and max(abs(a - b) for a, b in zip(*metrics)) <= 1e-6, metrics
+    _assert_weights(tmp_path / "one", tmp_path / "two", atol=1e-6)
