@@ -20,7 +20,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from fusedrl.train.plot import line_plot, stage_figure
+from fusedrl.train.plot import stage_figure
 
 logger = logging.getLogger("fusedrl")
 
@@ -165,9 +165,10 @@ def plotted_keys(records: List[Dict]) -> List[str]:
 
 
 def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "", title: str = "") -> List[Path]:
-    """One PNG per metric under out_dir (train key `k` and eval key `eval/k` share a plot), then
-    out_dir/overview.png with every metric in one figure. Noisy series are drawn smoothed (EMA over
-    faint raw values, see `fusedrl.train.plot`). Returns the per-metric PNGs written."""
+    """out_dir/overview.png with every metric in one figure (train key `k` and eval key `eval/k`
+    share a panel), and one PNG per metric under out_dir: that metric's panel, cut from the one
+    drawn figure. Noisy series are drawn smoothed (EMA over faint raw values, see
+    `fusedrl.train.plot`). Returns the per-metric PNGs written."""
     out_dir = Path(out_dir)
     keys = plotted_keys(records)
     panels = {}
@@ -178,11 +179,10 @@ def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "", t
         if f"eval/{key}" in keys:
             curves = {"train": curves[key], "eval": series(records, f"eval/{key}")}
         panels[prefix + key] = curves
-    written = [line_plot(curves, out_dir / f"{name.replace('/', '_')}.png", title=name)
-               for name, curves in panels.items()]
-    if panels:
-        stage_figure(panels, out_dir / f"{prefix}{OVERVIEW}", title=title)
-    return written
+    paths = {name: out_dir / f"{name.replace('/', '_')}.png" for name in panels}
+    if panels:  # one figure drawn; the per-metric PNGs are its panels, cut out
+        stage_figure(panels, out_dir / f"{prefix}{OVERVIEW}", title=title, panel_paths=paths)
+    return list(paths.values())
 
 
 def summary_table(records: List[Dict]) -> str:
