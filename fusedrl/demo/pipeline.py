@@ -29,7 +29,7 @@ from fusedrl.config import TrainConfig, apply_override, load_config, save_config
 from fusedrl.demo.alignment import ALIGNMENT_STEPS
 from fusedrl.demo.distill import DISTILL_STEPS
 from fusedrl.demo.rl import RL_STEPS
-from fusedrl.train.metrics import format_value, plot_lines, read_metrics
+from fusedrl.train.metrics import deferred_plots, format_value, plot_lines, read_metrics
 from fusedrl.train.plot import line_plot
 from fusedrl.demo.tasks import TaskConfig, make_split, sample_completions, score_model
 
@@ -191,14 +191,15 @@ def run_demo(out_dir: str | Path = "runs/demo", *, quick: bool = False, config_p
     before = sample_completions(model, tokenizer, examples, max_new_tokens=cfg.demo.max_new_tokens)
     ctx.scores.append(("init", ctx.score()))
     logger.info("demo: task score of the untrained model %.3f", ctx.scores[-1][1])
-    for name in cfg.demo.stages:
-        stage_start = time.perf_counter()
-        numbers = DEMO_STEPS[name](ctx)
-        ctx.scores.append((name, ctx.score()))
-        ctx.rows.append({"stage": name, "score": ctx.scores[-1][1], "seconds": time.perf_counter() - stage_start,
-                         **numbers})
-        logger.info("demo: task score after %s %.3f (%.0f s)", name, ctx.scores[-1][1], ctx.rows[-1]["seconds"])
-    after = sample_completions(ctx.model, tokenizer, examples, max_new_tokens=cfg.demo.max_new_tokens)
+    with deferred_plots():  # each stage's plots are drawn in a second process while the next one trains
+        for name in cfg.demo.stages:
+            stage_start = time.perf_counter()
+            numbers = DEMO_STEPS[name](ctx)
+            ctx.scores.append((name, ctx.score()))
+            ctx.rows.append({"stage": name, "score": ctx.scores[-1][1],
+                             "seconds": time.perf_counter() - stage_start, **numbers})
+            logger.info("demo: task score after %s %.3f (%.0f s)", name, ctx.scores[-1][1], ctx.rows[-1]["seconds"])
+        after = sample_completions(ctx.model, tokenizer, examples, max_new_tokens=cfg.demo.max_new_tokens)
     total = time.perf_counter() - start
     _write_summary(ctx, examples, before, after, total)
     logger.info("demo: %s; report %s", TOTAL_TIME.format(total), out_dir / "report.md")

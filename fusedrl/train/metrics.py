@@ -11,6 +11,7 @@ Only rank 0 writes or prints when torch.distributed is initialised.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 
-from fusedrl.train.plot import line_plot, stage_figure
+from fusedrl.train.plot import stage_figure
 
 logger = logging.getLogger("fusedrl")
 
@@ -165,9 +166,10 @@ def plotted_keys(records: List[Dict]) -> List[str]:
 
 
 def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "", title: str = "") -> List[Path]:
-    """One PNG per metric under out_dir (train key `k` and eval key `eval/k` share a plot), then
-    out_dir/overview.png with every metric in one figure. Noisy series are drawn smoothed (EMA over
-    faint raw values, see `fusedrl.train.plot`). Returns the per-metric PNGs written."""
+    """out_dir/overview.png with every metric in one figure (train key `k` and eval key `eval/k`
+    share a panel), and one PNG per metric under out_dir: that metric's panel, cut from the one
+    drawn figure. Noisy series are drawn smoothed (EMA over faint raw values, see
+    `fusedrl.train.plot`). Returns the per-metric PNGs written."""
     out_dir = Path(out_dir)
     keys = plotted_keys(records)
     panels = {}
@@ -178,11 +180,53 @@ def write_plots(records: List[Dict], out_dir: str | Path, *, prefix: str = "", t
         if f"eval/{key}" in keys:
             curves = {"train": curves[key], "eval": series(records, f"eval/{key}")}
         panels[prefix + key] = curves
-    written = [line_plot(curves, out_dir / f"{name.replace('/', '_')}.png", title=name)
-               for name, curves in panels.items()]
-    if panels:
-        stage_figure(panels, out_dir / f"{prefix}{OVERVIEW}", title=title)
-    return written
+    paths = {name: out_dir / f"{name.replace('/', '_')}.png" for name in panels}
+    if panels:  # one figure drawn; the per-metric PNGs are its panels, cut out
+        args, kwargs = (panels, out_dir / f"{prefix}{OVERVIEW}"), {"title": title, "panel_paths": paths}
+        if _deferred is not None:
+            _deferred["futures"].append(_deferred["pool"].submit(stage_figure, *args, **kwargs))
+        else:
+            stage_figure(*args, **kwargs)
+    return list(paths.values())
+
+
+# Inside `deferred_plots()`: {"pool": a one-process executor, "futures": [...], "reports": {run_dir: kwargs}}.
+_deferred: Optional[dict] = None
+
+
+@contextlib.contextmanager
+def deferred_plots():
+    """Inside this block `write_plots` hands its figure to a second process and returns at once
+    (the paths it returns are written by the time the block exits), so a caller with more work
+    (the demo's next stage) goes on while the plots are drawn on another core. On exit: waits
+    for every figure (a drawing's error is raised there), then writes again each report.md that
+    `write_report` wrote meanwhile, now that its plots exist. Nested blocks join the outer one."""
+    global _deferred
+    if _deferred is not None:
+        yield
+        return
+    import concurrent.futures
+    import multiprocessing
+
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    _deferred = state = {"pool": pool, "futures": [], "reports": {}}
+    try:
+        yield
+    except BaseException:
+        _deferred = None
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    _deferred = None
+    try:
+        for future in state["futures"]:
+            future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    for run_dir, kwargs in state["reports"].items():
+        write_report(run_dir, **kwargs)
+
+
+
 
 
 def summary_table(records: List[Dict]) -> str:
@@ -238,6 +282,8 @@ def plot_lines(plots_dir: Path, link_prefix: str, heading: str = "## Plots") -> 
 def write_report(run_dir: str | Path, *, title: str, extra: str = "") -> Path:
     """Write run_dir/report.md from metrics.jsonl and the PNGs in run_dir/plots."""
     run_dir = Path(run_dir)
+    if _deferred is not None:  # its plots may still be drawing: written again when they are
+        _deferred["reports"][run_dir] = {"title": title, "extra": extra}
     records = read_metrics(run_dir / "metrics.jsonl") if (run_dir / "metrics.jsonl").exists() else []
     lines = [f"# {title}", ""]
     if extra:

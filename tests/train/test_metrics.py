@@ -103,3 +103,22 @@ def test_report_shows_the_overview_figure_and_links_each_plot(tmp_path):
     assert "![overview](plots/overview.png)" in report
     assert "[loss](plots/loss.png)" in report and "[lr](plots/lr.png)" in report
     assert "![loss]" not in report  # one figure per stage; the per-metric plots are links
+
+
+def test_deferred_plots_are_written_by_the_end_of_the_block_and_the_report_lists_them(tmp_path):
+    from fusedrl.train.metrics import deferred_plots, write_report
+
+    records = [{"kind": "train", "step": s, "loss": 1.0 / s, "lr": 1e-3} for s in range(1, 6)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    with deferred_plots():
+        written = write_plots(records, tmp_path / "plots", title="sft")
+        write_report(tmp_path, title="t")
+    assert all(p.is_file() for p in written) and (tmp_path / "plots" / "overview.png").is_file()
+    assert read_png(written[0]).shape == read_png(write_plots(records, tmp_path / "now")[0]).shape
+    report = (tmp_path / "report.md").read_text()
+    assert "![overview](plots/overview.png)" in report and "[loss](plots/loss.png)" in report
+    with pytest.raises(ValueError, match="xs and ys differ"):
+        with deferred_plots():  # a drawing's error surfaces when the block ends
+            from fusedrl.train import metrics
+            metrics._deferred["futures"].append(metrics._deferred["pool"].submit(
+                stage_figure, {"m": {"m": ([1, 2], [1.0])}}, tmp_path / "bad.png"))
