@@ -146,3 +146,18 @@ class BaseStage:
 
     def host_metrics(self) -> Dict[str, float]:
         return {}
+
+
+def sampling_generator(stage, model: torch.nn.Module) -> torch.Generator:
+    """A sampling stage's resumable random stream, on the policy's device (multinomial needs them to match).
+
+    The stage holds `seed`, `generator` (None until first use) and `_generator_state` (a state
+    restored from a checkpoint, applied when the generator is first built on the device).
+    """
+    device = next(model.parameters()).device
+    if stage.generator is None or stage.generator.device != device:
+        stage.generator = torch.Generator(device=device).manual_seed(stage.seed)
+        if stage._generator_state is not None:
+            stage.generator.set_state(stage._generator_state)
+            stage._generator_state = None
+    return stage.generator

@@ -37,7 +37,7 @@ from fusedrl.rollout.completions import make_sampler, sample_rollout_divided
 from fusedrl.rollout.experience import PromptSampler, RewardSource, Rollout, Timer
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.rollout.teacher import Teacher, aligned_hidden
-from fusedrl.stages.base import BaseStage, StepTotals
+from fusedrl.stages.base import BaseStage, StepTotals, sampling_generator
 from fusedrl.stages.configs_distill import DistillStageConfig, check_distill
 from fusedrl.stages.configs_rl import RolloutConfig
 from fusedrl.data.validate import DataError
@@ -203,13 +203,7 @@ class DistillStage(BaseStage):
         return batches
 
     def _sampling_generator(self, model) -> torch.Generator:
-        device = next(model.parameters()).device
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._generator_state is not None:
-                self.generator.set_state(self._generator_state)
-                self._generator_state = None
-        return self.generator
+        return sampling_generator(self, model)
 
     # ------------------------------------------------------------------ the loss
 

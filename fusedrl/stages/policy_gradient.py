@@ -64,7 +64,7 @@ from fusedrl.rollout.completions import make_sampler, sample_rollout, sample_rol
 from fusedrl.rollout.sampling import SamplingParams
 from fusedrl.stages.configs_rl import (ALGORITHMS, Advantage, ResolvedOptions, RolloutConfig, check_rollout,
                                               resolve_pg_options)
-from fusedrl.stages.base import BaseStage, StepTotals
+from fusedrl.stages.base import BaseStage, StepTotals, sampling_generator
 from fusedrl.stages.groups import sequence_sums
 from fusedrl.kernels import (RunningMeanBaseline, dr_grpo_advantages, grpo_advantages, kl_penalty,
                              linear_policy_loss, rloo_advantages, whiten)
@@ -240,13 +240,7 @@ class PolicyGradientStage(BaseStage):
 
     def _sampling_generator(self, model) -> torch.Generator:
         """The sampler's random stream, on the policy's device (multinomial needs them to match)."""
-        device = next(model.parameters()).device
-        if self.generator is None or self.generator.device != device:
-            self.generator = torch.Generator(device=device).manual_seed(self.seed)
-            if self._generator_state is not None:
-                self.generator.set_state(self._generator_state)
-                self._generator_state = None
-        return self.generator
+        return sampling_generator(self, model)
 
     # ------------------------------------------------------------------ advantages
 
