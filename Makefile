@@ -40,4 +40,4 @@ bench-cpu: $(STAMP)
 		--benchmark-timer=time.process_time
 
 clean:
-	rm -rf $(VENV) build *.egg-info fusedrl/*.so
+	rm -rf $(VENV) build *.egg-info fusedrl/*.so fusedrl/kernels/*.so

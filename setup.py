@@ -1,7 +1,9 @@
-"""Builds the C++ core `fusedrl._C` (sequence packing and balancing) with pybind11.
+"""Builds the C++ extensions with pybind11: `fusedrl._C` (sequence packing and balancing) and
+`fusedrl.kernels._cpu` (vectorised CPU loops of the kernels: k3 KL).
 
-Metadata lives in pyproject.toml. Set FUSEDRL_NO_EXT=1 to skip the extension;
-the pure-Python implementation in `fusedrl.packing` then serves the same API.
+Metadata lives in pyproject.toml. Set FUSEDRL_NO_EXT=1 to skip the extensions;
+the pure-Python implementation in `fusedrl.packing` and the PyTorch paths of the
+kernels then serve the same API.
 
 The examples (examples/*.toml, examples/data/*.jsonl) are copied into the built package as
 fusedrl/examples, which `fusedrl init` reads; a source checkout reads examples/ directly.
@@ -27,18 +29,14 @@ class BuildPyWithExamples(build_py):
                 os.makedirs(os.path.dirname(target), exist_ok=True)
                 shutil.copyfile(source, target)
 
+# extension -> its sources: the packing core, and the kernels layer's CPU loops (kept apart so
+# that the layers stay one-way: fusedrl.kernels imports nothing above it)
+EXTENSIONS = {"fusedrl._C": ["csrc/packing.cpp"], "fusedrl.kernels._cpu": ["csrc/kl.cpp"]}
 ext_modules = []
-sources = sorted(glob.glob("csrc/*.cpp"))
-if sources and os.environ.get("FUSEDRL_NO_EXT") != "1":
+if os.environ.get("FUSEDRL_NO_EXT") != "1":
     from pybind11.setup_helpers import Pybind11Extension
 
-    ext_modules.append(
-        Pybind11Extension(
-            "fusedrl._C",
-            sources,
-            cxx_std=17,
-            extra_compile_args=["-O3"],
-        )
-    )
+    for name, sources in EXTENSIONS.items():
+        ext_modules.append(Pybind11Extension(name, sources, cxx_std=17, extra_compile_args=["-O3"]))
 
 setup(ext_modules=ext_modules, cmdclass={"build_py": BuildPyWithExamples})

@@ -32,6 +32,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._validate import FLOAT_DTYPES, check_tensor
+
+try:  # csrc/kl.cpp: float32 k3 on the CPU in one vectorised pass; the PyTorch path below otherwise
+    from . import _cpu as _C
+except ImportError:  # built without the extensions (FUSEDRL_NO_EXT=1)
+    _C = None
 from ._ranges import op_range
 
 KL_KINDS = ("k1", "k2", "k3", "k3+", "abs", "k1+")
@@ -83,6 +88,10 @@ def kl_penalty(
     check_clamp(clamp)
     check_clamp(value_clamp, "value_clamp")
     dtype = torch.float64 if torch.float64 in (logp.dtype, ref_logp.dtype) else torch.float32
+    if kind == "k3" and clamp is None and _C is not None and logp.dtype == ref_logp.dtype == torch.float32 \
+            and logp.device.type == ref_logp.device.type == "cpu":
+        kl = _K3Pair.apply(logp, ref_logp)  # the subtraction fused into the C++ pass
+        return kl if value_clamp is None else kl.clamp(-value_clamp, value_clamp)
     delta = logp.to(dtype) - ref_logp.to(dtype)
     return kl_from_delta(delta, kind, clamp, value_clamp)
 
@@ -139,10 +148,36 @@ class _K3(torch.autograd.Function):
         return dk3 * grad
 
 
+class _K3Pair(torch.autograd.Function):
+    """k3 of delta = logp - ref for float32 CPU tensors in one C++ pass (csrc/kl.cpp), the same
+    values as `_K3` of the float32 difference; gradients +-dk3 to logp and ref."""
+
+    @staticmethod
+    def forward(ctx, logp, ref):
+        need_grad = any(ctx.needs_input_grad)
+        logp, ref = logp.contiguous(), ref.contiguous()
+        value = torch.empty_like(logp)
+        grad = torch.empty_like(logp) if need_grad else None
+        _C.k3_f32(logp.data_ptr(), logp.numel(), value.data_ptr(), grad.data_ptr() if need_grad else 0,
+                  ref.data_ptr())
+        if need_grad:
+            ctx.save_for_backward(grad)
+        return value
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, up):
+        (dk3,) = ctx.saved_tensors
+        g = dk3 * up
+        return (g if ctx.needs_input_grad[0] else None), (-g if ctx.needs_input_grad[1] else None)
+
+
 def k3_and_grad(delta: torch.Tensor, need_grad: bool = True):
     """(k3(delta), d k3 / d delta = -expm1(-delta) or None), no graph, in delta's dtype.
 
-    Below float64, in float64: e = expm1(-delta) has a relative error of 1e-16, so
+    float32 on the CPU: the C++ loop of csrc/kl.cpp (`_k3_and_grad_cpp`), one vectorised pass
+    in double (series below |delta| = 1/4, exp beyond), each output rounded once.
+    Otherwise below float64, in float64: e = expm1(-delta) has a relative error of 1e-16, so
     e + delta keeps ~16 - log10(2 / |delta|) digits, float32's (and more) for every
     |delta| above 1e-8 (a float32 difference of log-probs near -1 is 0 or >= 6e-8);
     one expm1 gives the value and the gradient (5 passes instead of the series'
@@ -151,9 +186,21 @@ def k3_and_grad(delta: torch.Tensor, need_grad: bool = True):
     with torch.no_grad():
         if delta.dtype == torch.float64:
             return _k3_nograd(delta), (torch.neg(delta).expm1_().neg_() if need_grad else None)
+        if _C is not None and delta.dtype == torch.float32 and delta.device.type == "cpu":
+            return _k3_and_grad_cpp(delta, need_grad)
         e = delta.double().neg_().expm1_()
         grad = e.to(delta.dtype).neg_() if need_grad else None
         return e.add_(delta).to(delta.dtype), grad
+
+
+def _k3_and_grad_cpp(delta: torch.Tensor, need_grad: bool):
+    """`k3_and_grad` of a float32 CPU tensor by the C++ loop of csrc/kl.cpp: value and gradient in
+    one vectorised pass, each rounded once from double (within ~1 ulp; no float64 temporaries)."""
+    delta = delta.contiguous()
+    value = torch.empty_like(delta)
+    grad = torch.empty_like(delta) if need_grad else None
+    _C.k3_f32(delta.data_ptr(), delta.numel(), value.data_ptr(), grad.data_ptr() if need_grad else 0, 0)
+    return value, grad
 
 
 def _k3_nograd(delta: torch.Tensor) -> torch.Tensor:

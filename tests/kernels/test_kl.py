@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from fusedrl.kernels import AdaptiveKLController, kl_penalty
+from fusedrl.kernels import kl as kl_module
 from tests.conftest import assert_close
 
 LOGP = [0.0, -1.0, -0.5]
@@ -160,3 +161,65 @@ def test_k3_second_derivative_raises_instead_of_lying():
                                create_graph=True)
     with pytest.raises(RuntimeError):
         torch.autograd.grad(g.sum(), logp)
+
+
+# ----------------------------------------------------------------------------- the C++ k3 loop (csrc/kl.cpp)
+
+def _ulps(a: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    """|a - exact| in float32 ulps of the exact value (exact in float64)."""
+    spacing = torch.nextafter(exact.float().abs(), torch.tensor(float("inf"))).double() - exact.float().abs().double()
+    return (a.double() - exact).abs() / spacing
+
+
+def _hostile_deltas(gen):
+    scales = (1e-7, 1e-4, 0.01, 0.2, 0.2499, 0.25, 0.2501, 1.0, 5.0, 80.0)
+    d = torch.cat([torch.randn(2001, generator=gen, dtype=torch.float64) * s for s in scales])
+    edges = [0.0, -0.0, 0.25, -0.25, 88.0, -88.0, -88.8, 700.0, -708.5, 1e30, -1e30, 1e-40]
+    return torch.cat([d, torch.tensor(edges, dtype=torch.float64)]).float()
+
+
+@pytest.mark.skipif(kl_module._C is None, reason="fusedrl.kernels._cpu is not built (FUSEDRL_NO_EXT=1)")
+def test_cpp_k3_is_within_one_ulp_everywhere_and_matches_torch_on_non_finite(seed):
+    gen = torch.Generator().manual_seed(11)
+    d = _hostile_deltas(gen)
+    value, grad = kl_module._k3_and_grad_cpp(d, True)
+    exact = kl_module._k3_series(d.double())  # float64 series / expm1: ~1e-15 relative
+    exact_grad = -torch.expm1(-d.double())
+    finite = torch.isfinite(exact.float())
+    assert _ulps(value[finite], exact[finite]).max() <= 1.0
+    assert bool((value[~finite] == float("inf")).all())  # k3 beyond float32's range rounds to inf
+    finite_g = torch.isfinite(exact_grad.float())
+    assert _ulps(grad[finite_g], exact_grad[finite_g]).max() <= 1.0
+    assert torch.equal(kl_module._k3_and_grad_cpp(d, False)[0], value)  # value-only loop: same values
+    # non-finite inputs: what the PyTorch path (expm1 in float64) gives, NaN where it gives NaN
+    special = torch.tensor([float("inf"), -float("inf"), float("nan")])
+    v, g = kl_module._k3_and_grad_cpp(special, True)
+    e = torch.expm1(-special.double())
+    assert torch.equal(v.isnan(), (e + special.double()).isnan())
+    assert v[0] == float("inf") and g[0] == 1.0 and g[1] == -float("inf") and g[2].isnan()
+
+
+@pytest.mark.skipif(kl_module._C is None, reason="fusedrl.kernels._cpu is not built (FUSEDRL_NO_EXT=1)")
+def test_kl_penalty_fused_pair_equals_the_unfused_and_the_torch_path(seed, monkeypatch):
+    # the fused (logp, ref) pass computes the same float32 difference, so the same bits as k3 of delta;
+    # without the extension the PyTorch path agrees within the 4-eps budget; gradients +-dk3 * upstream
+    gen = torch.Generator().manual_seed(5)
+    logp = (torch.randn(3, 1032, generator=gen) * 0.4 - 2.0)[:, ::2]  # non-contiguous view
+    ref = torch.randn(3, 1032, generator=gen)[:, 1::2] * 0.4 - 2.0
+    a, b = logp.clone().requires_grad_(), ref.clone().requires_grad_()
+    fused = kl_penalty(a, b, "k3")
+    assert fused.shape == logp.shape and fused.dtype == torch.float32
+    unfused = kl_module.k3_value(logp - ref)
+    assert torch.equal(fused, unfused)
+    up = torch.randn(fused.shape, generator=gen)
+    ga, gb = torch.autograd.grad(fused, (a, b), up)
+    exact = -torch.expm1(-(logp - ref).double()) * up.double()
+    assert_close(ga, exact.float(), atol=0, rtol=4 * torch.finfo(torch.float32).eps)
+    assert torch.equal(gb, -ga)
+    monkeypatch.setattr(kl_module, "_C", None)
+    c, dref = logp.clone().requires_grad_(), ref.clone().requires_grad_()
+    torch_path = kl_penalty(c, dref, "k3")
+    assert_close(fused, torch_path.detach(), atol=0, rtol=4 * torch.finfo(torch.float32).eps)
+    gc, gd = torch.autograd.grad(torch_path, (c, dref), up)
+    assert_close(ga, gc, atol=0, rtol=4 * torch.finfo(torch.float32).eps)
+    assert_close(gb, gd, atol=0, rtol=4 * torch.finfo(torch.float32).eps)
