@@ -31,7 +31,8 @@ class BuildPyWithExamples(build_py):
 
 # extension -> its sources: the packing core, and the kernels layer's CPU loops (kept apart so
 # that the layers stay one-way: fusedrl.kernels imports nothing above it)
-EXTENSIONS = {"fusedrl._C": ["csrc/packing.cpp"], "fusedrl.kernels._cpu": ["csrc/kl.cpp"]}
+EXTENSIONS = {"fusedrl._C": ["csrc/packing.cpp"],
+              "fusedrl.kernels._cpu": ["csrc/kernels_cpu.cpp", "csrc/kl.cpp", "csrc/policy_loss.cpp"]}
 ext_modules = []
 if os.environ.get("FUSEDRL_NO_EXT") != "1":
     from pybind11.setup_helpers import Pybind11Extension

@@ -23,86 +23,16 @@
 // baseline, the best chosen once from the CPU's features (`k3_isa()` says which).
 #include <pybind11/pybind11.h>
 
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <limits>
 #include <stdexcept>
 #include <string>
 
-namespace py = pybind11;
+#include "cpu_common.h"
 
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
-#define FUSEDRL_X86_DISPATCH 1
-#endif
+namespace py = pybind11;
+using fusedrl_cpu::K3;
+using fusedrl_cpu::k3_one;
 
 namespace {
-
-__attribute__((always_inline)) inline double exp_reduced(double x) {
-  // exp(x) for x in [-708, 709]: x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial
-  // to r^9 / 9! (truncation < 1e-11, enough beyond |d| = 1/4), times 2^k built in the exponent bits.
-  const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
-  const double log2e = 1.4426950408889634;
-  const double ln2_hi = 0.6931471805599453;   // ln 2 split in two for an exact k * ln2_hi
-  const double ln2_lo = 2.3190468138462996e-17;
-  double t = x * log2e + shifter;
-  double k = t - shifter;
-  double r = (x - k * ln2_hi) - k * ln2_lo;
-  double p = 1.0 / 362880.0;  // 1/9!
-  p = p * r + 1.0 / 40320.0;
-  p = p * r + 1.0 / 5040.0;
-  p = p * r + 1.0 / 720.0;
-  p = p * r + 1.0 / 120.0;
-  p = p * r + 1.0 / 24.0;
-  p = p * r + 1.0 / 6.0;
-  p = p * r + 0.5;
-  p = p * r + 1.0;
-  p = p * r + 1.0;
-  uint64_t bits;
-  std::memcpy(&bits, &t, sizeof bits);
-  uint64_t scale_bits = (bits + 1023) << 52;  // the low bits of t hold k + 2^51; the rest shifts out
-  double scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return p * scale;
-}
-
-struct K3 {
-  double value, grad;
-};
-
-__attribute__((always_inline)) inline K3 k3_one(double d) {
-  const double below = 0.25;
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  const double neg_inf = -std::numeric_limits<double>::infinity();
-  // the series (|d| < 1/4; terms to d^9 / 9!, truncation < 1e-10 relative)
-  double s = d * (-1.0 / 362880.0) + 1.0 / 40320.0;
-  s = s * d - 1.0 / 5040.0;
-  s = s * d + 1.0 / 720.0;
-  s = s * d - 1.0 / 120.0;
-  s = s * d + 1.0 / 24.0;
-  s = s * d - 1.0 / 6.0;
-  s = s * d + 0.5;
-  double series_value = d * d * s;
-  double g = d * (1.0 / 40320.0) - 1.0 / 5040.0;  // 1 - e^-d = d (1 - d/2 + d^2/6 - ... - d^7/8!)
-  g = g * d + 1.0 / 720.0;
-  g = g * d - 1.0 / 120.0;
-  g = g * d + 1.0 / 24.0;
-  g = g * d - 1.0 / 6.0;
-  g = g * d + 0.5;
-  g = g * d - 1.0;
-  double series_grad = -d * g;
-  // exp(-d) beyond (x clamped so that 2^k stays a normal double; NaN passes the comparisons)
-  double x = -d;
-  x = x > 709.0 ? 709.0 : x;
-  x = x < -708.0 ? -708.0 : x;
-  double e = exp_reduced(x);
-  double exp_value = (e - 1.0) + d;
-  exp_value = d == neg_inf ? nan : exp_value;  // inf - inf, as torch's expm1(-d) + d
-  double exp_grad = 1.0 - e;
-  exp_grad = d == neg_inf ? neg_inf : exp_grad;
-  bool small = std::fabs(d) < below;
-  return {small ? series_value : exp_value, small ? series_grad : exp_grad};
-}
 
 // One loop per (gradient or not) x instruction set, the set chosen once by CPU features (no
 // -march flag: the wheel must run on any x86-64). With `ref` the input is d = delta[i] - ref[i],
@@ -134,8 +64,8 @@ __attribute__((always_inline)) inline K3 k3_one(double d) {
 
 FUSEDRL_K3_LOOPS(, _base)
 #ifdef FUSEDRL_X86_DISPATCH
-FUSEDRL_K3_LOOPS(__attribute__((target("avx2,fma"))), _avx2)
-FUSEDRL_K3_LOOPS(__attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma"))), _avx512)
+FUSEDRL_K3_LOOPS(FUSEDRL_AVX2, _avx2)
+FUSEDRL_K3_LOOPS(FUSEDRL_AVX512, _avx512)
 #endif
 
 using ValueLoop = void (*)(const float*, const float*, int64_t, float*);
@@ -150,13 +80,9 @@ struct K3Loops {
 K3Loops pick_loops() {
   K3Loops loops;
 #ifdef FUSEDRL_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw")) {
-    loops = {k3_value_loop_avx512, k3_value_grad_loop_avx512, "avx512"};
-  } else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    loops = {k3_value_loop_avx2, k3_value_grad_loop_avx2, "avx2"};
-  }
+  fusedrl_cpu::Isa isa = fusedrl_cpu::best_isa();
+  if (isa == fusedrl_cpu::Isa::kAvx512) loops = {k3_value_loop_avx512, k3_value_grad_loop_avx512, "avx512"};
+  if (isa == fusedrl_cpu::Isa::kAvx2) loops = {k3_value_loop_avx2, k3_value_grad_loop_avx2, "avx2"};
 #endif
   return loops;
 }
@@ -182,8 +108,7 @@ void k3_f32(uintptr_t delta_ptr, int64_t n, uintptr_t value_ptr, uintptr_t grad_
 
 }  // namespace
 
-PYBIND11_MODULE(_cpu, m) {
-  m.doc() = "fusedrl.kernels._cpu: elementwise CPU kernels of the kernels layer (the k3 KL estimator)";
+void register_kl(py::module_& m) {
   m.def("k3_f32", &k3_f32, py::arg("delta_ptr"), py::arg("n"), py::arg("value_ptr"), py::arg("grad_ptr"),
         py::arg("ref_ptr") = 0,
         "k3 = exp(-d) - 1 + d and its gradient 1 - exp(-d) of n contiguous float32 values (data "

@@ -15,7 +15,7 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 DOC_TOPS = ("docs", "examples", "bench", "fusedrl", "tests")
 CODE_TOPS = ("docs", "examples", "bench")  # what code cites for a reader (its own modules are imports)
 BARE_DOC = re.compile(r"(?<![\w/.-])([a-z_]+\.md)\b")
-BUILT = {"fusedrl/_C": "csrc/packing.cpp", "fusedrl/kernels/_cpu": "csrc/kl.cpp"}  # C++ extensions, built from their sources
+BUILT = {"fusedrl/_C": "csrc/packing.cpp", "fusedrl/kernels/_cpu": "csrc/kernels_cpu.cpp"}  # C++ extensions, built from their sources
 
 
 def expand(path: str):

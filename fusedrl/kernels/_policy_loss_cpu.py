@@ -24,6 +24,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ._rl_layout import Layout, Number, segment_sum
+from . import kl as _kl
 from .kl import k3_and_grad, k3_value, kl_from_delta
 
 
@@ -174,26 +175,47 @@ def _clipped_surrogate(x, mf, dtype, cfg):
     return pg, g, stats
 
 
+def _clipped_surrogate_cpp(x, mf, coef, cfg):
+    """(loss, g = coef * d pg / d logp, the four token totals) of `_clipped_surrogate` + its coefficient
+    in one C++ pass over float32 tokens (csrc/policy_loss.cpp): the same gradient bits (same float32
+    ops; ratio is still torch.exp), the loss and totals summed in double."""
+    f32 = torch.float32
+    d = torch.sub(x.logp.detach().to(f32), x.old.to(f32)).mul_(mf)  # (logp - old) m: 0 under the mask
+    ratio = torch.exp(d)
+    adv = (x.adv.to(f32) * mf).contiguous()
+    mf, coef = mf.contiguous(), coef.contiguous()
+    g = torch.empty_like(d)
+    loss, clipped, ratio_sum, d_sum, approx_kl = _kl._C.ppo_clip_f32(
+        d.data_ptr(), ratio.data_ptr(), adv.data_ptr(), coef.data_ptr(), mf.data_ptr(), d.numel(),
+        1.0 - cfg.eps_low, 1.0 + cfg.eps_high, g.data_ptr())
+    totals = torch.tensor([loss, clipped, ratio_sum, -d_sum, approx_kl], dtype=f32)
+    return totals[0], g, list(totals[1:].unbind())
+
+
 def policy_loss_fast(x, layout: Layout, cfg, num_tokens: Optional[Number],
                      num_seqs: Optional[Number]):
     """`policy_loss_general` for `fast_path_applies` in fewer passes and no graph: values and the
     per-token gradients in one sweep under no_grad, one `_Presolved` node.
 
-    The surrogate's gradient comes from `_clipped_surrogate`, k3 and its gradient from one expm1,
-    each times its term's coefficient. Masked inputs are zeroed by a multiply; a non-finite result
+    The surrogate's gradient comes from `_clipped_surrogate` (float32 on the CPU: its C++ twin,
+    `_clipped_surrogate_cpp`), k3 and its gradient from one pass (`kl.k3_and_grad`), each times
+    its term's coefficient. Masked inputs are zeroed by a multiply; a non-finite result
     (garbage under the mask, or a real inf) returns None and the caller runs the general path,
     which keeps padding out with where().
     """
     dtype = torch.float64 if x.logp.dtype == torch.float64 else torch.float32
     with torch.no_grad():
         mf = x.mask.to(dtype)
-        pg, g_logp, (clipped, ratio, ppo_kl, approx_kl) = _clipped_surrogate(x, mf, dtype, cfg)
         tokens = _token_counts(x.mask, layout, dtype)
         cache: Dict[str, torch.Tensor] = {}
         coef = _coefficients(cfg.aggregation, mf, tokens, layout, cfg, num_tokens, num_seqs, cache)
-        loss = torch.dot(pg, coef)
-        del pg
-        g_logp.mul_(coef)
+        if _kl._C is not None and dtype == torch.float32:  # the extension (kl._C: None without it)
+            loss, g_logp, (clipped, ratio, ppo_kl, approx_kl) = _clipped_surrogate_cpp(x, mf, coef, cfg)
+        else:
+            pg, g_logp, (clipped, ratio, ppo_kl, approx_kl) = _clipped_surrogate(x, mf, dtype, cfg)
+            loss = torch.dot(pg, coef)
+            del pg
+            g_logp.mul_(coef)
         zero = torch.zeros((), dtype=dtype, device=mf.device)
         kl_sum = zero
         if x.ref is not None:
