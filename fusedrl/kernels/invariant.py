@@ -11,11 +11,12 @@ split-K / stream-K choice of cuBLAS and the split of a short reduction over seve
 with the number of rows too. The invariant path fixes the shape of every reduction a token's
 numbers go through:
 
-- rows in fixed tiles: every matmul over tokens runs as calls of exactly `ROW_TILE` rows (the last
-  tile padded with zero rows) on a fresh, contiguous buffer -- the same (M, N, K) and alignment for
-  every call, so the same kernel and the same per-row reduction order (`invariant_linear`,
-  `invariant_rms_norm`; the LM head of `linear_logprobs` in `LM_ROW_TILE`-row tiles, whole
-  vocabulary per tile);
+- rows in fixed tiles: every matmul over tokens runs in tiles of exactly `ROW_TILE` rows (the last
+  tile padded with zero rows) of a fresh, contiguous buffer -- the same (M, N, K) and alignment for
+  every tile, so the same kernel and the same per-row reduction order (`invariant_linear`: on the
+  CPU the entries of one batched matmul, measured bitwise equal to a call per tile for any tile
+  count; `invariant_rms_norm`: row-wise ops on the padded rows; the LM head of `linear_logprobs` in
+  `LM_ROW_TILE`-row tiles, whole vocabulary per tile);
 - attention per sequence (`attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -94,6 +95,13 @@ def _check_2d_input(name: str, x: torch.Tensor, width: int) -> None:
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` computed in calls of exactly ROW_TILE rows (differentiable).
 
+    On the CPU the tiles are the entries of one `torch.bmm` / `torch.baddbmm` over the weight expanded
+    to every tile: measured bitwise equal to one `F.linear` per tile (1..200 tiles, bias inside the
+    product as `F.linear` has it; the gradient w.r.t. x too), whatever the tile count. The weight's
+    gradient sums the tiles in the expand's reduction order instead of autograd's tile-by-tile one
+    (a sum over every token: no per-token property to keep). Elsewhere one `F.linear` per tile, as
+    batched GEMMs may pick their kernel (split-K) by the batch count there.
+
     Args:
         x: (..., K) activations; weight: (N, K); bias: (N,) or None.
     Returns:
@@ -106,22 +114,30 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     x2d = x.reshape(-1, x.shape[-1])
     n = x2d.shape[0]
     padded = _padded_rows(x2d, ROW_TILE)
-    tiles = [F.linear(padded[i:i + ROW_TILE], weight, bias) for i in range(0, padded.shape[0], ROW_TILE)]
-    return torch.cat(tiles)[:n].reshape(*lead, weight.shape[0])
+    if padded.device.type != "cpu":
+        tiles = [F.linear(padded[i:i + ROW_TILE], weight, bias) for i in range(0, padded.shape[0], ROW_TILE)]
+        return torch.cat(tiles)[:n].reshape(*lead, weight.shape[0])
+    batch = padded.view(-1, ROW_TILE, padded.shape[1])  # (T, ROW_TILE, K)
+    wt = weight.t().expand(batch.shape[0], *weight.t().shape)  # (T, K, N), no copy
+    if bias is None:
+        out = torch.bmm(batch, wt)
+    else:
+        out = torch.baddbmm(bias.expand(batch.shape[0], ROW_TILE, -1), batch, wt)
+    return out.view(-1, weight.shape[0])[:n].reshape(*lead, weight.shape[0])
 
 
 def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm (normalise in float32, cast back, scale) over fixed ROW_TILE-row tiles."""
+    """HF's RMSNorm (normalise in float32, cast back, scale) on ROW_TILE-padded rows.
+
+    Row-wise ops only (the mean is a last-dim reduction), measured the same bits per row for 1..200
+    tiles of rows at once, so one call covers every tile.
+    """
     _check_2d_input("x", x, weight.shape[-1])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    padded = _padded_rows(x2d, ROW_TILE)
-    tiles = []
-    for i in range(0, padded.shape[0], ROW_TILE):
-        xf = padded[i:i + ROW_TILE].float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        tiles.append(weight * xf.to(x.dtype))
-    return torch.cat(tiles)[: x2d.shape[0]].reshape(*lead, x.shape[-1])
+    xf = _padded_rows(x2d, ROW_TILE).float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (weight * xf.to(x.dtype))[: x2d.shape[0]].reshape(*lead, x.shape[-1])
 
 
 def _kv_blocks(keys: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
