@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, List, Optional
+from typing import Iterator, List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -227,50 +227,37 @@ def _int_vector(name: str, x, length: Optional[int] = None) -> torch.Tensor:
     return t.to(torch.int64)
 
 
-def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k, starts,
-                     scale: float) -> torch.Tensor:
-    """Many sequences' causal attention at once, each row bitwise `attend_sequence`'s.
+class AttentionPlan(NamedTuple):
+    """Where every query row and key sits in the tile batch of `attend_planned` (see `attention_plan`)."""
 
-    Sequence s: queries q[cu_q[s]:cu_q[s+1]] at positions starts[s], starts[s]+1, ...; keys and
-    values k[cu_k[s]:cu_k[s+1]], v[...] at positions 0, 1, ... -- i.e. the result is
-    `attend_sequence(q[cu_q[s]:cu_q[s+1]], k[cu_k[s]:cu_k[s+1]], v[...], starts[s], scale)` for every s.
+    num_queries: int  # query rows, cu_q[-1]
+    num_keys: int  # key rows used, cu_k[-1]
+    tiles: int  # (sequence, query tile) pairs, most key blocks first
+    active: List[int]  # tiles that have key block b, per b (a prefix of the batch)
+    q_index: torch.Tensor  # (tiles * Q_TILE,) query row of each tile row, num_queries for padding
+    out_rows: torch.Tensor  # (num_queries,) tile row of each query row
+    k_index: torch.Tensor  # (tiles, blocks * KV_BLOCK) key row of each tile's key, num_keys past its sequence
+    row_pos: torch.Tensor  # (tiles, Q_TILE) absolute position of each tile row
 
-    Every (sequence, query tile) of the pack is one entry of a batch dimension (tiles x heads); the
-    Python loop runs over the key-block index only, one `torch.bmm` per block for all the tiles that
-    still have a block there (`attend_sequence` runs the same `_block_step` on the same per-tile
-    shapes, and a bmm entry's bits do not depend on the batch count -- measured on the project's CPU).
-    Tiles are ordered by block count, most first, so the tiles active at block b are a prefix of the
-    batch; within a sequence that is its last tile first, the order `attend_sequence`'s autograd
-    sums a key's gradient over query tiles in (the gathers' backward adds in index order).
 
-    Args:
-        q: (Nq, Hq, D); k, v: (Nk, Hkv, D), Hq a multiple of Hkv.
-        cu_q: (S + 1,) query row bounds, from 0 to Nq; cu_k: (S + 1,) key row bounds (nondecreasing,
-            within Nk); starts: (S,) position of each sequence's first query. Host ints or int tensors.
-        scale: softmax scale.
-    Returns:
-        (Nq, Hq, D) in q's dtype. Differentiable.
-    """
-    nq, num_heads, dim = q.shape
-    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim:
-        raise ValueError(f"k, v must both be (Nk, Hkv, {dim}), got {tuple(k.shape)} and {tuple(v.shape)}")
-    if num_heads % k.shape[1]:
-        raise ValueError(f"q's {num_heads} heads must be a multiple of k's {k.shape[1]}")
-    cu_q, cu_k = _int_vector("cu_q", cu_q), _int_vector("cu_k", cu_k, len(cu_q))
+def attention_plan(cu_q, cu_k, starts, device=None) -> AttentionPlan:
+    """The tile layout of sequences s: queries rows cu_q[s]:cu_q[s+1] at positions starts[s], ...,
+    keys rows cu_k[s]:cu_k[s+1] at positions 0, ... (host ints or int tensors; index tensors on
+    `device`). Depends on the lengths only: one plan serves every layer of a forward."""
+    cu_q, cu_k = _int_vector("cu_q", cu_q), _int_vector("cu_k", cu_k)
+    if len(cu_k) != len(cu_q):
+        raise ValueError(f"cu_k must have cu_q's {len(cu_q)} entries, got {len(cu_k)}")
     starts = _int_vector("starts", starts, len(cu_q) - 1)
     n, length = cu_q.diff(), cu_k.diff()
-    if len(cu_q) < 1 or cu_q[0] != 0 or cu_q[-1] != nq or bool((n < 0).any()):
-        raise ValueError(f"cu_q must rise from 0 to q's {nq} rows, got {cu_q.tolist()}")
-    if bool((length < 0).any()) or (len(cu_k) and (cu_k[0] < 0 or cu_k[-1] > k.shape[0])):
-        raise ValueError(f"cu_k must be nondecreasing within k's {k.shape[0]} rows, got {cu_k.tolist()}")
+    if len(cu_q) < 1 or cu_q[0] != 0 or bool((n < 0).any()):
+        raise ValueError(f"cu_q must rise from 0, got {cu_q.tolist()}")
+    if cu_k[0] < 0 or bool((length < 0).any()):
+        raise ValueError(f"cu_k must be nondecreasing from >= 0, got {cu_k.tolist()}")
     if bool((starts < 0).any()) or bool((length < starts + n).any()):
         raise ValueError("starts: sequence s needs starts[s] >= 0 and cu_k[s+1] - cu_k[s] >= starts[s] + its "
                          f"query count, got starts {starts.tolist()}, key counts {length.tolist()}")
-    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if nq == 0:
-        return q.new_zeros(q.shape)
-
-    # tiles: sequence s has tiles from position first[s] (a multiple of Q_TILE) on, `count[s]` of them
+    nq, nk = int(cu_q[-1]), int(cu_k[-1])
+    # tiles: sequence s has count[s] of them from position first[s] (a multiple of Q_TILE) on
     first = starts - starts % Q_TILE
     count = torch.where(n > 0, (starts + n - first + Q_TILE - 1) // Q_TILE, 0)
     seq = torch.repeat_interleave(torch.arange(len(n)), count)  # (T,) a tile's sequence, its tiles ...
@@ -282,8 +269,7 @@ def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu
     order = torch.sort(blocks, descending=True, stable=True).indices
     seq, pos0, blocks = seq[order], pos0[order], blocks[order]
     tiles = len(seq)
-    active = [int((blocks > b).sum()) for b in range(int(blocks[0]))]  # tiles still running at block b
-
+    active = [int((blocks > b).sum()) for b in range(int(blocks[0]) if tiles else 0)]
     # query row r -> its tile row; every other tile row reads the zero row nq
     qseq = torch.repeat_interleave(torch.arange(len(n)), n)
     qpos = starts[qseq] + torch.arange(nq) - cu_q[qseq]
@@ -293,32 +279,84 @@ def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu
     out_rows = tile * Q_TILE + qpos % Q_TILE
     q_index = torch.full((tiles * Q_TILE,), nq, dtype=torch.int64)
     q_index[out_rows] = torch.arange(nq)
-    # a tile's key at position p: row cu_k[s] + p of k, the zero row k.shape[0] past the sequence's keys
-    kpos = torch.arange(int(blocks[0]) * KV_BLOCK)
-    k_index = torch.where(kpos[None] < length[seq][:, None], cu_k[seq][:, None] + kpos[None], k.shape[0])
-    dev = q.device
-    q_index, out_rows, k_index, kpos = q_index.to(dev), out_rows.to(dev), k_index.to(dev), kpos.to(dev)
-    row_pos = (pos0[:, None] + torch.arange(Q_TILE)).to(dev)  # (T, Q) absolute positions
+    # a tile's key at position p: row cu_k[s] + p, the zero row nk past its sequence's keys
+    kpos = torch.arange(len(active) * KV_BLOCK)
+    k_index = torch.where(kpos[None] < length[seq][:, None], cu_k[seq][:, None] + kpos[None], nk)
+    row_pos = pos0[:, None] + torch.arange(Q_TILE)
+    return AttentionPlan(nq, nk, tiles, active, q_index.to(device), out_rows.to(device), k_index.to(device),
+                         row_pos.to(device))
 
+
+def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k, starts,
+                     scale: float) -> torch.Tensor:
+    """Many sequences' causal attention at once, each row bitwise `attend_sequence`'s.
+
+    Sequence s: queries q[cu_q[s]:cu_q[s+1]] at positions starts[s], starts[s]+1, ...; keys and
+    values k[cu_k[s]:cu_k[s+1]], v[...] at positions 0, 1, ... -- i.e. the result is
+    `attend_sequence(q[cu_q[s]:cu_q[s+1]], k[cu_k[s]:cu_k[s+1]], v[...], starts[s], scale)` for every s.
+    `attention_plan` + `attend_planned` do the same with the layout computed once for many layers.
+
+    Args:
+        q: (Nq, Hq, D); k, v: (Nk, Hkv, D), Hq a multiple of Hkv.
+        cu_q: (S + 1,) query row bounds, from 0 to Nq; cu_k: (S + 1,) key row bounds (nondecreasing,
+            within Nk); starts: (S,) position of each sequence's first query. Host ints or int tensors.
+        scale: softmax scale.
+    Returns:
+        (Nq, Hq, D) in q's dtype. Differentiable.
+    """
+    plan = attention_plan(cu_q, cu_k, starts, q.device)
+    if plan.num_queries != q.shape[0]:
+        raise ValueError(f"cu_q must end at q's {q.shape[0]} rows, got {plan.num_queries}")
+    if plan.num_keys > k.shape[0]:
+        raise ValueError(f"cu_k must end within k's {k.shape[0]} rows, got {plan.num_keys}")
+    return attend_planned(q, k, v, plan, scale)
+
+
+def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                   scale: float) -> torch.Tensor:
+    """`attend_sequences` on a precomputed `attention_plan` (same arguments otherwise).
+
+    Every (sequence, query tile) of the pack is one entry of a batch dimension (tiles x heads); the
+    Python loop runs over the key-block index only, one `torch.bmm` per block for all the tiles that
+    still have a block there (`attend_sequence` runs the same `_block_step` on the same per-tile
+    shapes, and a bmm entry's bits do not depend on the batch count -- measured on the project's CPU).
+    Tiles are ordered by block count, most first, so the tiles active at block b are a prefix of the
+    batch; within a sequence that is its last tile first, the order `attend_sequence`'s autograd
+    sums a key's gradient over query tiles in (the gathers' backward adds in index order).
+    """
+    nq, num_heads, dim = q.shape
+    if nq != plan.num_queries:
+        raise ValueError(f"q: the plan is for {plan.num_queries} query rows, got {nq}")
+    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim or k.shape[0] < plan.num_keys:
+        raise ValueError(f"k, v must both be (>= {plan.num_keys}, Hkv, {dim}), got {tuple(k.shape)} and "
+                         f"{tuple(v.shape)}")
+    if num_heads % k.shape[1]:
+        raise ValueError(f"q's {num_heads} heads must be a multiple of k's {k.shape[1]}")
+    if nq == 0:
+        return q.new_zeros(q.shape)
+    cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
+    tiles = plan.tiles
     qrows = torch.cat([q.to(cdt), q.new_zeros(1, num_heads, dim, dtype=cdt)])
-    qt = qrows.index_select(0, q_index).view(tiles, Q_TILE, num_heads, dim).transpose(1, 2)
+    qt = qrows.index_select(0, plan.q_index).view(tiles, Q_TILE, num_heads, dim).transpose(1, 2)
     qt = qt.contiguous().view(tiles * num_heads, Q_TILE, dim)  # (T * Hq, Q, D), tile-major
-    keys, values = _head_rows(k, num_heads, cdt), _head_rows(v, num_heads, cdt)  # (Hq, Nk + 1, D)
+    keys = _head_rows(k[:plan.num_keys], num_heads, cdt)  # (Hq, num_keys + 1, D), zero row last
+    values = _head_rows(v[:plan.num_keys], num_heads, cdt)
+    key_pos = torch.arange(len(plan.active) * KV_BLOCK, device=q.device)
     state = _initial_state(qt)
     done: List[torch.Tensor] = []
-    for b, a in enumerate(active):
+    for b, a in enumerate(plan.active):
         rows = a * num_heads
         if rows < state[0].shape[0]:  # tiles past their last block: finished, off the batch
             done.append(_finish(tuple(x[rows:] for x in state)))
             state = tuple(x[:rows] for x in state)
-        idx = k_index[:a, b * KV_BLOCK:(b + 1) * KV_BLOCK].reshape(-1)
+        idx = plan.k_index[:a, b * KV_BLOCK:(b + 1) * KV_BLOCK].reshape(-1)
         kb, vb = (_tile_major(x.index_select(1, idx), a) for x in (keys, values))  # (a * Hq, B, D)
-        masked = kpos[b * KV_BLOCK:(b + 1) * KV_BLOCK][None, None, :] > row_pos[:a, :, None]  # (a, Q, B)
+        masked = key_pos[b * KV_BLOCK:(b + 1) * KV_BLOCK][None, None, :] > plan.row_pos[:a, :, None]  # (a, Q, B)
         masked = masked[:, None].expand(a, num_heads, Q_TILE, KV_BLOCK).reshape(rows, Q_TILE, KV_BLOCK)
         state = _block_step(state, qt[:rows], kb, vb, masked, scale)
     done.append(_finish(state))
     out = torch.cat(done[::-1]).view(tiles, num_heads, Q_TILE, dim).transpose(1, 2).reshape(-1, num_heads, dim)
-    return out.index_select(0, out_rows).to(q.dtype)
+    return out.index_select(0, plan.out_rows).to(q.dtype)
 
 
 def _head_rows(x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:

@@ -21,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels.invariant import invariant_linear, invariant_rms_norm, invariant_varlen_attention
+from fusedrl.kernels.invariant import attend_planned, attention_plan, invariant_linear, invariant_rms_norm
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -131,8 +131,10 @@ def invariant_packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.
     decoder = getattr(model, "model", None) if hasattr(model, "lm_head") else model
     if decoder is None or not hasattr(decoder, "layers"):
         raise ValueError(f"model: expected a transformers *ForCausalLM with .model.layers, got {type(model).__name__}")
+    plan = attention_plan(cu_seqlens, cu_seqlens, torch.zeros(len(cu_seqlens) - 1, dtype=torch.int64),
+                          input_ids.device)  # the same tile layout for every layer
 
     def attend(index, q, k, v):
-        return invariant_varlen_attention(q, k, v, cu_seqlens, spec.scale)
+        return attend_planned(q, k, v, plan, spec.scale)
 
     return run_layers(spec, decoder, input_ids, position_ids, attend)

@@ -5,8 +5,9 @@ import random
 import pytest
 import torch
 
-from fusedrl.kernels.invariant import (KV_BLOCK, Q_TILE, attend_sequence, attend_sequences,
-                                       invariant_varlen_attention, paged_sequence_keys, paged_slots)
+from fusedrl.kernels.invariant import (KV_BLOCK, Q_TILE, attend_planned, attend_sequence, attend_sequences,
+                                       attention_plan, invariant_varlen_attention, paged_sequence_keys,
+                                       paged_slots)
 
 
 def _reference(q, k, v, cu_q, cu_k, starts, scale, upstream):
@@ -112,3 +113,10 @@ def test_bad_input_names_the_argument():
         attend_sequences(q, torch.randn(5, 3, 8), torch.randn(5, 3, 8), [0, 5], [0, 5], [0], 1.0)
     with pytest.raises(ValueError, match="cu_seqlens"):
         invariant_varlen_attention(q, k, k, torch.tensor([0.0, 5.0]), 1.0)
+    plan = attention_plan([0, 2, 5], [0, 2, 5], [0, 0])
+    want = invariant_varlen_attention(q, k, k, torch.tensor([0, 2, 5]), 1.0)
+    assert torch.equal(attend_planned(q, k, k, plan, 1.0), want)
+    with pytest.raises(ValueError, match="q: the plan"):
+        attend_planned(q[:4], k, k, plan, 1.0)
+    with pytest.raises(ValueError, match="k, v"):
+        attend_planned(q, k[:4], k[:4], plan, 1.0)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ...kernels import varlen_attention
 from ...kernels.decode_attention import paged_decode_attention
-from ...kernels.invariant import attend_sequences, is_invariant, paged_slots
+from ...kernels.invariant import attend_planned, attention_plan, is_invariant, paged_slots
 from .cascade import CascadeInputs, cascade_decode_attention
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -232,15 +232,18 @@ class NativeCausalLM:
         if nd:  # one query per sequence at position len - 1, its keys read from the paged cache
             lens = attn.context_lens.long()
             decode_slots = paged_slots(attn.block_tables, lens, kv_caches[0][0].shape[1])  # (pages, bs, Hkv, D)
-            decode_cu = torch.cat([lens.new_zeros(1), lens.cumsum(0)])
-        cu_q = attn.cu_seqlens_q.tolist() if attn.cu_seqlens_q is not None else [0]
-        if attn.context_slots is None:  # whole prompts: their own keys from position 0
-            cu_k, starts = cu_q, [0] * (len(cu_q) - 1)
-        else:  # chunks continuing a cached sequence: every cached key, the chunk at the end
-            cu_k = attn.cu_seqlens_k.tolist()
-            starts = [(k1 - k0) - (q1 - q0) for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+            decode_plan = attention_plan(torch.arange(nd + 1), torch.cat([lens.new_zeros(1), lens.cumsum(0)]),
+                                         lens - 1, input_ids.device)
+        if input_ids.shape[0] > nd:
+            cu_q = attn.cu_seqlens_q.tolist()
+            if attn.context_slots is None:  # whole prompts: their own keys from position 0
+                cu_k, starts = cu_q, [0] * (len(cu_q) - 1)
+            else:  # chunks continuing a cached sequence: every cached key, the chunk at the end
+                cu_k = attn.cu_seqlens_k.tolist()
+                starts = [(k1 - k0) - (q1 - q0) for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+            prefill_plan = attention_plan(cu_q, cu_k, starts, input_ids.device)
 
-        def attend(index, q, k, v):
+        def attend(index, q, k, v):  # one batched call for the decode rows, one for the prefill chunks
             k_cache, v_cache = kv_caches[index]
             flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
@@ -248,15 +251,15 @@ class NativeCausalLM:
             flat_v.index_copy_(0, attn.slot_mapping, v.to(v_cache.dtype))
             outs = []
             if nd:
-                outs.append(attend_sequences(q[:nd], flat_k.index_select(0, decode_slots),
-                                             flat_v.index_select(0, decode_slots), torch.arange(nd + 1),
-                                             decode_cu, lens - 1, spec.scale))
+                outs.append(attend_planned(q[:nd], flat_k.index_select(0, decode_slots),
+                                           flat_v.index_select(0, decode_slots), decode_plan, spec.scale))
             if q.shape[0] > nd:
                 if attn.context_slots is None:
                     keys, values = k[nd:], v[nd:]
                 else:
-                    keys, values = flat_k.index_select(0, attn.context_slots), flat_v.index_select(0, attn.context_slots)
-                outs.append(attend_sequences(q[nd:], keys, values, cu_q, cu_k, starts, spec.scale))
+                    keys = flat_k.index_select(0, attn.context_slots)
+                    values = flat_v.index_select(0, attn.context_slots)
+                outs.append(attend_planned(q[nd:], keys, values, prefill_plan, spec.scale))
             return torch.cat(outs)
 
         return run_layers(spec, self.decoder, input_ids, positions, attend)
