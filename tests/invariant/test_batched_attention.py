@@ -23,14 +23,20 @@ def _reference(q, k, v, cu_q, cu_k, starts, scale, upstream):
     return out
 
 
-@pytest.mark.parametrize("dtype,heads,dim", [(torch.float32, (4, 2), 32), (torch.float32, (6, 2), 16),
-                                             (torch.float64, (4, 2), 16)])
-def test_varlen_equals_attend_sequence_bitwise_in_any_packing(dtype, heads, dim):
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize("dtype,heads,dim,device", [
+    (torch.float32, (4, 2), 32, "cpu"), (torch.float32, (6, 2), 16, "cpu"), (torch.float64, (4, 2), 16, "cpu"),
+    # on a GPU: whether a batched GEMM entry keeps its bits whatever the batch count
+    pytest.param(torch.float32, (4, 2), 32, "cuda", marks=CUDA),
+    pytest.param(torch.bfloat16, (8, 2), 64, "cuda", marks=CUDA)])
+def test_varlen_equals_attend_sequence_bitwise_in_any_packing(dtype, heads, dim, device):
     rnd = random.Random(11)
     torch.manual_seed(11)
     lens = [rnd.randint(1, 300) for _ in range(20)]
-    docs = [(torch.randn(n, heads[0], dim, dtype=dtype), torch.randn(n, heads[1], dim, dtype=dtype),
-             torch.randn(n, heads[1], dim, dtype=dtype), torch.randn(n, heads[0], dim, dtype=dtype)) for n in lens]
+    docs = [tuple(torch.randn(n, h, dim, dtype=dtype, device=device) for h in (heads[0], heads[1], heads[1], heads[0]))
+            for n in lens]
     for _ in range(3):
         order = rnd.sample(range(len(lens)), len(lens))
         q, k, v, g = (torch.cat([docs[i][j] for i in order]) for j in range(4))
