@@ -22,11 +22,11 @@ numbers go through:
   position 0 combined by an online softmax in block order; a block after a query's own is fully
   masked and leaves its state bitwise unchanged, so prefill, packed training and decode (one query,
   keys read from the paged cache) give the same bits. `attend_sequence` is the readable one-sequence
-  reference; `attend_sequences` (packed training, prefill, batched decode) runs the same per-tile
-  ops with every (sequence, query tile) of a pack in one batch dimension and a Python loop over the
-  key-block index only -- measured: an entry of `torch.bmm` has the same bits whatever the batch
-  count (1..100 entries, Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise,
-  gradients included;
+  reference; `attend_sequences` / `attend_planned` (packed training, prefill, batched decode) run
+  the same per-tile ops with every (sequence, query tile) of a pack in one batch dimension and a
+  Python loop over the key-block index only (a tile leaves the batch after its last block) --
+  measured: an entry of `torch.bmm` has the same bits whatever the batch count (1..100 entries,
+  Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise, gradients included;
 - the Triton log-prob kernels run with pinned tiles (no autotuning) and a fixed vocabulary chunk.
 
 The flag is a context variable: `invariant()` sets it for the current thread / task, and
@@ -159,7 +159,7 @@ def _initial_state(qt: torch.Tensor):
 def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, masked: torch.Tensor, scale: float):
     """Fold one key block into the state: qt (N, Q, D), kb / vb (N, B, D), `masked` broadcast to (N, Q, B).
 
-    The one definition of a block's ops (`attend_sequence` and `attend_sequences` both call it), so
+    The one definition of a block's ops (`attend_sequence` and `attend_planned` both call it), so
     the two agree bitwise. A fully masked block leaves the state bitwise unchanged (alpha = 1, p = 0).
     """
     m, den, acc = state
