@@ -3,7 +3,8 @@
 In invariant mode (`fusedrl.kernels.invariant`) the trainer's packed forward (`packed_forward`,
 hence `hidden_states` / `token_logprobs`) and the native engine's forward both run `run_layers`
 below on the HF model's own parameters: every linear is `invariant_linear`, every RMSNorm
-`invariant_rms_norm`, RoPE the same function, attention `attend_sequence` (the trainer over a
+`invariant_rms_norm`, RoPE the same function, attention `attend_sequences` -- bitwise
+`attend_sequence` per sequence, all sequences' query tiles in one batch (the trainer over a
 document's own keys, the engine over the paged cache). The same primitives with the same tile
 shapes on both sides make a token's final hidden state -- and so its log-prob -- bitwise the same
 whether the sampler or the trainer computes it, and wherever the token sits in a pack.
@@ -20,7 +21,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels.invariant import attend_sequence, invariant_linear, invariant_rms_norm
+from fusedrl.kernels.invariant import attend_planned, attention_plan, invariant_linear, invariant_rms_norm
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 
@@ -130,11 +131,10 @@ def invariant_packed_hidden(model, input_ids: torch.Tensor, position_ids: torch.
     decoder = getattr(model, "model", None) if hasattr(model, "lm_head") else model
     if decoder is None or not hasattr(decoder, "layers"):
         raise ValueError(f"model: expected a transformers *ForCausalLM with .model.layers, got {type(model).__name__}")
-    bounds = cu_seqlens.tolist()
+    plan = attention_plan(cu_seqlens, cu_seqlens, torch.zeros(len(cu_seqlens) - 1, dtype=torch.int64),
+                          input_ids.device)  # the same tile layout for every layer
 
     def attend(index, q, k, v):
-        outs = [attend_sequence(q[a:b], k[a:b], v[a:b], 0, spec.scale) for a, b in zip(bounds[:-1], bounds[1:])
-                if b > a]
-        return torch.cat(outs)
+        return attend_planned(q, k, v, plan, spec.scale)
 
     return run_layers(spec, decoder, input_ids, position_ids, attend)

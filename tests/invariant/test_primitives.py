@@ -65,6 +65,32 @@ def test_invariant_linear_exact_and_rows_independent_of_the_call():
         invariant_linear(xf, wf[0])
 
 
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_invariant_linear_and_rms_norm_equal_one_call_per_tile_for_any_tile_count(with_bias):
+    """The batched CPU path gives each tile the bits of its own `F.linear` (and RMSNorm) call, and the
+    gradient w.r.t. x too, for 1..200 tiles."""
+    torch.manual_seed(5)
+    w, b, nw = torch.randn(48, 96), torch.randn(48) if with_bias else None, torch.randn(96)
+    x_all, g_all = torch.randn(200 * ROW_TILE, 96) * 3, torch.randn(200 * ROW_TILE, 48)
+
+    def per_tile(fn, x):
+        return torch.cat([fn(x[i:i + ROW_TILE]) for i in range(0, x.shape[0], ROW_TILE)])
+
+    def rms(xt):
+        return nw * (xt * torch.rsqrt(xt.pow(2).mean(-1, keepdim=True) + 1e-6))
+
+    for tiles in list(range(1, 20)) + [31, 64, 101, 199, 200]:
+        x = x_all[:tiles * ROW_TILE - 5].clone().requires_grad_(True)  # the last tile padded
+        y = invariant_linear(x, w, b)
+        want = per_tile(lambda t: F.linear(t, w, b), torch.cat([x.detach(), x.new_zeros(5, 96)]))[:-5]
+        assert torch.equal(y, want), tiles
+        xr = x.detach().clone().requires_grad_(True)
+        ref = per_tile(lambda t: F.linear(t, w, b), torch.cat([xr, xr.new_zeros(5, 96)]))[:-5]
+        g = g_all[:y.shape[0]]
+        assert torch.equal(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(ref, xr, g)[0]), tiles
+        assert torch.equal(invariant_rms_norm(x.detach(), nw, 1e-6), per_tile(rms, x.detach())), tiles
+
+
 def test_invariant_rms_norm_exact_and_row_independent():
     torch.manual_seed(1)
     x, w = torch.randn(45, 24), torch.randn(24)

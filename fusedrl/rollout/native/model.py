@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from ...kernels import varlen_attention
 from ...kernels.decode_attention import paged_decode_attention
-from ...kernels.invariant import attend_sequence, is_invariant, paged_sequence_keys
+from ...kernels.invariant import attend_planned, attention_plan, is_invariant, paged_slots
 from .cascade import CascadeInputs, cascade_decode_attention
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
@@ -223,33 +223,43 @@ class NativeCausalLM:
 
     def _forward_invariant(self, input_ids, positions, attn: AttentionInputs, kv_caches) -> torch.Tensor:
         """Invariant mode: the trainer's fixed-tile layers (`models.invariant_decoder.run_layers`), attention
-        per sequence over the paged cache with the trainer's tile order."""
+        over the paged cache with the trainer's tile order (`attend_sequences`: all decoding sequences in one
+        batch, all prefill chunks in another)."""
         from ...models.invariant_decoder import decoder_spec, run_layers
 
         spec = decoder_spec(self.config)
         nd = attn.num_decode
-        tables = attn.block_tables.tolist() if nd else []
-        lens = attn.context_lens.tolist() if nd else []
-        cu_q = attn.cu_seqlens_q.tolist() if attn.cu_seqlens_q is not None else [0]
-        cu_k = attn.cu_seqlens_k.tolist() if attn.context_slots is not None else None
+        if nd:  # one query per sequence at position len - 1, its keys read from the paged cache
+            lens = attn.context_lens.long()
+            decode_slots = paged_slots(attn.block_tables, lens, kv_caches[0][0].shape[1])  # (pages, bs, Hkv, D)
+            decode_plan = attention_plan(torch.arange(nd + 1), torch.cat([lens.new_zeros(1), lens.cumsum(0)]),
+                                         lens - 1, input_ids.device)
+        if input_ids.shape[0] > nd:
+            cu_q = attn.cu_seqlens_q.tolist()
+            if attn.context_slots is None:  # whole prompts: their own keys from position 0
+                cu_k, starts = cu_q, [0] * (len(cu_q) - 1)
+            else:  # chunks continuing a cached sequence: every cached key, the chunk at the end
+                cu_k = attn.cu_seqlens_k.tolist()
+                starts = [(k1 - k0) - (q1 - q0) for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
+            prefill_plan = attention_plan(cu_q, cu_k, starts, input_ids.device)
 
-        def attend(index, q, k, v):
+        def attend(index, q, k, v):  # one batched call for the decode rows, one for the prefill chunks
             k_cache, v_cache = kv_caches[index]
             flat_k = k_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_v = v_cache.view(-1, self.num_kv_heads, self.head_dim)
             flat_k.index_copy_(0, attn.slot_mapping, k.to(k_cache.dtype))
             flat_v.index_copy_(0, attn.slot_mapping, v.to(v_cache.dtype))
-            outs = [attend_sequence(q[i:i + 1], paged_sequence_keys(k_cache, tables[i], lens[i]),
-                                    paged_sequence_keys(v_cache, tables[i], lens[i]), lens[i] - 1, spec.scale)
-                    for i in range(nd)]
-            for c, (a, b) in enumerate(zip(cu_q[:-1], cu_q[1:])):
-                qc = q[nd + a:nd + b]
-                if cu_k is None:  # a whole prompt: its own keys
-                    outs.append(attend_sequence(qc, k[nd + a:nd + b], v[nd + a:nd + b], 0, spec.scale))
-                    continue
-                slots = attn.context_slots[cu_k[c]:cu_k[c + 1]]
-                keys, values = flat_k.index_select(0, slots), flat_v.index_select(0, slots)
-                outs.append(attend_sequence(qc, keys, values, keys.shape[0] - (b - a), spec.scale))
+            outs = []
+            if nd:
+                outs.append(attend_planned(q[:nd], flat_k.index_select(0, decode_slots),
+                                           flat_v.index_select(0, decode_slots), decode_plan, spec.scale))
+            if q.shape[0] > nd:
+                if attn.context_slots is None:
+                    keys, values = k[nd:], v[nd:]
+                else:
+                    keys = flat_k.index_select(0, attn.context_slots)
+                    values = flat_v.index_select(0, attn.context_slots)
+                outs.append(attend_planned(q[nd:], keys, values, prefill_plan, spec.scale))
             return torch.cat(outs)
 
         return run_layers(spec, self.decoder, input_ids, positions, attend)
