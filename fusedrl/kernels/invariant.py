@@ -25,8 +25,10 @@ numbers go through:
   reference; `attend_sequences` / `attend_planned` (packed training, prefill, batched decode) run
   the same per-tile ops with every (sequence, query tile) of a pack in one batch dimension and a
   Python loop over the key-block index only (a tile leaves the batch after its last block) --
-  measured: an entry of `torch.bmm` has the same bits whatever the batch count (1..100 entries,
-  Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise, gradients included;
+  measured on the CPU: an entry of `torch.bmm` has the same bits whatever the batch count (1..100
+  entries, Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise, gradients included;
+  off the CPU, where a batched GEMM may pick its kernel by the batch count, every batched matmul
+  of attention runs in calls of exactly `BMM_CHUNK` entries (`_entrywise_bmm`);
 - the Triton log-prob kernels run with pinned tiles (no autotuning) and a fixed vocabulary chunk.
 
 The flag is a context variable: `invariant()` sets it for the current thread / task, and
@@ -45,6 +47,7 @@ ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured
 LM_ROW_TILE = 128  # rows per LM-head tile (log-probs): fewer, larger GEMMs over the vocabulary
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
+BMM_CHUNK = 256  # off the CPU: batched matmuls of attention run in calls of exactly this many entries
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
@@ -156,6 +159,28 @@ def _initial_state(qt: torch.Tensor):
     return qt.new_full((n, rows), float("-inf")), qt.new_zeros(n, rows), qt.new_zeros(n, rows, dim)
 
 
+def _entrywise_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.bmm(a, b)` whose entry i has the same bits whatever the batch count.
+
+    On the CPU a plain bmm (measured: MKL's entries do not depend on the count). Elsewhere a
+    batched GEMM library may pick its kernel (split-K, tile shape) by the batch count, so the
+    batch runs in calls of exactly BMM_CHUNK entries (the last padded with zeros): every call has
+    the same shape, hence the same kernel, and an entry never reads another one.
+    """
+    return torch.bmm(a, b) if a.device.type == "cpu" else _chunked_bmm(a, b)
+
+
+def _chunked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`torch.bmm(a, b)` as calls of exactly BMM_CHUNK entries (zero entries pad the last call)."""
+    n = a.shape[0]
+    rows = -(-n // BMM_CHUNK) * BMM_CHUNK
+    if rows != n:
+        a = torch.cat([a, a.new_zeros(rows - n, *a.shape[1:])])
+        b = torch.cat([b, b.new_zeros(rows - n, *b.shape[1:])])
+    out = [torch.bmm(a[i:i + BMM_CHUNK], b[i:i + BMM_CHUNK]) for i in range(0, rows, BMM_CHUNK)]
+    return torch.cat(out)[:n]
+
+
 def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, masked: torch.Tensor, scale: float):
     """Fold one key block into the state: qt (N, Q, D), kb / vb (N, B, D), `masked` broadcast to (N, Q, B).
 
@@ -163,7 +188,7 @@ def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, mas
     the two agree bitwise. A fully masked block leaves the state bitwise unchanged (alpha = 1, p = 0).
     """
     m, den, acc = state
-    s = torch.bmm(qt, kb.transpose(1, 2)) * scale  # (N, Q, B)
+    s = _entrywise_bmm(qt, kb.transpose(1, 2)) * scale  # (N, Q, B)
     s = s.masked_fill(masked, float("-inf"))
     m_new = torch.maximum(m, s.amax(-1))
     # a row with no key yet (m_new = -inf, padding rows only) would give NaN: shift by 0 instead
@@ -171,7 +196,7 @@ def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, mas
     alpha = torch.exp(m - shift)
     p = torch.exp(s - shift[..., None])
     den = den * alpha + p.sum(-1)
-    acc = acc * alpha[..., None] + torch.bmm(p, vb)
+    acc = acc * alpha[..., None] + _entrywise_bmm(p, vb)
     return m_new, den, acc
 
 

@@ -126,3 +126,18 @@ def test_bad_input_names_the_argument():
         attend_planned(q[:4], k, k, plan, 1.0)
     with pytest.raises(ValueError, match="k, v"):
         attend_planned(q, k[:4], k[:4], plan, 1.0)
+
+
+def test_chunked_bmm_equals_bmm_for_any_batch_count():
+    # off the CPU attention's batched matmuls run in fixed BMM_CHUNK-entry calls (one kernel for every
+    # call); the chunking and zero padding must not change an entry: checked here against bmm
+    import importlib
+
+    inv = importlib.import_module("fusedrl.kernels.invariant")  # the module (the package exports the context)
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, inv.BMM_CHUNK - 1, inv.BMM_CHUNK, inv.BMM_CHUNK + 3, 2 * inv.BMM_CHUNK + 1):
+        a = torch.randn(n, inv.Q_TILE, 16, generator=gen)
+        b = torch.randn(n, 16, inv.KV_BLOCK, generator=gen)
+        out = inv._chunked_bmm(a, b)
+        assert out.shape == (n, inv.Q_TILE, inv.KV_BLOCK)
+        assert torch.equal(out, torch.bmm(a, b))
