@@ -23,7 +23,7 @@ def _reference(q, k, v, cu_q, cu_k, starts, scale, upstream):
     return out
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+CUDA = pytest.mark.gpu  # skipped without a CUDA device (conftest); bench/gpu_check.sh runs `-m gpu`
 
 
 @pytest.mark.parametrize("dtype,heads,dim,device", [
