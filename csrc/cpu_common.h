@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 
@@ -13,27 +14,39 @@
 #define FUSEDRL_AVX512 __attribute__((target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma")))
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define FUSEDRL_INLINE __attribute__((always_inline)) inline  // inlined into each ISA's loop
+#else
+#define FUSEDRL_INLINE inline
+#endif
+
 namespace fusedrl_cpu {
 
 enum class Isa { kBaseline, kAvx2, kAvx512 };
 
-// The widest instruction set this CPU supports (features, not model: any x86-64 runs the wheel).
+// The widest instruction set this CPU supports (features, not model: any x86-64 runs the wheel),
+// or a narrower one named by FUSEDRL_CPU_ISA ("baseline", "avx2"; tests run every build this way).
 inline Isa best_isa() {
+  Isa isa = Isa::kBaseline;
 #ifdef FUSEDRL_X86_DISPATCH
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    isa = Isa::kAvx512;
+  else if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    isa = Isa::kAvx2;
 #endif
-  return Isa::kBaseline;
+  const char* cap = std::getenv("FUSEDRL_CPU_ISA");
+  if (cap && std::strcmp(cap, "baseline") == 0) return Isa::kBaseline;
+  if (cap && std::strcmp(cap, "avx2") == 0 && isa == Isa::kAvx512) return Isa::kAvx2;
+  return isa;
 }
 
 inline const char* isa_name(Isa isa) {
   return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "baseline";
 }
 
-__attribute__((always_inline)) inline double exp_reduced(double x) {
+FUSEDRL_INLINE double exp_reduced(double x) {
   // exp(x) for x in [-708, 709]: x = k ln2 + r, |r| <= ln2 / 2, exp(r) by its Taylor polynomial
   // to r^9 / 9! (truncation < 1e-11, enough beyond |d| = 1/4), times 2^k built in the exponent bits.
   const double shifter = 6755399441055744.0;  // 1.5 * 2^52: adding it rounds to an integer in the low bits
@@ -65,7 +78,7 @@ struct K3 {
   double value, grad;
 };
 
-__attribute__((always_inline)) inline K3 k3_one(double d) {
+FUSEDRL_INLINE K3 k3_one(double d) {
   const double below = 0.25;
   const double nan = std::numeric_limits<double>::quiet_NaN();
   const double neg_inf = -std::numeric_limits<double>::infinity();

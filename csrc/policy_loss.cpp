@@ -19,6 +19,7 @@
 #include <pybind11/pybind11.h>
 
 #include <stdexcept>
+#include <string>
 #include <tuple>
 
 #include "cpu_common.h"
@@ -111,6 +112,8 @@ std::tuple<double, double, double, double, double> ppo_clip_f32(uintptr_t d_ptr,
 }  // namespace
 
 void register_policy_loss(py::module_& m) {
+  m.def("ppo_clip_isa", [] { return std::string(fusedrl_cpu::isa_name(fusedrl_cpu::best_isa())); },
+        "The instruction set ppo_clip_f32 runs with here.");
   m.def("ppo_clip_f32", &ppo_clip_f32, py::arg("d_ptr"), py::arg("ratio_ptr"), py::arg("adv_ptr"),
         py::arg("coef_ptr"), py::arg("mask_ptr"), py::arg("n"), py::arg("lo"), py::arg("hi"), py::arg("g_ptr"),
         "The PPO / GRPO clipped surrogate's per-token pass over n float32 tokens: writes the gradient "

@@ -1,5 +1,9 @@
 """KL estimators: hand values, gradients (float64 gradcheck), straight-through k3+, clamp, bad input."""
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +227,30 @@ def test_kl_penalty_fused_pair_equals_the_unfused_and_the_torch_path(seed, monke
     gc, gd = torch.autograd.grad(torch_path, (c, dref), up)
     assert_close(ga, gc, atol=0, rtol=4 * torch.finfo(torch.float32).eps)
     assert_close(gb, gd, atol=0, rtol=4 * torch.finfo(torch.float32).eps)
+
+
+@pytest.mark.skipif(kl_module._C is None, reason="fusedrl.kernels._cpu is not built (FUSEDRL_NO_EXT=1)")
+@pytest.mark.parametrize("isa", ["baseline", "avx2"])
+def test_every_instruction_set_build_gives_the_same_results(isa):
+    # the loops are compiled for AVX-512, AVX2 + FMA and baseline x86-64 (the widest the CPU has runs);
+    # FUSEDRL_CPU_ISA narrows the choice, so the builds this CPU does not pick are checked here too:
+    # k3 within 1 ulp and the clipped-surrogate pass bitwise equal to the PyTorch pass
+    code = (
+        "import torch, importlib\n"
+        "from fusedrl.kernels import _cpu\n"
+        "import tests.kernels.test_kl as k, tests.kernels.test_policy_loss_cpu as p\n"
+        "class MP:\n"
+        "    def setattr(self, obj, name, value): setattr(obj, name, value)\n"
+        "kl = importlib.import_module('fusedrl.kernels.kl'); ext = kl._C\n"
+        "assert _cpu.k3_isa() == _cpu.ppo_clip_isa()\n"
+        "k.test_cpp_k3_is_within_one_ulp_everywhere_and_matches_torch_on_non_finite(None)\n"
+        "for agg in ('token_mean', 'seq_mean'):\n"
+        "    kl._C = ext\n"
+        "    p.test_cpp_surrogate_pass_equals_the_torch_pass_bitwise(4099, agg, MP())\n"
+        "print(_cpu.k3_isa())\n"
+    )
+    env = {**os.environ, "FUSEDRL_CPU_ISA": isa}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300,
+                         cwd=str(Path(__file__).resolve().parents[2]))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() in (isa, "baseline")  # a CPU without AVX2 runs the baseline build
