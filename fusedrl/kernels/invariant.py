@@ -27,8 +27,8 @@ numbers go through:
   Python loop over the key-block index only (a tile leaves the batch after its last block) --
   measured on the CPU: an entry of `torch.bmm` has the same bits whatever the batch count (1..100
   entries, Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise, gradients included;
-  off the CPU, where a batched GEMM may pick its kernel by the batch count, every batched matmul
-  of attention runs in calls of exactly `BMM_CHUNK` entries (`_entrywise_bmm`);
+  off the CPU, where a batched GEMM or a reduction may pick its kernel by the batch size, each
+  block's ops run on chunks of exactly `BMM_CHUNK` entries (`_chunked_block_step`);
 - the Triton log-prob kernels run with pinned tiles (no autotuning) and a fixed vocabulary chunk.
 
 The flag is a context variable: `invariant()` sets it for the current thread / task, and
@@ -47,7 +47,8 @@ ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured
 LM_ROW_TILE = 128  # rows per LM-head tile (log-probs): fewer, larger GEMMs over the vocabulary
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
-BMM_CHUNK = 256  # off the CPU: batched matmuls of attention run in calls of exactly this many entries
+NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
+BMM_CHUNK = 256  # off the CPU: attention's per-block ops run on exactly this many (tile, head) entries
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
@@ -132,15 +133,25 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
 def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """HF's RMSNorm (normalise in float32, cast back, scale) on ROW_TILE-padded rows.
 
-    Row-wise ops only (the mean is a last-dim reduction), measured the same bits per row for 1..200
-    tiles of rows at once, so one call covers every tile.
+    Row-wise ops only (the mean is a last-dim reduction). On the CPU, measured the same bits per row
+    for 1..200 tiles of rows at once, so one call covers every tile; elsewhere a reduction kernel may
+    be picked by the number of rows, so the rows run in chunks of exactly NORM_CHUNK (zero rows pad).
     """
     _check_2d_input("x", x, weight.shape[-1])
-    lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    xf = _padded_rows(x2d, ROW_TILE).float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (weight * xf.to(x.dtype))[: x2d.shape[0]].reshape(*lead, x.shape[-1])
+    out = _rms_rows(x2d, weight, eps, None if x.device.type == "cpu" else NORM_CHUNK)
+    return out[: x2d.shape[0]].reshape(x.shape)
+
+
+def _rms_rows(x2d: torch.Tensor, weight: torch.Tensor, eps: float, chunk: Optional[int]) -> torch.Tensor:
+    """RMSNorm of the rows padded to ROW_TILE (one call), or to `chunk` rows and run chunk by chunk."""
+    xf = _padded_rows(x2d, chunk or ROW_TILE).float()
+
+    def norm(rows):
+        rows = rows * torch.rsqrt(rows.pow(2).mean(-1, keepdim=True) + eps)
+        return weight * rows.to(x2d.dtype)
+
+    return norm(xf) if chunk is None else torch.cat([norm(xf[i:i + chunk]) for i in range(0, xf.shape[0], chunk)])
 
 
 def _kv_blocks(keys: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -159,36 +170,38 @@ def _initial_state(qt: torch.Tensor):
     return qt.new_full((n, rows), float("-inf")), qt.new_zeros(n, rows), qt.new_zeros(n, rows, dim)
 
 
-def _entrywise_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`torch.bmm(a, b)` whose entry i has the same bits whatever the batch count.
-
-    On the CPU a plain bmm (measured: MKL's entries do not depend on the count). Elsewhere a
-    batched GEMM library may pick its kernel (split-K, tile shape) by the batch count, so the
-    batch runs in calls of exactly BMM_CHUNK entries (the last padded with zeros): every call has
-    the same shape, hence the same kernel, and an entry never reads another one.
-    """
-    return torch.bmm(a, b) if a.device.type == "cpu" else _chunked_bmm(a, b)
-
-
-def _chunked_bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """`torch.bmm(a, b)` as calls of exactly BMM_CHUNK entries (zero entries pad the last call)."""
-    n = a.shape[0]
-    rows = -(-n // BMM_CHUNK) * BMM_CHUNK
-    if rows != n:
-        a = torch.cat([a, a.new_zeros(rows - n, *a.shape[1:])])
-        b = torch.cat([b, b.new_zeros(rows - n, *b.shape[1:])])
-    out = [torch.bmm(a[i:i + BMM_CHUNK], b[i:i + BMM_CHUNK]) for i in range(0, rows, BMM_CHUNK)]
-    return torch.cat(out)[:n]
-
-
 def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, masked: torch.Tensor, scale: float):
     """Fold one key block into the state: qt (N, Q, D), kb / vb (N, B, D), `masked` broadcast to (N, Q, B).
 
     The one definition of a block's ops (`attend_sequence` and `attend_planned` both call it), so
     the two agree bitwise. A fully masked block leaves the state bitwise unchanged (alpha = 1, p = 0).
+    On the CPU the N entries run as one batch: measured, an entry's bits (bmm, row sums) do not
+    depend on N there. Elsewhere a batched GEMM or a reduction may pick its kernel by the batch
+    size, so the entries run in chunks of exactly BMM_CHUNK (`_chunked_block_step`): every call has
+    one shape, hence one kernel, and an entry never reads another one.
     """
+    if qt.device.type == "cpu":
+        return _block_rows(state, qt, kb, vb, masked, scale)
+    return _chunked_block_step(state, qt, kb, vb, masked, scale)
+
+
+def _chunked_block_step(state, qt, kb, vb, masked, scale):
+    """`_block_rows` over chunks of exactly BMM_CHUNK entries (fully masked zero entries pad the last)."""
+    n = qt.shape[0]
+    rows = -(-n // BMM_CHUNK) * BMM_CHUNK
+    masked = masked.expand(n, qt.shape[1], kb.shape[1])
+    parts = [*state, qt, kb, vb, masked]
+    if rows != n:  # padding entries: m = -inf, den = acc = 0, every key masked: they stay that way
+        fill = [float("-inf"), 0, 0, 0, 0, 0, True]
+        parts = [torch.cat([x, x.new_full((rows - n, *x.shape[1:]), f)]) for x, f in zip(parts, fill)]
+    outs = [_block_rows(tuple(x[i:i + BMM_CHUNK] for x in parts[:3]),
+                        *(x[i:i + BMM_CHUNK] for x in parts[3:]), scale) for i in range(0, rows, BMM_CHUNK)]
+    return tuple(torch.cat(col)[:n] for col in zip(*outs))
+
+
+def _block_rows(state, qt, kb, vb, masked, scale):
     m, den, acc = state
-    s = _entrywise_bmm(qt, kb.transpose(1, 2)) * scale  # (N, Q, B)
+    s = torch.bmm(qt, kb.transpose(1, 2)) * scale  # (N, Q, B)
     s = s.masked_fill(masked, float("-inf"))
     m_new = torch.maximum(m, s.amax(-1))
     # a row with no key yet (m_new = -inf, padding rows only) would give NaN: shift by 0 instead
@@ -196,7 +209,7 @@ def _block_step(state, qt: torch.Tensor, kb: torch.Tensor, vb: torch.Tensor, mas
     alpha = torch.exp(m - shift)
     p = torch.exp(s - shift[..., None])
     den = den * alpha + p.sum(-1)
-    acc = acc * alpha[..., None] + _entrywise_bmm(p, vb)
+    acc = acc * alpha[..., None] + torch.bmm(p, vb)
     return m_new, den, acc
 
 

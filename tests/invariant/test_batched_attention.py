@@ -128,16 +128,41 @@ def test_bad_input_names_the_argument():
         attend_planned(q, k[:4], k[:4], plan, 1.0)
 
 
-def test_chunked_bmm_equals_bmm_for_any_batch_count():
-    # off the CPU attention's batched matmuls run in fixed BMM_CHUNK-entry calls (one kernel for every
-    # call); the chunking and zero padding must not change an entry: checked here against bmm
+def test_chunked_block_step_equals_the_batched_one_for_any_entry_count():
+    # off the CPU each block's ops run on fixed BMM_CHUNK-entry chunks (one kernel shape for every call);
+    # the chunking and its fully masked padding must not change an entry: checked here against the
+    # one-batch step (itself entry-count invariant on the CPU), with running states mid-sequence
     import importlib
 
     inv = importlib.import_module("fusedrl.kernels.invariant")  # the module (the package exports the context)
     gen = torch.Generator().manual_seed(0)
+    q, b, d = inv.Q_TILE, inv.KV_BLOCK, 16
     for n in (1, inv.BMM_CHUNK - 1, inv.BMM_CHUNK, inv.BMM_CHUNK + 3, 2 * inv.BMM_CHUNK + 1):
-        a = torch.randn(n, inv.Q_TILE, 16, generator=gen)
-        b = torch.randn(n, 16, inv.KV_BLOCK, generator=gen)
-        out = inv._chunked_bmm(a, b)
-        assert out.shape == (n, inv.Q_TILE, inv.KV_BLOCK)
-        assert torch.equal(out, torch.bmm(a, b))
+        qt, kb, vb = (torch.randn(n, rows, d, generator=gen) for rows in (q, b, b))
+        masked = torch.rand(n, q, b, generator=gen) < 0.3
+        masked[: n // 3] = True  # whole blocks masked: the state must stay as it was
+        state = (torch.randn(n, q, generator=gen), torch.rand(n, q, generator=gen),
+                 torch.randn(n, q, d, generator=gen))
+        state[0][n // 2:, :3] = float("-inf")  # rows with no key yet
+        want = inv._block_rows(state, qt, kb, vb, masked, 0.25)
+        got = inv._chunked_block_step(state, qt, kb, vb, masked, 0.25)
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.equal(g, w)
+        broadcast = inv._chunked_block_step(state, qt, kb, vb, masked[:1, :, :].expand(1, q, b), 0.25)
+        assert all(torch.equal(g, w) for g, w in
+                   zip(broadcast, inv._block_rows(state, qt, kb, vb, masked[:1], 0.25)))
+
+
+def test_rms_norm_chunks_off_the_cpu_equal_the_one_call():
+    # off the CPU invariant_rms_norm runs fixed NORM_CHUNK-row calls; on the CPU (where one call is
+    # row-count invariant) that chunked form must give the one call's bits
+    import importlib
+
+    inv = importlib.import_module("fusedrl.kernels.invariant")
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(40, generator=gen)
+    for n in (1, inv.NORM_CHUNK - 5, inv.NORM_CHUNK + 7):
+        x = torch.randn(n, 40, generator=gen)
+        chunked = inv._rms_rows(x, w, 1e-6, inv.NORM_CHUNK)
+        assert chunked.shape[0] % inv.NORM_CHUNK == 0
+        assert torch.equal(chunked[:n], inv.invariant_rms_norm(x, w, 1e-6))
