@@ -16,7 +16,7 @@ numbers go through:
   every tile, so the same kernel and the same per-row reduction order (`invariant_linear`: on the
   CPU the entries of one batched matmul, measured bitwise equal to a call per tile for any tile
   count; `invariant_rms_norm`: row-wise ops on the padded rows; the LM head of `linear_logprobs` in
-  `LM_ROW_TILE`-row tiles, whole vocabulary per tile);
+  the same `ROW_TILE`-row tiles, whole vocabulary per tile, up to `LM_ROW_TILE` rows per call);
 - attention per sequence (`attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
-LM_ROW_TILE = 128  # rows per LM-head tile (log-probs): fewer, larger GEMMs over the vocabulary
+LM_ROW_TILE = 128  # rows per LM-head call (log-probs: ROW_TILE-row tiles, a few per call; memory bound)
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
 NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
@@ -116,18 +116,23 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_2d_input("x", x, weight.shape[1])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    n = x2d.shape[0]
-    padded = _padded_rows(x2d, ROW_TILE)
-    if padded.device.type != "cpu":
-        tiles = [F.linear(padded[i:i + ROW_TILE], weight, bias) for i in range(0, padded.shape[0], ROW_TILE)]
-        return torch.cat(tiles)[:n].reshape(*lead, weight.shape[0])
-    batch = padded.view(-1, ROW_TILE, padded.shape[1])  # (T, ROW_TILE, K)
+    out = tile_linear(_padded_rows(x2d, ROW_TILE), weight, bias)
+    return out[:x2d.shape[0]].reshape(*lead, weight.shape[0])
+
+
+def tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """`F.linear` of (T * ROW_TILE, K) rows as T tiles of ROW_TILE rows, each bitwise one `F.linear` call:
+    on the CPU the entries of one `bmm` / `baddbmm` over the weight expanded to every tile (measured
+    independent of T), elsewhere a call per tile. (N, K) weight; (T * ROW_TILE, N) out."""
+    if rows.device.type != "cpu":
+        return torch.cat([F.linear(rows[i:i + ROW_TILE], weight, bias) for i in range(0, rows.shape[0], ROW_TILE)])
+    batch = rows.view(-1, ROW_TILE, rows.shape[1])  # (T, ROW_TILE, K)
     wt = weight.t().expand(batch.shape[0], *weight.t().shape)  # (T, K, N), no copy
     if bias is None:
         out = torch.bmm(batch, wt)
     else:
         out = torch.baddbmm(bias.expand(batch.shape[0], ROW_TILE, -1), batch, wt)
-    return out.view(-1, weight.shape[0])[:n].reshape(*lead, weight.shape[0])
+    return out.view(-1, weight.shape[0])
 
 
 def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 
 from . import _dispatch
 from ._autocast import autocast_aware
-from ._invariant_logprobs import invariant_linear_logprobs
+from ._invariant_logprobs import invariant_linear_logprobs, invariant_sample_logprobs
 from .invariant import is_invariant
 from ._logprobs_ref import (
     LinearLogprobsRef,
@@ -106,6 +106,25 @@ def linear_logprobs(
             out = (out if return_entropy else (out,)) + stats
             return tuple(t.reshape(lead) for t in out)
     return unflatten_outputs(out, lead, return_entropy)
+
+
+@torch.no_grad()
+def sample_with_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                         temperature: float, choose):
+    """A sampler's LM head: tokens from the logits, and the tokens' log-probs as `linear_logprobs`.
+
+    `choose(logits (N, V) float32)` returns (tokens (N,) int64, extra). The log-probs are
+    `linear_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature)` to the bit; in
+    invariant mode on the PyTorch path they come from the very logits `choose` saw (one LM-head
+    matmul instead of two). Returns (tokens, logp (N,) float32, extra). No autograd.
+    """
+    if is_invariant() and not _triton_ok(hidden, weight, bias):
+        return invariant_sample_logprobs(hidden, weight, bias, float(temperature), choose)
+    import torch.nn.functional as F
+
+    tokens, extra = choose(F.linear(hidden, weight, bias).float())
+    logp = linear_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature).float()
+    return tokens, logp, extra
 
 
 @op_range("logprobs_from_logits")

@@ -265,14 +265,19 @@ class NativeCausalLM:
         return run_layers(spec, self.decoder, input_ids, positions, attend)
 
     @torch.no_grad()
-    def sampled_logprobs(self, hidden: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-        """(R,) float32 log-probs of `tokens` given hidden rows (R, H): the trainer's `linear_logprobs`
-        (in invariant mode its fixed-tile path, so the value is the trainer's to the bit)."""
-        from ...kernels import linear_logprobs
+    def sample_invariant(self, hidden: torch.Tensor, sampler, streams: torch.Tensor, steps: torch.Tensor):
+        """Invariant mode: (tokens, log-probs, top) of hidden rows (R, H), the tokens drawn by `sampler`,
+        the log-probs the trainer's `linear_logprobs` of them to the bit (its fixed-tile path; on the
+        PyTorch path from the same LM-head matmul the sampler drew from: `sample_with_logprobs`)."""
+        from ...kernels.logprobs import sample_with_logprobs
 
         head = self.hf.get_output_embeddings()
-        return linear_logprobs(hidden, head.weight, tokens, bias=getattr(head, "bias", None),
-                               temperature=temperature).float()
+
+        def choose(logits):
+            tokens, _, top = sampler(logits, streams, steps)
+            return tokens, top
+
+        return sample_with_logprobs(hidden, head.weight, getattr(head, "bias", None), sampler.temperature, choose)
 
     @torch.no_grad()
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -140,13 +140,13 @@ class ModelRunner:
                 rows.append(nd + cu_q[c + 1] - 1), owners.append(child)
         if not rows:
             return [], [[] for _ in batch.prefill]
-        logits = self.model.logits(hidden[torch.tensor(rows, device=self.device)])
+        picked = hidden[torch.tensor(rows, device=self.device)]
         streams = torch.tensor([as_int64(s.stream) for s in owners], dtype=torch.int64, device=self.device)
         steps = torch.tensor([s.num_completion for s in owners], dtype=torch.int64, device=self.device)
-        tokens, logps, top = sampler(logits, streams, steps)
         if is_invariant():  # report the trainer's log-prob of the sampled token, bit for bit
-            logps = self.model.sampled_logprobs(hidden[torch.tensor(rows, device=self.device)], tokens,
-                                                sampler.temperature)
+            tokens, logps, top = self.model.sample_invariant(picked, sampler, streams, steps)
+        else:
+            tokens, logps, top = sampler(self.model.logits(picked), streams, steps)
         triples = _to_host(tokens[:, None], logps[:, None], None if top is None else (top[0][:, None], top[1][:, None]))
         decode_out = [triples[i] for i in range(nd)]
         prefill_out, r = [], nd
@@ -168,9 +168,7 @@ class ModelRunner:
         slot = tables.gather(1, (pos // bs)[:, None]).squeeze(1).long() * bs + pos % bs
         attn = AttentionInputs(slot_mapping=slot, num_decode=ids.shape[0], block_tables=tables,
                                context_lens=(pos + 1).to(torch.int32))
-        hidden = self.model.forward(ids, pos, attn, self.kv)
-        tok, _, top = sampler(self.model.logits(hidden), streams, steps)
-        return tok, self.model.sampled_logprobs(hidden, tok, sampler.temperature), top
+        return self.model.sample_invariant(self.model.forward(ids, pos, attn, self.kv), sampler, streams, steps)
 
     def _graph_for(self, batch: int, width: int) -> Optional["_DecodeGraph"]:
         if not self.use_graphs or batch > self.graph_max_batch:
