@@ -4,11 +4,13 @@
     logp = z[label] - logsumexp(z),   entropy = logsumexp(z) - sum_v p_v z_v
     dz = g_logp (onehot - p) - g_ent p (z - sum_v p_v z_v);   dh = (dz / tau) @ W   per tile
 
-Every matmul has the same (ROW_TILE, ., .) shape per tile (`invariant.tile_linear`: on the CPU up
-to LM_ROW_TILE / ROW_TILE tiles per batched call, measured entry-independent; elsewhere the rows
-are padded to whole LM_ROW_TILE calls) and the reductions are row-wise, so a token's log-prob,
-entropy and d(loss)/d(hidden) row are bitwise the same wherever the token sits (see `invariant.py`).
-A decode step's few rows cost one ROW_TILE tile on the CPU, not an LM_ROW_TILE one.
+Each matmul call covers up to LM_ROW_TILE rows. On the CPU the rows are padded to a multiple of
+ROW_TILE only: measured, a row of `F.linear` (and of `dz @ W`) has the same bits in calls of 32,
+64, 96 or 128 rows (MKL, 1 and 2 threads; `tests/invariant/test_primitives.py` checks it on the
+machine that runs the tests), so a decode step's few rows cost one 32-row call instead of a
+128-row one. Elsewhere the rows are padded to whole LM_ROW_TILE calls: one call shape. The
+reductions are row-wise, so a token's log-prob, entropy and d(loss)/d(hidden) row are bitwise
+the same wherever the token sits (see `invariant.py`).
 Memory: a few (LM_ROW_TILE, V) float32 tiles (78 MiB each at V = 152k). Math in float32 (float64 for float64
 inputs). The Triton path is the fused kernel of `_logprobs_triton` with pinned tiles.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .invariant import LM_ROW_TILE, ROW_TILE, _padded_rows, tile_linear
+from .invariant import LM_ROW_TILE, ROW_TILE, _padded_rows
 
 
 def _cast(t, dtype):
@@ -25,12 +27,12 @@ def _cast(t, dtype):
 
 
 def _padded(hidden: torch.Tensor) -> torch.Tensor:
-    """Rows padded to whole tiles (CPU) or to whole LM_ROW_TILE calls (elsewhere: one call shape)."""
+    """Rows padded to ROW_TILE (CPU: calls of 32..128 rows agree per row) or to whole LM_ROW_TILE calls."""
     return _padded_rows(hidden, ROW_TILE if hidden.device.type == "cpu" else LM_ROW_TILE)
 
 
 def _tile_logits(h_rows, weight, bias, temperature):
-    return tile_linear(h_rows, weight, bias) / temperature  # (rows, V), rows a multiple of ROW_TILE
+    return F.linear(h_rows, weight, bias) / temperature  # (rows, V): up to LM_ROW_TILE rows
 
 
 class InvariantLinearLogprobs(torch.autograd.Function):
@@ -98,7 +100,7 @@ class InvariantLinearLogprobs(torch.autograd.Function):
                 dz = dz - ge[sl, None] * p * (z - pz[sl, None])
             dz = dz / tau
             if need_h:
-                dh[sl] = tile_linear(dz, w.t())  # dz @ w, tile by tile
+                dh[sl] = dz @ w
             if need_w:
                 dw.addmm_(dz.t(), h[sl])
             if need_b:
@@ -121,7 +123,7 @@ def invariant_sample_logprobs(hidden, weight, bias, temperature, choose):
     n = hidden.shape[0]
     h = _padded(hidden.to(cdt))
     w, b = weight.to(cdt), _cast(bias, cdt)
-    lin = [tile_linear(h[i:i + LM_ROW_TILE], w, b) for i in range(0, h.shape[0], LM_ROW_TILE)]
+    lin = [F.linear(h[i:i + LM_ROW_TILE], w, b) for i in range(0, h.shape[0], LM_ROW_TILE)]
     tokens, extra = choose(torch.cat(lin)[:n].float())
     safe = torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
     safe[:n] = tokens

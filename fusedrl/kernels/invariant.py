@@ -16,7 +16,9 @@ numbers go through:
   every tile, so the same kernel and the same per-row reduction order (`invariant_linear`: on the
   CPU the entries of one batched matmul, measured bitwise equal to a call per tile for any tile
   count; `invariant_rms_norm`: row-wise ops on the padded rows; the LM head of `linear_logprobs` in
-  the same `ROW_TILE`-row tiles, whole vocabulary per tile, up to `LM_ROW_TILE` rows per call);
+  calls of up to `LM_ROW_TILE` rows, whole vocabulary per call, rows padded to `ROW_TILE` on the CPU
+  -- measured, a row's bits are the same in calls of 32, 64, 96 or 128 rows there -- and to whole
+  `LM_ROW_TILE` calls elsewhere);
 - attention per sequence (`attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -116,11 +118,11 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_2d_input("x", x, weight.shape[1])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    out = tile_linear(_padded_rows(x2d, ROW_TILE), weight, bias)
+    out = _tile_linear(_padded_rows(x2d, ROW_TILE), weight, bias)
     return out[:x2d.shape[0]].reshape(*lead, weight.shape[0])
 
 
-def tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+def _tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear` of (T * ROW_TILE, K) rows as T tiles of ROW_TILE rows, each bitwise one `F.linear` call:
     on the CPU the entries of one `bmm` / `baddbmm` over the weight expanded to every tile (measured
     independent of T), elsewhere a call per tile. (N, K) weight; (T * ROW_TILE, N) out."""

@@ -169,3 +169,27 @@ def test_varlen_attention_documents_are_layout_invariant_and_checked():
         invariant_varlen_attention(*docs[0], torch.tensor([0, 2], dtype=torch.int32), 0.3)
     with pytest.raises(ValueError, match="start"):
         attend_sequence(docs[1][0], docs[1][1][:4], docs[1][2][:4], 0, 0.3)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_lm_head_rows_have_the_same_bits_in_calls_of_32_to_128_rows(threads):
+    # the CPU LM head of invariant mode pads rows to 32 only and runs calls of up to 128 rows, relying
+    # on this measured property of the CPU's GEMM (forward, with bias, and the backward's dz @ W);
+    # where it fails, invariant mode on this machine would not be invariant: this test says so
+    import torch.nn.functional as F
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gen = torch.Generator().manual_seed(0)
+        for h, v in ((128, 16384), (256, 8192), (64, 100), (896, 4096)):
+            w, b = torch.randn(v, h, generator=gen), torch.randn(v, generator=gen)
+            x, dz = torch.randn(128, h, generator=gen), torch.randn(128, v, generator=gen)
+            for m in (32, 64, 96, 128):
+                big, big_b, big_d = F.linear(x[:m], w), F.linear(x[:m], w, b), dz[:m] @ w
+                for i in range(0, m, 32):
+                    assert torch.equal(big[i:i + 32], F.linear(x[i:i + 32], w))
+                    assert torch.equal(big_b[i:i + 32], F.linear(x[i:i + 32], w, b))
+                    assert torch.equal(big_d[i:i + 32], dz[i:i + 32] @ w)
+    finally:
+        torch.set_num_threads(before)
