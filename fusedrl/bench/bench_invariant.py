@@ -26,7 +26,8 @@ import torch
 
 from fusedrl.bench.common import device_info, write_results
 from fusedrl.kernels import linear_logprobs, varlen_attention
-from fusedrl.kernels.invariant import invariant, invariant_varlen_attention
+from fusedrl.kernels.invariant import invariant
+from fusedrl.kernels.invariant_attention import invariant_varlen_attention
 
 QWEN_05B = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
                 num_attention_heads=14, num_key_value_heads=2, tie_word_embeddings=True)

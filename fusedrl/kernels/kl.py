@@ -31,13 +31,13 @@ from typing import Optional
 import torch
 from torch.autograd.function import once_differentiable
 
+from ._ranges import op_range
 from ._validate import FLOAT_DTYPES, check_tensor
 
 try:  # csrc/kl.cpp: float32 k3 on the CPU in one vectorised pass; the PyTorch path below otherwise
     from . import _cpu as _C
 except ImportError:  # built without the extensions (FUSEDRL_NO_EXT=1)
     _C = None
-from ._ranges import op_range
 
 KL_KINDS = ("k1", "k2", "k3", "k3+", "abs", "k1+")
 
@@ -154,13 +154,8 @@ class _K3Pair(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logp, ref):
-        need_grad = any(ctx.needs_input_grad)
-        logp, ref = logp.contiguous(), ref.contiguous()
-        value = torch.empty_like(logp)
-        grad = torch.empty_like(logp) if need_grad else None
-        _C.k3_f32(logp.data_ptr(), logp.numel(), value.data_ptr(), grad.data_ptr() if need_grad else 0,
-                  ref.data_ptr())
-        if need_grad:
+        value, grad = _k3_and_grad_cpp(logp.detach(), any(ctx.needs_input_grad), ref=ref.detach())
+        if grad is not None:
             ctx.save_for_backward(grad)
         return value
 
@@ -193,13 +188,16 @@ def k3_and_grad(delta: torch.Tensor, need_grad: bool = True):
         return e.add_(delta).to(delta.dtype), grad
 
 
-def _k3_and_grad_cpp(delta: torch.Tensor, need_grad: bool):
+def _k3_and_grad_cpp(delta: torch.Tensor, need_grad: bool, ref: Optional[torch.Tensor] = None):
     """`k3_and_grad` of a float32 CPU tensor by the C++ loop of csrc/kl.cpp: value and gradient in
-    one vectorised pass, each rounded once from double (within ~1 ulp; no float64 temporaries)."""
+    one vectorised pass, each rounded once from double (within ~1 ulp; no float64 temporaries).
+    With `ref` (same shape, float32) the input is delta - ref, subtracted in the loop."""
     delta = delta.contiguous()
+    ref = None if ref is None else ref.contiguous()
     value = torch.empty_like(delta)
     grad = torch.empty_like(delta) if need_grad else None
-    _C.k3_f32(delta.data_ptr(), delta.numel(), value.data_ptr(), grad.data_ptr() if need_grad else 0, 0)
+    _C.k3_f32(delta.data_ptr(), delta.numel(), value.data_ptr(), grad.data_ptr() if need_grad else 0,
+              0 if ref is None else ref.data_ptr())
     return value, grad
 
 

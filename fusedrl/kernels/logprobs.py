@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 
 from . import _dispatch
 from ._autocast import autocast_aware
@@ -120,8 +121,6 @@ def sample_with_logprobs(hidden: torch.Tensor, weight: torch.Tensor, bias: Optio
     """
     if is_invariant() and not _triton_ok(hidden, weight, bias):
         return invariant_sample_logprobs(hidden, weight, bias, float(temperature), choose)
-    import torch.nn.functional as F
-
     tokens, extra = choose(F.linear(hidden, weight, bias).float())
     logp = linear_logprobs(hidden, weight, tokens, bias=bias, temperature=temperature).float()
     return tokens, logp, extra

@@ -21,7 +21,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels.invariant import attend_planned, attention_plan, invariant_linear, invariant_rms_norm
+from fusedrl.kernels.invariant import invariant_linear, invariant_rms_norm
+from fusedrl.kernels.invariant_attention import attend_planned, attention_plan
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
 

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from fusedrl.kernels.invariant import (KV_BLOCK, Q_TILE, attend_planned, attend_sequence, attend_sequences,
-                                       attention_plan, invariant_varlen_attention, paged_sequence_keys,
-                                       paged_slots)
+from fusedrl.kernels.invariant_attention import (KV_BLOCK, Q_TILE, attend_planned, attend_sequence,
+                                                 attend_sequences, attention_plan, invariant_varlen_attention,
+                                                 paged_sequence_keys, paged_slots)
 
 
 def _reference(q, k, v, cu_q, cu_k, starts, scale, upstream):
@@ -132,9 +132,8 @@ def test_chunked_block_step_equals_the_batched_one_for_any_entry_count():
     # off the CPU each block's ops run on fixed BMM_CHUNK-entry chunks (one kernel shape for every call);
     # the chunking and its fully masked padding must not change an entry: checked here against the
     # one-batch step (itself entry-count invariant on the CPU), with running states mid-sequence
-    import importlib
+    from fusedrl.kernels import invariant_attention as inv
 
-    inv = importlib.import_module("fusedrl.kernels.invariant")  # the module (the package exports the context)
     gen = torch.Generator().manual_seed(0)
     q, b, d = inv.Q_TILE, inv.KV_BLOCK, 16
     for n in (1, inv.BMM_CHUNK - 1, inv.BMM_CHUNK, inv.BMM_CHUNK + 3, 2 * inv.BMM_CHUNK + 1):
@@ -158,7 +157,7 @@ def test_rms_norm_chunks_off_the_cpu_equal_the_one_call():
     # row-count invariant) that chunked form must give the one call's bits
     import importlib
 
-    inv = importlib.import_module("fusedrl.kernels.invariant")
+    inv = importlib.import_module("fusedrl.kernels.invariant")  # the module (the package exports the context)
     gen = torch.Generator().manual_seed(1)
     w = torch.randn(40, generator=gen)
     for n in (1, inv.NORM_CHUNK - 5, inv.NORM_CHUNK + 7):

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fusedrl.kernels.invariant import (KV_BLOCK, ROW_TILE, attend_sequence, invariant, invariant_linear,
-                                       invariant_rms_norm, invariant_varlen_attention, is_invariant,
-                                       paged_sequence_keys, set_invariant)
+from fusedrl.kernels.invariant import ROW_TILE, invariant, invariant_linear, invariant_rms_norm, is_invariant, set_invariant
+from fusedrl.kernels.invariant_attention import (KV_BLOCK, attend_sequence, invariant_varlen_attention,
+                                                 paged_sequence_keys)
 from tests.conftest import assert_close
 
 

@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from ...kernels import varlen_attention
 from ...kernels.decode_attention import paged_decode_attention
-from ...kernels.invariant import attend_planned, attention_plan, is_invariant, paged_slots
+from ...kernels.invariant import is_invariant
+from ...kernels.invariant_attention import attend_planned, attention_plan, paged_slots
 from .cascade import CascadeInputs, cascade_decode_attention
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
