@@ -47,11 +47,8 @@ import triton
 import triton.language as tl
 
 from ._attention_triton import LOG2E, _INTERPRET, _block_d, _dot, _precision
-from .invariant_attention import KV_BLOCK, Q_TILE, AttentionPlan, KernelLayout
-
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-MAX_HEAD_DIM = 256
-MAX_HEAD_DIM_FP32 = 128  # float32 tiles of D = 256 would not fit shared memory (as in attention.py)
+from .invariant_attention import (KV_BLOCK, Q_TILE, TRITON_DTYPES, TRITON_MAX_HEAD_DIM, TRITON_MAX_HEAD_DIM_FP32,
+                                  AttentionPlan, KernelLayout)
 
 
 @triton.jit
@@ -82,6 +79,12 @@ def _tile_rows(pos, seq, CU_Q, STARTS):
 def _visible(pos, offs_n, key_count):
     """(BM, BN): the query at position pos sees key offs_n (causal, inside the sequence)."""
     return (offs_n[None, :] <= pos[:, None]) & (offs_n[None, :] < key_count)
+
+
+@triton.jit
+def _visible_t(pos, offs_n, key_count):
+    """(BN, BM), the transpose of `_visible` (built directly: no transpose of a boolean tile)."""
+    return (offs_n[:, None] <= pos[None, :]) & (offs_n[:, None] < key_count)
 
 
 @triton.jit
@@ -212,7 +215,7 @@ def _dkdv_tile(dk, dv, t, seq, k, v, offs_n, key_count, q_ptr, do_ptr, LSE, DELT
     lse = tl.load(LSE + rows * num_heads + head, mask=valid, other=0.0)
     delta = tl.load(DELTA + rows * num_heads + head, mask=valid, other=0.0)
     s_t = _dot(k, tl.trans(q), PRECISION, INTERPRET) * qk_scale  # (BN, BM)
-    seen = tl.trans(_visible(pos, offs_n, key_count) & valid[:, None])
+    seen = _visible_t(pos, offs_n, key_count) & valid[None, :]
     p_t = tl.where(seen, tl.math.exp2(s_t - lse[None, :]), 0.0)
     dv += _dot(p_t.to(do.dtype), do, PRECISION, INTERPRET)
     dp_t = _dot(v, tl.trans(do), PRECISION, INTERPRET)  # (BN, BM)
@@ -294,14 +297,14 @@ def _configs(block_d: int, dtype: torch.dtype) -> dict:
 def check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     """ValueError, naming the argument, for inputs the kernels do not take (shapes are checked by
     `attend_planned`)."""
-    if q.dtype not in KERNEL_DTYPES:
+    if q.dtype not in TRITON_DTYPES:
         raise ValueError(f"q: the Triton invariant attention takes float16, bfloat16 or float32, got {q.dtype}")
     for name, x in (("k", k), ("v", v)):
         if not x.is_floating_point():
             raise ValueError(f"{name}: must be a floating tensor, got {x.dtype}")
         if x.device != q.device:
             raise ValueError(f"{name}: must be on q's device {q.device}, got {x.device}")
-    limit = MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else MAX_HEAD_DIM
+    limit = TRITON_MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else TRITON_MAX_HEAD_DIM
     if q.shape[2] > limit:
         raise ValueError(f"head_dim: the Triton invariant attention takes {q.dtype} head dims up to {limit}, "
                          f"got {q.shape[2]}")

@@ -6,7 +6,8 @@ order (`_block_step`); a block after a query's own is fully masked and leaves it
 unchanged, so prefill, packed training and decode (one query, keys from the paged cache) agree.
 `attend_sequence` is the readable one-sequence reference; `attention_plan` + `attend_planned`
 (and `attend_sequences`, `invariant_varlen_attention`) run the same per-tile ops for a whole pack
-in one batch dimension. Why this is invariant, and what is measured vs by construction: the
+in one batch dimension; on CUDA `attend_planned` runs them as Triton kernels
+(`_invariant_attention_triton.py`, same tiles and block order). Why this is invariant, and what is measured vs by construction: the
 docstring of `fusedrl.kernels.invariant` and docs/numerics.md.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
 BMM_CHUNK = 256  # off the CPU: attention's per-block ops run on exactly this many (tile, head) entries
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton path (CUDA) takes
+TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM_FP32 = 128  # float32 tiles of D = 256 would not fit shared memory (as in attention.py)
 
 
 def _kv_blocks(keys: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -260,6 +264,10 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
     Tiles are ordered by block count, most first, so the tiles active at block b are a prefix of the
     batch; within a sequence that is its last tile first, the order `attend_sequence`'s autograd
     sums a key's gradient over query tiles in (the gathers' backward adds in index order).
+
+    On CUDA (float16 / bfloat16 / float32, head dim within the kernels' limit, unless the backend is
+    forced to "reference") the same tiling runs as Triton kernels instead (`_triton_fits`,
+    `_invariant_attention_triton.py`): other bits than this path, the same invariance, by construction.
     """
     nq, num_heads, dim = q.shape
     if nq != plan.num_queries:
@@ -306,8 +314,8 @@ def _triton_fits(q: torch.Tensor) -> bool:
 
     if not (q.is_cuda and HAS_TRITON and get_backend() != "reference"):
         return False
-    limit = 128 if q.dtype == torch.float32 else 256  # _invariant_attention_triton.MAX_HEAD_DIM(_FP32)
-    return q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[2] <= limit
+    limit = TRITON_MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else TRITON_MAX_HEAD_DIM
+    return q.dtype in TRITON_DTYPES and q.shape[2] <= limit
 
 
 def _attend_planned_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
