@@ -167,3 +167,26 @@ def test_bad_input_names_the_argument():
     assert_close(half, _oracle(big_q.half(), big_k.half(), big_k.half(), [0, 5], [0, 5], [0], 1.0),
                  dtype=torch.float16)
     assert not _triton_fits(q)  # CPU tensors: attend_planned keeps the PyTorch path
+
+
+@pytest.mark.slow
+def test_native_engine_sampler_equals_trainer_bitwise_on_the_triton_path(monkeypatch):
+    """End to end on the Triton path (forced on CPU): the native engine's decode and prefill calls and
+    the trainer's packed recompute give the same log-prob bits (tests/invariant/test_model_layouts.py's
+    check, with every attention call on the kernels)."""
+    import fusedrl.kernels.invariant_attention as inv
+    from fusedrl.kernels.invariant import invariant
+    from fusedrl.rollout.sampling import SamplingParams
+    from tests.invariant.test_model_layouts import _sampler_vs_trainer
+    from tests.rollout._tiny import tiny_model
+
+    calls = []
+    monkeypatch.setattr(inv, "_triton_fits", lambda q: True)
+    monkeypatch.setattr(inv, "_attend_planned_triton", lambda *a: calls.append(a[0].shape[0]) or
+                        _attend_planned_triton(*a))
+    model = tiny_model("qwen2", seed=3)
+    with invariant():
+        sampler, trainer = _sampler_vs_trainer(model, SamplingParams(n=2, temperature=0.7, top_k=20,
+                                                                     max_new_tokens=9, seed=3), torch.float32)
+    assert sampler.numel() > 20 and len(calls) > 20  # the engine's decode steps and prefills, the trainer's pass
+    assert torch.equal(sampler, trainer), (sampler - trainer).abs().max()
