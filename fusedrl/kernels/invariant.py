@@ -31,6 +31,16 @@ numbers go through:
   entries, Q 32, B 64, D 32 / 64, float32 / float64), so the two agree bitwise, gradients included;
   off the CPU, where a batched GEMM or a reduction may pick its kernel by the batch size, each
   block's ops run on chunks of exactly `BMM_CHUNK` entries (`_chunked_block_step`);
+  on CUDA (float16 / bfloat16 / float32, head dim <= 256, <= 128 in float32) `attend_planned` runs
+  Triton kernels instead (`_invariant_attention_triton.py`), invariant by construction rather than
+  by measurement: one program per (query tile, head) with the same fixed tiles (32 query rows at
+  absolute positions x 64 keys from position 0, no autotuning, warps / stages fixed per head dim and
+  dtype), the key blocks in ascending order up to a bound set by the tile and the key count only (so
+  decode and training run a row through the same instructions; later blocks are fully masked no-ops),
+  and a deterministic FA2 backward (dk / dv per key block of one sequence, summed over the GQA group's
+  heads and the query tiles in a fixed order, no atomics). Its bits are not the PyTorch path's, but
+  one run uses one path. Checked under TRITON_INTERPRET=1 on the CPU; its CUDA bitwise tests (`gpu`)
+  and its speed are still to be run on a GPU;
 - the Triton log-prob kernels run with pinned tiles (no autotuning) and a fixed vocabulary chunk.
 
 The flag is a context variable: `invariant()` sets it for the current thread / task, and

@@ -6,7 +6,8 @@ order (`_block_step`); a block after a query's own is fully masked and leaves it
 unchanged, so prefill, packed training and decode (one query, keys from the paged cache) agree.
 `attend_sequence` is the readable one-sequence reference; `attention_plan` + `attend_planned`
 (and `attend_sequences`, `invariant_varlen_attention`) run the same per-tile ops for a whole pack
-in one batch dimension. Why this is invariant, and what is measured vs by construction: the
+in one batch dimension; on CUDA `attend_planned` runs them as Triton kernels
+(`_invariant_attention_triton.py`, same tiles and block order). Why this is invariant, and what is measured vs by construction: the
 docstring of `fusedrl.kernels.invariant` and docs/numerics.md.
 """
 from __future__ import annotations
@@ -18,6 +19,9 @@ import torch
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
 BMM_CHUNK = 256  # off the CPU: attention's per-block ops run on exactly this many (tile, head) entries
+TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton path (CUDA) takes
+TRITON_MAX_HEAD_DIM = 256
+TRITON_MAX_HEAD_DIM_FP32 = 128  # float32 tiles of D = 256 would not fit shared memory (as in attention.py)
 
 
 def _kv_blocks(keys: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -131,6 +135,22 @@ def _int_vector(name: str, x, length: Optional[int] = None) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+class KernelLayout(NamedTuple):
+    """The plan as the Triton kernels read it (`_invariant_attention_triton.py`): int32 on the device.
+
+    A query tile is (sequence, tile index t): the rows at absolute positions [t * Q_TILE, (t+1) * Q_TILE).
+    A key block is (sequence, block index b): the keys at positions [b * KV_BLOCK, (b+1) * KV_BLOCK).
+    """
+
+    tile_seq: torch.Tensor  # (tiles,) sequence of each query tile, in the plan's batch order
+    tile_index: torch.Tensor  # (tiles,) its index t (row 0 at position t * Q_TILE)
+    block_seq: torch.Tensor  # (key blocks,) sequence of each key block some query of it sees
+    block_index: torch.Tensor  # (key blocks,) its index b
+    cu_q: torch.Tensor  # (S + 1,) query row bounds
+    cu_k: torch.Tensor  # (S + 1,) key row bounds
+    starts: torch.Tensor  # (S,) position of each sequence's first query
+
+
 class AttentionPlan(NamedTuple):
     """Where every query row and key sits in the tile batch of `attend_planned` (see `attention_plan`)."""
 
@@ -142,6 +162,7 @@ class AttentionPlan(NamedTuple):
     out_rows: torch.Tensor  # (num_queries,) tile row of each query row
     k_index: torch.Tensor  # (tiles, blocks * KV_BLOCK) key row of each tile's key, num_keys past its sequence
     row_pos: torch.Tensor  # (tiles, Q_TILE) absolute position of each tile row
+    kernel: KernelLayout  # the same layout for the Triton path
 
 
 def attention_plan(cu_q, cu_k, starts, device=None) -> AttentionPlan:
@@ -187,8 +208,24 @@ def attention_plan(cu_q, cu_k, starts, device=None) -> AttentionPlan:
     kpos = torch.arange(len(active) * KV_BLOCK)
     k_index = torch.where(kpos[None] < length[seq][:, None], cu_k[seq][:, None] + kpos[None], nk)
     row_pos = pos0[:, None] + torch.arange(Q_TILE)
+    kernel = _kernel_layout(seq, pos0 // Q_TILE, cu_q, cu_k, starts, device)
     return AttentionPlan(nq, nk, tiles, active, q_index.to(device), out_rows.to(device), k_index.to(device),
-                         row_pos.to(device))
+                         row_pos.to(device), kernel)
+
+
+def _kernel_layout(tile_seq, tile_index, cu_q, cu_k, starts, device) -> KernelLayout:
+    """`KernelLayout` of a plan: one int32 host tensor, one copy to `device`, views of it.
+
+    Key blocks: every block b of a sequence with queries up to the one holding its last query's
+    position (later keys are seen by no query: their gradient stays 0).
+    """
+    n = cu_q.diff()
+    count = torch.where(n > 0, -(-(starts + n) // KV_BLOCK), 0)
+    block_seq = torch.repeat_interleave(torch.arange(len(n)), count)
+    block_index = torch.arange(len(block_seq)) - (count.cumsum(0) - count)[block_seq]
+    parts = [tile_seq, tile_index, block_seq, block_index, cu_q, cu_k, starts]
+    flat = torch.cat([x.to(torch.int32) for x in parts]).to(device)
+    return KernelLayout(*flat.split([len(x) for x in parts]))
 
 
 def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu_k, starts,
@@ -227,6 +264,10 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
     Tiles are ordered by block count, most first, so the tiles active at block b are a prefix of the
     batch; within a sequence that is its last tile first, the order `attend_sequence`'s autograd
     sums a key's gradient over query tiles in (the gathers' backward adds in index order).
+
+    On CUDA (float16 / bfloat16 / float32, head dim within the kernels' limit, unless the backend is
+    forced to "reference") the same tiling runs as Triton kernels instead (`_triton_fits`,
+    `_invariant_attention_triton.py`): other bits than this path, the same invariance, by construction.
     """
     nq, num_heads, dim = q.shape
     if nq != plan.num_queries:
@@ -238,6 +279,8 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
         raise ValueError(f"q's {num_heads} heads must be a multiple of k's {k.shape[1]}")
     if nq == 0:
         return q.new_zeros(q.shape)
+    if _triton_fits(q):
+        return _attend_planned_triton(q, k, v, plan, scale)
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     tiles = plan.tiles
     qrows = torch.cat([q.to(cdt), q.new_zeros(1, num_heads, dim, dtype=cdt)])
@@ -261,6 +304,28 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
     done.append(_finish(state))
     out = torch.cat(done[::-1]).view(tiles, num_heads, Q_TILE, dim).transpose(1, 2).reshape(-1, num_heads, dim)
     return out.index_select(0, plan.out_rows).to(q.dtype)
+
+
+def _triton_fits(q: torch.Tensor) -> bool:
+    """Whether `attend_planned` runs the Triton kernels: CUDA q of a kernel dtype and head dim, Triton
+    importable, the backend not forced to "reference". The choice depends on the model (dtype, head
+    dim, device) only, never on the layout, so every call of a run takes the same path."""
+    from ._dispatch import HAS_TRITON, get_backend
+
+    if not (q.is_cuda and HAS_TRITON and get_backend() != "reference"):
+        return False
+    limit = TRITON_MAX_HEAD_DIM_FP32 if q.dtype == torch.float32 else TRITON_MAX_HEAD_DIM
+    return q.dtype in TRITON_DTYPES and q.shape[2] <= limit
+
+
+def _attend_planned_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
+                           scale: float) -> torch.Tensor:
+    """`attend_planned` on the Triton kernels, on any device (CPU tensors need TRITON_INTERPRET=1 set
+    before Triton is imported; the tests call this directly). ValueError for a dtype or head dim the
+    kernels do not take; Triton is imported here, so this module imports without it."""
+    from ._invariant_attention_triton import attend_planned_triton
+
+    return attend_planned_triton(q, k, v, plan, scale)
 
 
 def _head_rows(x: torch.Tensor, num_heads: int, dtype: torch.dtype) -> torch.Tensor:
