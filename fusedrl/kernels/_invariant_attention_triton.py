@@ -40,7 +40,7 @@ float32 (Nq, Hq), log-sum-exp in base 2.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -94,13 +94,24 @@ def _load_rows(ptr, rows, stride_t, valid, d_mask):
 
 
 @triton.jit
-def _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, stride_kt, stride_vt, key_count, d_mask, qk_scale,
-               BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+def _key_rows(k0, offs_n, key_ok, KEY_ROWS, PAGED: tl.constexpr):
+    """Rows of K / V holding the keys at positions offs_n of a sequence whose keys start at entry k0:
+    k0 + offs_n, or, PAGED, KEY_ROWS[k0 + offs_n] (the engine's cache slots: read in place)."""
+    if PAGED:
+        return tl.load(KEY_ROWS + k0 + offs_n, mask=key_ok, other=0).to(tl.int64)
+    return k0 + offs_n.to(tl.int64)
+
+
+@triton.jit
+def _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, k0, KEY_ROWS, stride_kt, stride_vt, key_count, d_mask,
+               qk_scale, BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PRECISION: tl.constexpr,
+               INTERPRET: tl.constexpr):
     """Fold keys [start_n, start_n + BLOCK_N) into the online softmax (acc, max, sum) of the tile."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     key_ok = offs_n < key_count
-    k = _load_rows(k_ptr, offs_n.to(tl.int64), stride_kt, key_ok, d_mask)  # (BN, BD)
-    v = _load_rows(v_ptr, offs_n.to(tl.int64), stride_vt, key_ok, d_mask)
+    rows = _key_rows(k0, offs_n, key_ok, KEY_ROWS, PAGED)
+    k = _load_rows(k_ptr, rows, stride_kt, key_ok, d_mask)  # (BN, BD)
+    v = _load_rows(v_ptr, rows, stride_vt, key_ok, d_mask)
     s = _dot(q, tl.trans(k), PRECISION, INTERPRET) * qk_scale  # (BM, BN), log2 units
     s = tl.where(_visible(pos, offs_n, key_count), s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -115,10 +126,11 @@ def _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, stride_kt, stride_v
 def _attention_fwd_kernel(
     Q, K, V, O, LSE,  # (Nq, Hq, D), (Nk, Hkv, D) x 2, (Nq, Hq, D) out, (Nq, Hq) float32 out
     TILE_SEQ, TILE_INDEX, CU_Q, CU_K, STARTS,  # int32 KernelLayout
+    KEY_ROWS,  # PAGED: the K / V row of each key entry (else unused)
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     num_heads, head_dim, qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PAGED: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     """One program per (query tile, query head): grid (tiles, Hq)."""
     head = tl.program_id(1).to(tl.int64)
@@ -127,21 +139,21 @@ def _attention_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < head_dim
     q = _load_rows(Q + head * stride_qh + offs_d[None, :], rows, stride_qt, valid, d_mask)  # (BM, BD)
-    k_ptr = K + k0 * stride_kt + (head // GROUP) * stride_kh + offs_d[None, :]
-    v_ptr = V + k0 * stride_vt + (head // GROUP) * stride_vh + offs_d[None, :]
+    k_ptr = K + (head // GROUP) * stride_kh + offs_d[None, :]
+    v_ptr = V + (head // GROUP) * stride_vh + offs_d[None, :]
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if INTERPRET:  # the interpreter cannot take tensor bounds in range() (see _attention_triton)
         start_n = hi * 0
         while start_n < hi:
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, stride_kt, stride_vt,
-                                       key_count, d_mask, qk_scale, BLOCK_N, PRECISION, INTERPRET)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, k0, KEY_ROWS, stride_kt,
+                                       stride_vt, key_count, d_mask, qk_scale, BLOCK_N, PAGED, PRECISION, INTERPRET)
             start_n += BLOCK_N
     else:
         for start_n in range(0, hi, BLOCK_N):
-            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, stride_kt, stride_vt,
-                                       key_count, d_mask, qk_scale, BLOCK_N, PRECISION, INTERPRET)
+            acc, m_i, l_i = _fwd_block(acc, m_i, l_i, start_n, q, pos, k_ptr, v_ptr, k0, KEY_ROWS, stride_kt,
+                                       stride_vt, key_count, d_mask, qk_scale, BLOCK_N, PAGED, PRECISION, INTERPRET)
     o = acc / l_i[:, None]  # l_i >= 1 for every row: key 0 is visible to all
     o_ptrs = O + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=valid[:, None] & d_mask[None, :])
@@ -315,8 +327,10 @@ def _launch_args(block_d: int, dtype: torch.dtype, group: int) -> dict:
                 INTERPRET=_INTERPRET)
 
 
-def attention_fwd(q, k, v, layout: KernelLayout, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(o (Nq, Hq, D) in q's dtype, lse (Nq, Hq) float32, base 2)."""
+def attention_fwd(q, k, v, layout: KernelLayout, scale: float,
+                  key_rows: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(o (Nq, Hq, D) in q's dtype, lse (Nq, Hq) float32, base 2). `key_rows` (the plan's): key entry
+    j of the layout is row key_rows[j] of k / v, read in place."""
     nq, num_heads, head_dim = q.shape
     o = torch.zeros_like(q)
     lse = torch.zeros(nq, num_heads, device=q.device, dtype=torch.float32)
@@ -327,9 +341,10 @@ def attention_fwd(q, k, v, layout: KernelLayout, scale: float) -> Tuple[torch.Te
     warps, stages = _configs(block_d, q.dtype)["fwd"]
     _attention_fwd_kernel[(tiles, num_heads)](
         q, k, v, o, lse, layout.tile_seq, layout.tile_index, layout.cu_q, layout.cu_k, layout.starts,
+        layout.cu_k if key_rows is None else key_rows,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1),
         num_heads, head_dim, scale * LOG2E, **_launch_args(block_d, q.dtype, num_heads // k.shape[1]),
-        num_warps=warps, num_stages=stages,
+        PAGED=key_rows is not None, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
@@ -385,7 +400,17 @@ class InvariantAttentionFunction(torch.autograd.Function):
 
 def attend_planned_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
                           scale: float) -> torch.Tensor:
-    """`attend_planned` on the kernels (arguments already checked there); k, v cast to q's dtype."""
+    """`attend_planned` on the kernels (arguments already checked there); k, v cast to q's dtype.
+
+    A plan with `key_rows` (the engine's paged cache) is read in place by the forward when no
+    gradient is needed (the loads fetch the same values as a gather first would: same bits); with
+    a gradient the keys are gathered first and the autograd path runs.
+    """
     check_inputs(q, k, v)
     k, v = (x if x.dtype == q.dtype else x.to(q.dtype) for x in (k, v))
+    if plan.key_rows is not None:
+        if not (torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))):
+            q, k, v = (_contiguous_last(x) for x in (q, k, v))
+            return attention_fwd(q, k, v, plan.kernel, float(scale), plan.key_rows)[0]
+        k, v = (x.index_select(0, plan.key_rows[:plan.num_keys]) for x in (k, v))
     return InvariantAttentionFunction.apply(q, k, v, plan.kernel, float(scale))

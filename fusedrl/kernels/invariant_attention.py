@@ -163,12 +163,20 @@ class AttentionPlan(NamedTuple):
     k_index: torch.Tensor  # (tiles, blocks * KV_BLOCK) key row of each tile's key, num_keys past its sequence
     row_pos: torch.Tensor  # (tiles, Q_TILE) absolute position of each tile row
     kernel: KernelLayout  # the same layout for the Triton path
+    key_rows: Optional[torch.Tensor] = None  # (>= num_keys,) int64: key entry j is row key_rows[j] of k / v
+    key_rows_end: int = 0  # 1 + the largest row key_rows names (checked against k once per call, no sync)
 
 
-def attention_plan(cu_q, cu_k, starts, device=None) -> AttentionPlan:
+def attention_plan(cu_q, cu_k, starts, device=None, key_rows: Optional[torch.Tensor] = None) -> AttentionPlan:
     """The tile layout of sequences s: queries rows cu_q[s]:cu_q[s+1] at positions starts[s], ...,
     keys rows cu_k[s]:cu_k[s+1] at positions 0, ... (host ints or int tensors; index tensors on
-    `device`). Depends on the lengths only: one plan serves every layer of a forward."""
+    `device`). Depends on the lengths only: one plan serves every layer of a forward.
+
+    `key_rows` (optional, an int64 tensor on `device`, e.g. the native engine's paged-cache slots):
+    key entry j is row key_rows[j] of the k / v given to `attend_planned` -- the Triton path reads
+    those rows in place, the PyTorch path gathers them first; the bits are the same as passing the
+    gathered keys. Checked here once (one device sync) rather than in every layer's call.
+    """
     cu_q, cu_k = _int_vector("cu_q", cu_q), _int_vector("cu_k", cu_k)
     if len(cu_k) != len(cu_q):
         raise ValueError(f"cu_k must have cu_q's {len(cu_q)} entries, got {len(cu_k)}")
@@ -209,8 +217,28 @@ def attention_plan(cu_q, cu_k, starts, device=None) -> AttentionPlan:
     k_index = torch.where(kpos[None] < length[seq][:, None], cu_k[seq][:, None] + kpos[None], nk)
     row_pos = pos0[:, None] + torch.arange(Q_TILE)
     kernel = _kernel_layout(seq, pos0 // Q_TILE, cu_q, cu_k, starts, device)
+    rows_end = _check_key_rows(key_rows, nk, device)
     return AttentionPlan(nq, nk, tiles, active, q_index.to(device), out_rows.to(device), k_index.to(device),
-                         row_pos.to(device), kernel)
+                         row_pos.to(device), kernel, key_rows, rows_end)
+
+
+def _check_key_rows(key_rows: Optional[torch.Tensor], num_keys: int, device) -> int:
+    """1 + the largest row `key_rows` names (0 for None); ValueError naming it if it is not an int64
+    vector of >= num_keys nonnegative entries on `device`."""
+    if key_rows is None:
+        return 0
+    if not isinstance(key_rows, torch.Tensor) or key_rows.dim() != 1 or key_rows.dtype != torch.int64:
+        raise ValueError(f"key_rows must be a 1-D int64 tensor, got {getattr(key_rows, 'dtype', type(key_rows))} "
+                         f"{tuple(getattr(key_rows, 'shape', ()))}")
+    if key_rows.device.type != torch.device(device or "cpu").type or len(key_rows) < num_keys:
+        raise ValueError(f"key_rows must have >= {num_keys} entries on {device or 'cpu'}, got {len(key_rows)} "
+                         f"on {key_rows.device}")
+    if num_keys == 0:
+        return 0
+    lo, hi = (int(x) for x in torch.aminmax(key_rows[:num_keys]))
+    if lo < 0:
+        raise ValueError(f"key_rows must be >= 0, got {lo}")
+    return hi + 1
 
 
 def _kernel_layout(tile_seq, tile_index, cu_q, cu_k, starts, device) -> KernelLayout:
@@ -272,8 +300,9 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
     nq, num_heads, dim = q.shape
     if nq != plan.num_queries:
         raise ValueError(f"q: the plan is for {plan.num_queries} query rows, got {nq}")
-    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim or k.shape[0] < plan.num_keys:
-        raise ValueError(f"k, v must both be (>= {plan.num_keys}, Hkv, {dim}), got {tuple(k.shape)} and "
+    need = plan.num_keys if plan.key_rows is None else plan.key_rows_end
+    if k.dim() != 3 or k.shape != v.shape or k.shape[2] != dim or k.shape[0] < need:
+        raise ValueError(f"k, v must both be (>= {need}, Hkv, {dim}), got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     if num_heads % k.shape[1]:
         raise ValueError(f"q's {num_heads} heads must be a multiple of k's {k.shape[1]}")
@@ -281,6 +310,8 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
         return q.new_zeros(q.shape)
     if _triton_fits(q):
         return _attend_planned_triton(q, k, v, plan, scale)
+    if plan.key_rows is not None:
+        k, v = (x.index_select(0, plan.key_rows[:plan.num_keys]) for x in (k, v))
     cdt = torch.float64 if q.dtype == torch.float64 else torch.float32
     tiles = plan.tiles
     qrows = torch.cat([q.to(cdt), q.new_zeros(1, num_heads, dim, dtype=cdt)])

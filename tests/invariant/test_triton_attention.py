@@ -152,6 +152,41 @@ def test_decode_and_chunked_prefill_equal_training_bitwise(device):
     call([(3, 30, 71), (1, 0, 17), (2, 17, 65)])  # prefill chunks across tile and block edges
 
 
+@pytest.mark.parametrize("path", ["triton", "pytorch"])
+def test_key_rows_read_the_cache_in_place_with_the_gathered_bits(path):
+    """A plan with `key_rows` (the engine's paged-cache slots) gives the bits of the same plan on the
+    keys gathered first -- decode rows and a prefill chunk, in both paths -- and a gradient still flows
+    (the Triton path gathers then); bad key_rows are a ValueError naming the argument."""
+    lens, heads, dim = [1, 40, KV_BLOCK + 1], (4, 2), 16
+    docs = _docs(lens, heads, dim, seed=6)
+    cache_k, cache_v = torch.randn(300, heads[1], dim), torch.randn(300, heads[1], dim)
+    slots = torch.randperm(300)[:sum(lens)]  # every key lives at a scattered cache row
+    cache_k[slots] = torch.cat([d[1] for d in docs])
+    cache_v[slots] = torch.cat([d[2] for d in docs])
+    cu_k = [0, 1, 41, 41 + KV_BLOCK + 1]
+    q = torch.cat([d[0][-1:] for d in docs])  # one decode row each, at the last position
+    attend = _attend_planned_triton if path == "triton" else attend_planned
+    starts = [n - 1 for n in lens]
+    paged = attend(q, cache_k, cache_v, attention_plan([0, 1, 2, 3], cu_k, starts, key_rows=slots), 0.3)
+    gathered = attend(q, cache_k[slots], cache_v[slots], attention_plan([0, 1, 2, 3], cu_k, starts), 0.3)
+    assert torch.equal(paged, gathered)
+    assert_close(paged, _oracle(q, cache_k[slots], cache_v[slots], [0, 1, 2, 3], cu_k, starts, 0.3))
+    qg = q.clone().requires_grad_()
+    out = attend(qg, cache_k, cache_v, attention_plan([0, 1, 2, 3], cu_k, starts, key_rows=slots), 0.3)
+    assert torch.equal(out.detach(), paged)
+    assert qg.grad is None and torch.autograd.grad(out.sum(), qg)[0].abs().sum() > 0
+    with pytest.raises(ValueError, match="key_rows must be a 1-D int64"):
+        attention_plan([0, 1], [0, 1], [0], key_rows=slots.int())
+    with pytest.raises(ValueError, match="key_rows must have >= 106 entries"):
+        attention_plan([0, 1, 2, 3], cu_k, starts, key_rows=slots[:5])
+    with pytest.raises(ValueError, match="key_rows must be >= 0"):
+        attention_plan([0, 1], [0, 1], [0], key_rows=torch.tensor([-1]))
+    end = int(slots.max()) + 1  # k must hold every row key_rows names: no out-of-range read
+    with pytest.raises(ValueError, match=rf"k, v must both be \(>= {end}, "):
+        attend_planned(q, cache_k[:end - 1], cache_v[:end - 1], attention_plan([0, 1, 2, 3], cu_k, starts,
+                                                                               key_rows=slots), 0.3)
+
+
 def test_bad_input_names_the_argument():
     plan = attention_plan([0, 5], [0, 5], [0])
     q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)

@@ -20,14 +20,19 @@ for arch, dtype_name, head_dim, group in json.loads(sys.argv[1]):
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
     block_d = K._block_d(head_dim)
     cfg = K._configs(block_d, dtype)
-    kernels = {"fwd": K._attention_fwd_kernel, "dq": K._attention_bwd_dq_kernel, "dkdv": K._attention_bwd_dkdv_kernel}
+    kernels = {"fwd": K._attention_fwd_kernel, "fwd_paged": K._attention_fwd_kernel,
+               "dq": K._attention_bwd_dq_kernel, "dkdv": K._attention_bwd_dkdv_kernel}
     for name, fn in kernels.items():
-        warps, stages = cfg[name]
+        warps, stages = cfg[name.split("_")[0]]
         consts = K._launch_args(block_d, dtype, group)
         consts["INTERPRET"] = False
+        if name.startswith("fwd"):  # the engine's in-place cache read (int64 slots) and the plain one
+            consts["PAGED"] = name == "fwd_paged"
         types = {}
         for arg in fn.arg_names:
-            if arg in INT32:
+            if arg == "KEY_ROWS":
+                types[arg] = "*i64" if consts["PAGED"] else "*i32"
+            elif arg in INT32:
                 types[arg] = "*i32"
             elif arg in ("LSE", "DELTA"):
                 types[arg] = "*fp32"
@@ -46,6 +51,6 @@ TARGETS = [("90", "bf16", 128, 4), ("80", "fp16", 64, 1), ("90", "fp32", 128, 2)
 def test_invariant_attention_kernels_compile_ahead_of_time(tmp_path):
     report = run_aot(SCRIPT, [list(t) for t in TARGETS], tmp_path)
     for arch, dtype, dim, _ in TARGETS:
-        for name in ("fwd", "dq", "dkdv"):
+        for name in ("fwd", "fwd_paged", "dq", "dkdv"):
             check_fits(report, arch, f"sm_{arch} {dtype} {dim} {name}", uses_shared=False)
             assert report[f"sm_{arch} {dtype} {dim} {name}"]["mma"], (arch, dtype, dim, name)

@@ -234,7 +234,7 @@ class NativeCausalLM:
             lens = attn.context_lens.long()
             decode_slots = paged_slots(attn.block_tables, lens, kv_caches[0][0].shape[1])  # (pages, bs, Hkv, D)
             decode_plan = attention_plan(torch.arange(nd + 1), torch.cat([lens.new_zeros(1), lens.cumsum(0)]),
-                                         lens - 1, input_ids.device)
+                                         lens - 1, input_ids.device, key_rows=decode_slots)
         if input_ids.shape[0] > nd:
             cu_q = attn.cu_seqlens_q.tolist()
             if attn.context_slots is None:  # whole prompts: their own keys from position 0
@@ -242,7 +242,8 @@ class NativeCausalLM:
             else:  # chunks continuing a cached sequence: every cached key, the chunk at the end
                 cu_k = attn.cu_seqlens_k.tolist()
                 starts = [(k1 - k0) - (q1 - q0) for q0, q1, k0, k1 in zip(cu_q, cu_q[1:], cu_k, cu_k[1:])]
-            prefill_plan = attention_plan(cu_q, cu_k, starts, input_ids.device)
+            prefill_plan = attention_plan(cu_q, cu_k, starts, input_ids.device,
+                                          key_rows=None if attn.context_slots is None else attn.context_slots.long())
 
         def attend(index, q, k, v):  # one batched call for the decode rows, one for the prefill chunks
             k_cache, v_cache = kv_caches[index]
@@ -251,16 +252,13 @@ class NativeCausalLM:
             flat_k.index_copy_(0, attn.slot_mapping, k.to(k_cache.dtype))
             flat_v.index_copy_(0, attn.slot_mapping, v.to(v_cache.dtype))
             outs = []
-            if nd:
-                outs.append(attend_planned(q[:nd], flat_k.index_select(0, decode_slots),
-                                           flat_v.index_select(0, decode_slots), decode_plan, spec.scale))
+            if nd:  # the plan's key_rows: the cache read in place (Triton) or gathered (PyTorch path)
+                outs.append(attend_planned(q[:nd], flat_k, flat_v, decode_plan, spec.scale))
             if q.shape[0] > nd:
                 if attn.context_slots is None:
-                    keys, values = k[nd:], v[nd:]
+                    outs.append(attend_planned(q[nd:], k[nd:], v[nd:], prefill_plan, spec.scale))
                 else:
-                    keys = flat_k.index_select(0, attn.context_slots)
-                    values = flat_v.index_select(0, attn.context_slots)
-                outs.append(attend_planned(q[nd:], keys, values, prefill_plan, spec.scale))
+                    outs.append(attend_planned(q[nd:], flat_k, flat_v, prefill_plan, spec.scale))
             return torch.cat(outs)
 
         return run_layers(spec, self.decoder, input_ids, positions, attend)
