@@ -51,8 +51,7 @@ import triton
 import triton.language as tl
 
 from ._attention_triton import _INTERPRET, _dot
-
-DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+from .invariant import TRITON_LINEAR_DTYPES as DTYPES
 GROUP_M = 8  # grouped program order (L2 reuse of W); changes which tile runs when, never the math
 
 

@@ -58,6 +58,7 @@ import torch.nn.functional as F
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
 LM_ROW_TILE = 128  # rows per LM-head call (log-probs: ROW_TILE-row tiles, a few per call; memory bound)
 NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
+TRITON_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton matmul (CUDA) takes
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
@@ -125,8 +126,32 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_2d_input("x", x, weight.shape[1])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    if _triton_linear_fits(x2d, weight):
+        return _invariant_linear_triton(x2d, weight, bias).reshape(*lead, weight.shape[0])
     out = _tile_linear(_padded_rows(x2d, ROW_TILE), weight, bias)
     return out[:x2d.shape[0]].reshape(*lead, weight.shape[0])
+
+
+def _triton_linear_fits(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `invariant_linear` runs the Triton kernel: CUDA x and weight of one kernel dtype, Triton
+    importable, the backend not forced to "reference". The choice depends on the model (dtype,
+    device) only, never on the rows, so every call of a run takes the same path."""
+    from ._dispatch import HAS_TRITON, get_backend
+
+    if not (x2d.is_cuda and weight.is_cuda and HAS_TRITON and get_backend() != "reference"):
+        return False
+    return x2d.dtype in TRITON_LINEAR_DTYPES and weight.dtype == x2d.dtype
+
+
+def _invariant_linear_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                             ) -> torch.Tensor:
+    """`F.linear` of (M, K) rows on the batch-invariant Triton kernel, one launch for all rows, on any
+    device (CPU tensors need TRITON_INTERPRET=1 set before Triton is imported; the tests call this
+    directly). ValueError naming the argument for inputs it does not take. Triton is imported here, so
+    this module imports without it."""
+    from ._invariant_matmul_triton import invariant_linear_triton
+
+    return invariant_linear_triton(x2d, weight, bias)
 
 
 def _tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
