@@ -19,6 +19,16 @@ numbers go through:
   calls of up to `LM_ROW_TILE` rows, whole vocabulary per call, rows padded to `ROW_TILE` on the CPU
   -- measured, a row's bits are the same in calls of 32, 64, 96 or 128 rows there -- and to whole
   `LM_ROW_TILE` calls elsewhere);
+- one batch-invariant GEMM on CUDA: for float16 / bfloat16 / float32 `invariant_linear` runs a Triton
+  kernel (`_invariant_matmul_triton.py`) in one launch for all rows instead of a call per tile,
+  invariant by construction: one program per output tile computes each output element completely
+  (no split-K / stream-K / atomics), over K in fixed BLOCK_K steps ascending with float32
+  accumulation, tiles / warps / stages fixed per dtype (no autotuning, M not specialised), so the
+  number of rows only changes how many programs run; dx = dy @ W runs on the same kernel (dW, dbias
+  are sums over tokens, plain torch). Its bits are not `F.linear`'s, but the path is chosen by device
+  and dtype only. Checked under TRITON_INTERPRET=1 on the CPU and compiled ahead of time for sm_90 /
+  sm_80; its CUDA bitwise tests (`gpu`) and its speed are still to be run on a GPU (the per-tile
+  `F.linear` loop remains the CUDA fallback without Triton or with the backend forced to "reference");
 - attention per sequence (`invariant_attention.py`: `attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -113,8 +123,10 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     to every tile: measured bitwise equal to one `F.linear` per tile (1..200 tiles, bias inside the
     product as `F.linear` has it; the gradient w.r.t. x too), whatever the tile count. The weight's
     gradient sums the tiles in the expand's reduction order instead of autograd's tile-by-tile one
-    (a sum over every token: no per-token property to keep). Elsewhere one `F.linear` per tile, as
-    batched GEMMs may pick their kernel (split-K) by the batch count there.
+    (a sum over every token: no per-token property to keep). On CUDA (`_triton_linear_fits`) the
+    batch-invariant Triton kernel instead, one launch for all rows, no padding (other bits than
+    `F.linear`, the same invariance, by construction). Elsewhere one `F.linear` per tile, as batched
+    GEMMs may pick their kernel (split-K) by the batch count there.
 
     Args:
         x: (..., K) activations; weight: (N, K); bias: (N,) or None.
@@ -157,7 +169,8 @@ def _invariant_linear_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Opti
 def _tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear` of (T * ROW_TILE, K) rows as T tiles of ROW_TILE rows, each bitwise one `F.linear` call:
     on the CPU the entries of one `bmm` / `baddbmm` over the weight expanded to every tile (measured
-    independent of T), elsewhere a call per tile. (N, K) weight; (T * ROW_TILE, N) out."""
+    independent of T), elsewhere (CUDA without the Triton kernel) a call per tile. (N, K) weight;
+    (T * ROW_TILE, N) out."""
     if rows.device.type != "cpu":
         return torch.cat([F.linear(rows[i:i + ROW_TILE], weight, bias) for i in range(0, rows.shape[0], ROW_TILE)])
     batch = rows.view(-1, ROW_TILE, rows.shape[1])  # (T, ROW_TILE, K)
