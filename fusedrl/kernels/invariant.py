@@ -29,6 +29,8 @@ numbers go through:
   and dtype only. Checked under TRITON_INTERPRET=1 on the CPU and compiled ahead of time for sm_90 /
   sm_80; its CUDA bitwise tests (`gpu`) and its speed are still to be run on a GPU (the per-tile
   `F.linear` loop remains the CUDA fallback without Triton or with the backend forced to "reference");
+  RMSNorm likewise runs a Triton kernel on CUDA (`_invariant_norm_triton.py`: one program per row, a
+  reduction order fixed by the width), instead of the NORM_CHUNK loop, also pending a GPU run;
 - attention per sequence (`invariant_attention.py`: `attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -68,7 +70,8 @@ import torch.nn.functional as F
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
 LM_ROW_TILE = 128  # rows per LM-head call (log-probs: ROW_TILE-row tiles, a few per call; memory bound)
 NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
-TRITON_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # what the Triton matmul (CUDA) takes
+TRITON_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton matmul / RMSNorm (CUDA) take
+TRITON_NORM_MAX_WIDTH = 32768  # widest row the Triton RMSNorm holds in one block (wider: the chunked torch path)
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
@@ -186,13 +189,37 @@ def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     """HF's RMSNorm (normalise in float32, cast back, scale) on ROW_TILE-padded rows.
 
     Row-wise ops only (the mean is a last-dim reduction). On the CPU, measured the same bits per row
-    for 1..200 tiles of rows at once, so one call covers every tile; elsewhere a reduction kernel may
-    be picked by the number of rows, so the rows run in chunks of exactly NORM_CHUNK (zero rows pad).
+    for 1..200 tiles of rows at once, so one call covers every tile. On CUDA (`_triton_norm_fits`) a
+    Triton kernel with one program per row and a reduction order fixed by the width (other bits than
+    this formula in PyTorch, invariant by construction). Elsewhere a reduction kernel may be picked by
+    the number of rows, so the rows run in chunks of exactly NORM_CHUNK (zero rows pad).
     """
     _check_2d_input("x", x, weight.shape[-1])
     x2d = x.reshape(-1, x.shape[-1])
+    if _triton_norm_fits(x2d, weight):
+        return _invariant_rms_norm_triton(x2d, weight, eps).reshape(x.shape)
     out = _rms_rows(x2d, weight, eps, None if x.device.type == "cpu" else NORM_CHUNK)
     return out[: x2d.shape[0]].reshape(x.shape)
+
+
+def _triton_norm_fits(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `invariant_rms_norm` runs the Triton row kernels: CUDA x and weight of kernel dtypes,
+    rows up to TRITON_NORM_MAX_WIDTH wide, Triton importable, the backend not forced to "reference".
+    Depends on the model (dtypes, width, device) only, never on the rows."""
+    from ._dispatch import HAS_TRITON, get_backend
+
+    if not (x2d.is_cuda and weight.is_cuda and HAS_TRITON and get_backend() != "reference"):
+        return False
+    return (x2d.dtype in TRITON_LINEAR_DTYPES and weight.dtype in TRITON_LINEAR_DTYPES
+            and weight.dim() == 1 and x2d.shape[1] <= TRITON_NORM_MAX_WIDTH)
+
+
+def _invariant_rms_norm_triton(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of (rows, H) on the row-invariant Triton kernels (one program per row), on any device
+    (CPU tensors need TRITON_INTERPRET=1; the tests call this directly). Triton is imported here."""
+    from ._invariant_norm_triton import invariant_rms_norm_triton
+
+    return invariant_rms_norm_triton(x2d, weight, eps)
 
 
 def _rms_rows(x2d: torch.Tensor, weight: torch.Tensor, eps: float, chunk: Optional[int]) -> torch.Tensor:
