@@ -3,6 +3,8 @@ oracle forward and backward, and a row's output and gradient w.r.t. its input bi
 the number of rows in the call, the row's offset in it, or its neighbours (by construction: one program
 per output tile, K ascending in fixed steps, tiles fixed per dtype). On CPU the kernel runs under the
 interpreter (`_invariant_linear_triton`); the `gpu` cases run `invariant_linear`'s own dispatch on CUDA."""
+import importlib
+
 import pytest
 import torch
 
@@ -144,3 +146,25 @@ def test_cuda_large_m_rows_match_single_rows(dtype):
     for row in (0, 1, 127, 128, 2049, 4095):
         y1, dx1, _, _ = _run(x[row:row + 1], w, b, g[row:row + 1])
         assert torch.equal(y1, y[row:row + 1]) and torch.equal(dx1, dx[row:row + 1]), row
+
+
+def test_native_engine_sampler_equals_trainer_bitwise_on_the_triton_linears_and_norms(monkeypatch):
+    """End to end with every linear and RMSNorm of the invariant decoder on the Triton kernels (forced on
+    CPU): the native engine's decode / prefill calls and the trainer's packed recompute give the same
+    log-prob bits (tests/invariant/test_model_layouts.py's check)."""
+    from fusedrl.rollout.sampling import SamplingParams
+    from tests.invariant.test_model_layouts import _sampler_vs_trainer
+    from tests.rollout._tiny import tiny_model
+
+    inv = importlib.import_module("fusedrl.kernels.invariant")  # the package's `invariant` is the function
+    rows = []
+    monkeypatch.setattr(inv, "_triton_linear_fits", lambda x, w: True)
+    monkeypatch.setattr(inv, "_triton_norm_fits", lambda x, w: True)
+    monkeypatch.setattr(inv, "_invariant_linear_triton", lambda x, *a: rows.append(x.shape[0]) or
+                        _invariant_linear_triton(x, *a))
+    model = tiny_model("qwen2", seed=3)
+    with inv.invariant():
+        sampler, trainer = _sampler_vs_trainer(model, SamplingParams(n=2, temperature=0.7, top_k=20,
+                                                                     max_new_tokens=9, seed=3), torch.float32)
+    assert sampler.numel() > 20 and len(set(rows)) > 3  # decode steps, prefills and the trainer's pass
+    assert torch.equal(sampler, trainer), (sampler - trainer).abs().max()
