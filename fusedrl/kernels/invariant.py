@@ -19,6 +19,18 @@ numbers go through:
   calls of up to `LM_ROW_TILE` rows, whole vocabulary per call, rows padded to `ROW_TILE` on the CPU
   -- measured, a row's bits are the same in calls of 32, 64, 96 or 128 rows there -- and to whole
   `LM_ROW_TILE` calls elsewhere);
+- one batch-invariant GEMM on CUDA: for float16 / bfloat16 / float32 `invariant_linear` runs a Triton
+  kernel (`_invariant_matmul_triton.py`) in one launch for all rows instead of a call per tile,
+  invariant by construction: one program per output tile computes each output element completely
+  (no split-K / stream-K / atomics), over K in fixed BLOCK_K steps ascending with float32
+  accumulation, tiles / warps / stages fixed per dtype (no autotuning, M not specialised), so the
+  number of rows only changes how many programs run; dx = dy @ W runs on the same kernel (dW, dbias
+  are sums over tokens, plain torch). Its bits are not `F.linear`'s, but the path is chosen by device
+  and dtype only. Checked under TRITON_INTERPRET=1 on the CPU and compiled ahead of time for sm_90 /
+  sm_80; its CUDA bitwise tests (`gpu`) and its speed are still to be run on a GPU (the per-tile
+  `F.linear` loop remains the CUDA fallback without Triton or with the backend forced to "reference");
+  RMSNorm likewise runs a Triton kernel on CUDA (`_invariant_norm_triton.py`: one program per row, a
+  reduction order fixed by the width), instead of the NORM_CHUNK loop, also pending a GPU run;
 - attention per sequence (`invariant_attention.py`: `attend_sequence`): query tiles of `Q_TILE` rows aligned to absolute
   positions (the token at position p sits in row p % Q_TILE), keys in blocks of `KV_BLOCK` from
   position 0 combined by an online softmax in block order; a block after a query's own is fully
@@ -58,6 +70,8 @@ import torch.nn.functional as F
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
 LM_ROW_TILE = 128  # rows per LM-head call (log-probs: ROW_TILE-row tiles, a few per call; memory bound)
 NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
+TRITON_LINEAR_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the Triton matmul / RMSNorm (CUDA) take
+TRITON_NORM_MAX_WIDTH = 32768  # widest row the Triton RMSNorm holds in one block (wider: the chunked torch path)
 
 _DEFAULT = [False]
 _FLAG: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar("fusedrl_invariant", default=None)
@@ -112,8 +126,10 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     to every tile: measured bitwise equal to one `F.linear` per tile (1..200 tiles, bias inside the
     product as `F.linear` has it; the gradient w.r.t. x too), whatever the tile count. The weight's
     gradient sums the tiles in the expand's reduction order instead of autograd's tile-by-tile one
-    (a sum over every token: no per-token property to keep). Elsewhere one `F.linear` per tile, as
-    batched GEMMs may pick their kernel (split-K) by the batch count there.
+    (a sum over every token: no per-token property to keep). On CUDA (`_triton_linear_fits`) the
+    batch-invariant Triton kernel instead, one launch for all rows, no padding (other bits than
+    `F.linear`, the same invariance, by construction). Elsewhere one `F.linear` per tile, as batched
+    GEMMs may pick their kernel (split-K) by the batch count there.
 
     Args:
         x: (..., K) activations; weight: (N, K); bias: (N,) or None.
@@ -125,14 +141,39 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
     _check_2d_input("x", x, weight.shape[1])
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
+    if _triton_linear_fits(x2d, weight):
+        return _invariant_linear_triton(x2d, weight, bias).reshape(*lead, weight.shape[0])
     out = _tile_linear(_padded_rows(x2d, ROW_TILE), weight, bias)
     return out[:x2d.shape[0]].reshape(*lead, weight.shape[0])
+
+
+def _triton_linear_fits(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `invariant_linear` runs the Triton kernel: CUDA x and weight of one kernel dtype, Triton
+    importable, the backend not forced to "reference". The choice depends on the model (dtype,
+    device) only, never on the rows, so every call of a run takes the same path."""
+    from ._dispatch import HAS_TRITON, get_backend
+
+    if not (x2d.is_cuda and weight.is_cuda and HAS_TRITON and get_backend() != "reference"):
+        return False
+    return x2d.dtype in TRITON_LINEAR_DTYPES and weight.dtype == x2d.dtype
+
+
+def _invariant_linear_triton(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None
+                             ) -> torch.Tensor:
+    """`F.linear` of (M, K) rows on the batch-invariant Triton kernel, one launch for all rows, on any
+    device (CPU tensors need TRITON_INTERPRET=1 set before Triton is imported; the tests call this
+    directly). ValueError naming the argument for inputs it does not take. Triton is imported here, so
+    this module imports without it."""
+    from ._invariant_matmul_triton import invariant_linear_triton
+
+    return invariant_linear_triton(x2d, weight, bias)
 
 
 def _tile_linear(rows: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear` of (T * ROW_TILE, K) rows as T tiles of ROW_TILE rows, each bitwise one `F.linear` call:
     on the CPU the entries of one `bmm` / `baddbmm` over the weight expanded to every tile (measured
-    independent of T), elsewhere a call per tile. (N, K) weight; (T * ROW_TILE, N) out."""
+    independent of T), elsewhere (CUDA without the Triton kernel) a call per tile. (N, K) weight;
+    (T * ROW_TILE, N) out."""
     if rows.device.type != "cpu":
         return torch.cat([F.linear(rows[i:i + ROW_TILE], weight, bias) for i in range(0, rows.shape[0], ROW_TILE)])
     batch = rows.view(-1, ROW_TILE, rows.shape[1])  # (T, ROW_TILE, K)
@@ -148,13 +189,37 @@ def invariant_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     """HF's RMSNorm (normalise in float32, cast back, scale) on ROW_TILE-padded rows.
 
     Row-wise ops only (the mean is a last-dim reduction). On the CPU, measured the same bits per row
-    for 1..200 tiles of rows at once, so one call covers every tile; elsewhere a reduction kernel may
-    be picked by the number of rows, so the rows run in chunks of exactly NORM_CHUNK (zero rows pad).
+    for 1..200 tiles of rows at once, so one call covers every tile. On CUDA (`_triton_norm_fits`) a
+    Triton kernel with one program per row and a reduction order fixed by the width (other bits than
+    this formula in PyTorch, invariant by construction). Elsewhere a reduction kernel may be picked by
+    the number of rows, so the rows run in chunks of exactly NORM_CHUNK (zero rows pad).
     """
     _check_2d_input("x", x, weight.shape[-1])
     x2d = x.reshape(-1, x.shape[-1])
+    if _triton_norm_fits(x2d, weight):
+        return _invariant_rms_norm_triton(x2d, weight, eps).reshape(x.shape)
     out = _rms_rows(x2d, weight, eps, None if x.device.type == "cpu" else NORM_CHUNK)
     return out[: x2d.shape[0]].reshape(x.shape)
+
+
+def _triton_norm_fits(x2d: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `invariant_rms_norm` runs the Triton row kernels: CUDA x and weight of kernel dtypes,
+    rows up to TRITON_NORM_MAX_WIDTH wide, Triton importable, the backend not forced to "reference".
+    Depends on the model (dtypes, width, device) only, never on the rows."""
+    from ._dispatch import HAS_TRITON, get_backend
+
+    if not (x2d.is_cuda and weight.is_cuda and HAS_TRITON and get_backend() != "reference"):
+        return False
+    return (x2d.dtype in TRITON_LINEAR_DTYPES and weight.dtype in TRITON_LINEAR_DTYPES
+            and weight.dim() == 1 and x2d.shape[1] <= TRITON_NORM_MAX_WIDTH)
+
+
+def _invariant_rms_norm_triton(x2d: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of (rows, H) on the row-invariant Triton kernels (one program per row), on any device
+    (CPU tensors need TRITON_INTERPRET=1; the tests call this directly). Triton is imported here."""
+    from ._invariant_norm_triton import invariant_rms_norm_triton
+
+    return invariant_rms_norm_triton(x2d, weight, eps)
 
 
 def _rms_rows(x2d: torch.Tensor, weight: torch.Tensor, eps: float, chunk: Optional[int]) -> torch.Tensor:
