@@ -209,6 +209,13 @@ def _dkdv_block(dk, dv, start_m, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, st
     p_t = tl.math.exp2(s_t - lse[None, :])
     if MASK:
         p_t = tl.where(_visible_t(offs_m, offs_n, seqlen, left, right), p_t, 0.0)
+    return _fa2_dkdv(dk, dv, p_t, q, v, do, delta, PRECISION, INTERPRET)
+
+
+@triton.jit
+def _fa2_dkdv(dk, dv, p_t, q, v, do, delta, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """FlashAttention-2's dK (unscaled) / dV update from one query block's transposed probabilities
+    p_t (BN, BM): dV += P^T dO;  dS^T = P^T * (V dO^T - Delta);  dK += dS^T Q."""
     dv += _dot(p_t.to(do.dtype), do, PRECISION, INTERPRET)
     dp_t = _dot(v, tl.trans(do), PRECISION, INTERPRET)  # (BN, BM)
     ds_t = p_t * (dp_t - delta[None, :])

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._attention_triton import LOG2E, _INTERPRET, _block_d, _dot, _precision
+from ._attention_triton import LOG2E, _INTERPRET, _block_d, _dot, _fa2_dkdv, _precision
 from .invariant_attention import (KV_BLOCK, Q_TILE, TRITON_DTYPES, TRITON_MAX_HEAD_DIM, TRITON_MAX_HEAD_DIM_FP32,
                                   AttentionPlan, KernelLayout)
 
@@ -229,11 +229,7 @@ def _dkdv_tile(dk, dv, t, seq, k, v, offs_n, key_count, q_ptr, do_ptr, LSE, DELT
     s_t = _dot(k, tl.trans(q), PRECISION, INTERPRET) * qk_scale  # (BN, BM)
     seen = _visible_t(pos, offs_n, key_count) & valid[None, :]
     p_t = tl.where(seen, tl.math.exp2(s_t - lse[None, :]), 0.0)
-    dv += _dot(p_t.to(do.dtype), do, PRECISION, INTERPRET)
-    dp_t = _dot(v, tl.trans(do), PRECISION, INTERPRET)  # (BN, BM)
-    ds_t = p_t * (dp_t - delta[None, :])
-    dk += _dot(ds_t.to(q.dtype), q, PRECISION, INTERPRET)
-    return dk, dv
+    return _fa2_dkdv(dk, dv, p_t, q, v, do, delta, PRECISION, INTERPRET)
 
 
 @triton.jit

@@ -31,6 +31,23 @@ SMEM_LIMIT = {"90": 232448, "80": 166912}
 TYPE = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "int32": "i32", "int64": "i64"}
 
 
+def attention_types(fn, consts: dict, dtype_name: str, int_pointers: dict) -> dict:
+    """`types` of an attention kernel: `int_pointers` ({name: "*i32" | "*i64"}) as given, LSE / DELTA
+    float32 pointers, qk_scale / scale float32, every other upper-case runtime argument a pointer to
+    `dtype_name` (the q / k / v / o tensors and their gradients); lower-case ones stay i32 scalars."""
+    types = {}
+    for arg in fn.arg_names:
+        if arg in int_pointers:
+            types[arg] = int_pointers[arg]
+        elif arg in ("LSE", "DELTA"):
+            types[arg] = "*fp32"
+        elif arg in ("qk_scale", "scale"):
+            types[arg] = "fp32"
+        elif arg.isupper() and arg not in consts:
+            types[arg] = "*" + dtype_name
+    return types
+
+
 def compile_kernel(fn, types: dict, consts: dict, arch: str, num_warps: int = 4, num_stages: int = 3,
                    aligned=()) -> dict:
     """Compile one kernel for sm_<arch>; runs inside the `run_aot` subprocess.

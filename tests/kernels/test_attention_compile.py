@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 SCRIPT = r"""
 import json, sys
 import torch
-from _aot import compile_kernel
+from _aot import attention_types, compile_kernel
 import fusedrl.kernels._attention_triton as K
 
 report = {}
@@ -32,16 +32,7 @@ for arch, dtype_name, head_dim in json.loads(sys.argv[1]):
         block_m, block_n, warps, stages = cfg[name]
         consts = dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=K._precision(dtype),
                       GROUP=4, INTERPRET=False)
-        types = {}
-        for arg in fn.arg_names:
-            if arg == "CU_SEQLENS":
-                types[arg] = "*i32"
-            elif arg in ("LSE", "DELTA"):
-                types[arg] = "*fp32"
-            elif arg in ("qk_scale", "scale"):
-                types[arg] = "fp32"
-            elif arg.isupper() and arg not in consts:
-                types[arg] = "*" + dtype_name
+        types = attention_types(fn, consts, dtype_name, {"CU_SEQLENS": "*i32"})
         report[f"sm_{arch} {name}"] = compile_kernel(fn, types, consts, arch, warps, stages)
 print(json.dumps(report))
 """

@@ -11,7 +11,7 @@ triton = pytest.importorskip("triton")
 SCRIPT = r"""
 import json, sys
 import torch
-from _aot import compile_kernel
+from _aot import attention_types, compile_kernel
 import fusedrl.kernels._invariant_attention_triton as K
 
 INT32 = ("TILE_SEQ", "TILE_INDEX", "BLOCK_SEQ", "BLOCK_INDEX", "CU_Q", "CU_K", "STARTS")
@@ -28,18 +28,10 @@ for arch, dtype_name, head_dim, group in json.loads(sys.argv[1]):
         consts["INTERPRET"] = False
         if name.startswith("fwd"):  # the engine's in-place cache read (int64 slots) and the plain one
             consts["PAGED"] = name == "fwd_paged"
-        types = {}
-        for arg in fn.arg_names:
-            if arg == "KEY_ROWS":
-                types[arg] = "*i64" if consts["PAGED"] else "*i32"
-            elif arg in INT32:
-                types[arg] = "*i32"
-            elif arg in ("LSE", "DELTA"):
-                types[arg] = "*fp32"
-            elif arg in ("qk_scale", "scale"):
-                types[arg] = "fp32"
-            elif arg.isupper() and arg not in consts:
-                types[arg] = "*" + dtype_name
+        ints = dict.fromkeys(INT32, "*i32")
+        if "PAGED" in consts:
+            ints["KEY_ROWS"] = "*i64" if consts["PAGED"] else "*i32"
+        types = attention_types(fn, consts, dtype_name, ints)
         report[f"sm_{arch} {dtype_name} {head_dim} {name}"] = compile_kernel(fn, types, consts, arch, warps, stages)
 print(json.dumps(report))
 """
