@@ -67,6 +67,8 @@ from typing import Iterator, Optional
 import torch
 import torch.nn.functional as F
 
+from ._autocast import autocast_aware
+
 ROW_TILE = 32  # rows per matmul call (>= 8 agrees with larger M on the measured CPU; 32 fills a GPU tile)
 LM_ROW_TILE = 128  # rows per LM-head call (log-probs: ROW_TILE-row tiles, a few per call; memory bound)
 NORM_CHUNK = 1024  # off the CPU: RMSNorm rows per call (a multiple of ROW_TILE)
@@ -119,6 +121,7 @@ def _check_2d_input(name: str, x: torch.Tensor, width: int) -> None:
                          f"{tuple(x.shape)}")
 
 
+@autocast_aware("lower", cast=("x", "weight", "bias"))  # as autocast does for F.linear
 def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """`F.linear(x, weight, bias)` computed in calls of exactly ROW_TILE rows (differentiable).
 
@@ -135,6 +138,10 @@ def invariant_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch
         x: (..., K) activations; weight: (N, K); bias: (N,) or None.
     Returns:
         (..., N), each row bitwise independent of the other rows of `x` and of its index.
+
+    Under `torch.autocast` x, weight and bias are cast to the autocast dtype first (what autocast
+    does for `F.linear`) and the op runs with autocast off: the CPU batched path, the CUDA kernel and
+    the per-tile fallback all see that one dtype (the casts are differentiable).
     """
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D tensor, got {getattr(weight, 'shape', type(weight).__name__)}")

@@ -16,6 +16,8 @@ from typing import List, NamedTuple, Optional
 
 import torch
 
+from ._autocast import autocast_aware
+
 Q_TILE = 32  # query rows per attention tile, aligned to absolute positions
 KV_BLOCK = 64  # keys per attention block, from position 0
 BMM_CHUNK = 256  # off the CPU: attention's per-block ops run on exactly this many (tile, head) entries
@@ -281,6 +283,7 @@ def attend_sequences(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_q, cu
     return attend_planned(q, k, v, plan, scale)
 
 
+@autocast_aware("lower", cast=("q", "k", "v"))  # as varlen_attention (and autocast for SDPA)
 def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan,
                    scale: float) -> torch.Tensor:
     """`attend_sequences` on a precomputed `attention_plan` (same arguments otherwise).
@@ -296,6 +299,8 @@ def attend_planned(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: Atte
     On CUDA (float16 / bfloat16 / float32, head dim within the kernels' limit, unless the backend is
     forced to "reference") the same tiling runs as Triton kernels instead (`_triton_fits`,
     `_invariant_attention_triton.py`): other bits than this path, the same invariance, by construction.
+    Under `torch.autocast` q, k, v are cast to the autocast dtype first (as for `varlen_attention`)
+    and the op runs with autocast off, so the PyTorch path's float32 math stays float32.
     """
     nq, num_heads, dim = q.shape
     if nq != plan.num_queries:

@@ -193,3 +193,25 @@ def test_lm_head_rows_have_the_same_bits_in_calls_of_32_to_128_rows(threads):
                     assert torch.equal(big_d[i:i + 32], dz[i:i + 32] @ w)
     finally:
         torch.set_num_threads(before)
+
+
+def test_linear_and_attention_follow_autocast_like_their_torch_peers():
+    """Under torch.autocast the inputs are cast to the autocast dtype first (as autocast does for
+    F.linear / SDPA) and the op runs with autocast off: the bits of the cast inputs outside autocast,
+    the output in the autocast dtype, gradients back to the float32 masters."""
+    from fusedrl.kernels.invariant_attention import attend_planned, attention_plan
+
+    torch.manual_seed(3)
+    x, w, b = torch.randn(37, 24, requires_grad=True), torch.randn(40, 24, requires_grad=True), torch.randn(40)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = invariant_linear(x, w, b)
+    want = invariant_linear(x.detach().bfloat16(), w.detach().bfloat16(), b.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    q, k, v = torch.randn(70, 4, 16), torch.randn(70, 2, 16), torch.randn(70, 2, 16)
+    plan = attention_plan([0, 30, 70], [0, 30, 70], [0, 0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attend_planned(q, k, v, plan, 0.25)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, attend_planned(q.bfloat16(), k.bfloat16(), v.bfloat16(), plan, 0.25))
