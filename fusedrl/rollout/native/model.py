@@ -254,11 +254,9 @@ class NativeCausalLM:
             outs = []
             if nd:  # the plan's key_rows: the cache read in place (Triton) or gathered (PyTorch path)
                 outs.append(attend_planned(q[:nd], flat_k, flat_v, decode_plan, spec.scale))
-            if q.shape[0] > nd:
-                if attn.context_slots is None:
-                    outs.append(attend_planned(q[nd:], k[nd:], v[nd:], prefill_plan, spec.scale))
-                else:
-                    outs.append(attend_planned(q[nd:], flat_k, flat_v, prefill_plan, spec.scale))
+            if q.shape[0] > nd:  # whole prompts: their own keys; chunks: the cache, through the plan's key_rows
+                keys, values = (k[nd:], v[nd:]) if attn.context_slots is None else (flat_k, flat_v)
+                outs.append(attend_planned(q[nd:], keys, values, prefill_plan, spec.scale))
             return torch.cat(outs)
 
         return run_layers(spec, self.decoder, input_ids, positions, attend)
